@@ -1,0 +1,128 @@
+"""The ``mlbatch`` command: a thin layer of argument parsing over the library.
+
+Every sub-command calls one library function and prints what it returns; tests call the same
+functions directly. Only this module prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+EPILOG = "Storage: local paths, file:// and s3:// URIs. S3 settings come from the standard AWS environment " \
+    "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)."
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    """``4`` (a fixed pool) or ``2,8`` (an autoscaling pool from 2 to 8 actors)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(nums) == 1 and nums[0] >= 1:
+        return nums[0]
+    if len(nums) == 2 and 1 <= nums[0] <= nums[1]:
+        return (nums[0], nums[1])
+    raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not sep or not name or not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with VALUE in [0, 1], got {text!r}")
+    return name, number
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mlbatch label`` (shared with ``jobs/label_images.py``)."""
+    p.add_argument("--manifest", action="append", required=True, metavar="URI",
+                   help="Parquet manifest: a file, a folder/prefix or a glob, local or s3://. Repeat for more.")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--output", required=True, metavar="OUT_URI", help="output folder (local or s3://)")
+    _add_job_tuning(p)
+    p.add_argument("--run-id", default=None,
+                   help="name of this run (default: a digest of manifests, model version and output, "
+                        "so repeating a command repeats the same run)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the output files a killed run already wrote and label only the rest")
+
+
+def _add_job_tuning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uri-column", default="image_uri", help="manifest column holding image URIs (default: %(default)s)")
+    p.add_argument("--id-column", default=None,
+                   help="manifest column that identifies a row (default: the image URI identifies it)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
+    p.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
+                   help="predictor actors: a fixed count or an autoscaling range "
+                        "(default: one per GPU, or one per 2 CPUs without GPUs)")
+    p.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                   help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--threshold", type=_threshold, action="append", default=[], metavar="NAME=VALUE",
+                   help="override one label's decision threshold from the model package; repeatable")
+    p.add_argument("--max-error-rate", type=_fraction, default=0.05, metavar="F",
+                   help="fail the run when more than this share of rows are errors (default: %(default)s)")
+
+
+def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mlbatch nightly`` (shared with ``jobs/nightly.py``)."""
+    p.add_argument("--input", required=True, metavar="URI", help="prefix where new manifests arrive")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--output", required=True, metavar="OUT_URI", help="output table root; partitions dt=YYYY-MM-DD")
+    p.add_argument("--date", default=None, metavar="YYYY-MM-DD", help="partition date (default: today, UTC)")
+    p.add_argument("--relabel", action="store_true",
+                   help="label again every manifest the current model version has not labeled yet, "
+                        "including those labeled by older versions")
+    p.add_argument("--drift-window", type=int, default=7, metavar="N",
+                   help="compare with this many trailing runs (default: %(default)s)")
+    p.add_argument("--drift-bound", type=float, default=0.1, metavar="F",
+                   help="report a label whose positive rate or mean probability moved more than this "
+                        "(absolute) from the trailing mean (default: %(default)s)")
+    p.add_argument("--fail-on-drift", action="store_true", help="exit non-zero when drift is reported")
+    _add_job_tuning(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlbatch",
+        description="Label large image datasets with one shared-backbone multi-label network on Ray.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
+                       description="Stream manifests' images through a pool of Ray actors holding the model and "
+                                   "write the manifests back out with label_*, prob_*, labels and status columns.")
+    add_label_arguments(p)
+
+    p = sub.add_parser("nightly", help="label the manifests that arrived since the last run", epilog=EPILOG,
+                       description="Find manifests under --input that the current model version has not labeled "
+                                   "yet, label them into OUT/dt=YYYY-MM-DD/, and watch for drift.")
+    add_nightly_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(f"mlbatch {args.command}: not implemented yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

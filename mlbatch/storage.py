@@ -1,0 +1,186 @@
+"""One way to name and touch files: local paths, ``file://`` URIs and ``s3://`` URIs.
+
+Everything goes through pyarrow's filesystems, which read the standard AWS settings
+(``AWS_ENDPOINT_URL``, keys, region, profiles) themselves, so the same code talks to real
+S3, MinIO or a test server without knowing which.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = "*?["
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file://`` URI."""
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    return uri
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        return _s3(), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+_S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+
+
+def _s3() -> pafs.S3FileSystem:
+    # One client per process and per endpoint setting: creating one costs a credentials lookup.
+    key = (os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_PROFILE"))
+    if key not in _S3_CACHE:
+        fs, _ = pafs.FileSystem.from_uri("s3://placeholder")
+        _S3_CACHE[key] = fs
+    return _S3_CACHE[key]
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a whole folder/prefix; absent is fine."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+    mtime_ns: int | None
+
+
+def _to_uri(original: str, path: str) -> str:
+    """Turn a filesystem path back into the same kind of URI the user gave."""
+    if is_s3(original):
+        return "s3://" + path
+    if original.startswith("file://"):
+        return "file://" + path
+    return path
+
+
+def list_files(uri: str, suffix: str = "") -> list[FileEntry]:
+    """The files named by ``uri``: one file, every file under a folder/prefix, or a glob.
+
+    Sorted by URI so that every caller sees the same order. Hidden and underscore files
+    (``_SUCCESS``, ``.crc``) are left out of folder listings, as every Parquet engine does.
+    """
+    pattern = None
+    base = uri
+    if any(c in uri for c in _GLOB_CHARS):
+        cut = min(uri.find(c) for c in _GLOB_CHARS if c in uri)
+        base = uri[: uri.rfind("/", 0, cut) + 1] if "/" in uri[:cut] else "."
+        pattern = uri
+    fs, path = filesystem(base)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File and pattern is None:
+        return [FileEntry(uri, info.size, info.mtime_ns)]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    entries = []
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = item.path[len(path):].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        if suffix and not item.path.endswith(suffix):
+            continue
+        item_uri = _to_uri(base, item.path)
+        if pattern is not None and not fnmatch.fnmatchcase(item_uri, _absolute_pattern(pattern)):
+            continue
+        entries.append(FileEntry(item_uri, item.size, item.mtime_ns))
+    return sorted(entries, key=lambda e: e.uri)
+
+
+def _absolute_pattern(pattern: str) -> str:
+    if is_remote(pattern) or pattern.startswith("file://"):
+        return pattern
+    return os.path.abspath(pattern)
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def read_parquet_schema(uri: str) -> pa.Schema:
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_schema(f)
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
