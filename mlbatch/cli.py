@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Sequence
 
+from .train import TrainConfig, train
+
 EPILOG = "Storage: local paths, file:// and s3:// URIs. S3 settings come from the standard AWS environment " \
     "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)."
 
@@ -105,6 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("make-dataset", help="draw a synthetic street-scene dataset (car, bus, pedestrian)",
+                       description="Write JPEG street scenes and labeled train/val/test manifests to OUT "
+                                   "(a local folder or s3:// prefix). Deterministic by seed.", epilog=EPILOG)
+    p.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    p.add_argument("--train", type=int, default=2000, help="training images (default: %(default)s)")
+    p.add_argument("--val", type=int, default=500, help="validation images (default: %(default)s)")
+    p.add_argument("--test", type=int, default=500, help="test images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--width", type=int, default=128, help="image width (default: %(default)s)")
+    p.add_argument("--height", type=int, default=96, help="image height (default: %(default)s)")
+
+    p = sub.add_parser("train", help="train a multi-label model and write its package", epilog=EPILOG,
+                       description="Train one shared-backbone network with a sigmoid output per label (BCE per label, "
+                                   "unknown truth masked), keep the best epoch on validation data, choose each "
+                                   "label's threshold on validation data, and write a model package.")
+    p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled training manifest; repeatable")
+    p.add_argument("--val-manifest", action="append", default=[], metavar="URI",
+                   help="labeled validation manifest; repeatable (default: hold out --val-fraction of the training rows)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="held-out share without --val-manifest (default: %(default)s)")
+    p.add_argument("--output", required=True, metavar="MODEL_URI", help="package folder to write (local or s3://)")
+    p.add_argument("--labels", default=None, metavar="A,B,C",
+                   help="label names in output order (default: inferred from the manifests)")
+    p.add_argument("--backbone", default=TrainConfig.backbone,
+                   help="backbone: %(default)s (default), resnet-mini, torchvision:NAME, timm:NAME")
+    p.add_argument("--backbone-weights", default=None, metavar="URI", help="initial backbone weights (.safetensors)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")
+    p.add_argument("--pos-weight", action="store_true", help="weight each label's positives by its negative/positive ratio")
+    p.add_argument("--threshold-policy", default="f1", metavar="POLICY",
+                   help="per-label threshold chosen on validation data: 'f1' (maximise F1, default) or "
+                        "'precision:P' (lowest threshold reaching precision P)")
+    p.add_argument("--name", default=TrainConfig.name, help="model name recorded in the package (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="score a model package on labeled data", epilog=EPILOG,
+                       description="Per-label precision, recall, F1, average precision, support and predicted-positive "
+                                   "rate at the package's thresholds; micro/macro F1, mAP, subset accuracy, Hamming loss.")
+    p.add_argument("--model", required=True, metavar="MODEL_URI")
+    p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled manifest; repeatable")
+    p.add_argument("--report", default=None, metavar="DIR", help="write metrics.json and pr_curves.png here")
+
     p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
                        description="Stream manifests' images through a pool of Ray actors holding the model and "
                                    "write the manifests back out with label_*, prob_*, labels and status columns.")
@@ -121,7 +167,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(f"mlbatch {args.command}: not implemented yet")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as exc:  # our errors say what is wrong; no traceback for them
+        print(f"mlbatch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _make_dataset(args: argparse.Namespace) -> int:
+    from .synth import SynthConfig, make_dataset
+
+    out = make_dataset(args.out, SynthConfig(train=args.train, val=args.val, test=args.test, seed=args.seed,
+                                             width=args.width, height=args.height))
+    for split, uri in out.items():
+        print(f"{split:<6} {uri}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = TrainConfig(
+        manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
+        labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,
+        backbone_weights=args.backbone_weights, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        image_size=args.image_size, pos_weight=args.pos_weight, threshold_policy=args.threshold_policy,
+        name=args.name, seed=args.seed, progress=not args.no_progress)
+    meta = train(config)
+    val = meta["training"]["validation"]
+    print(f"model {meta['name']} version {meta['version']} -> {args.output}")
+    print(f"best epoch {meta['training']['best_epoch']}/{meta['training']['epochs']} in {meta['training']['seconds']}s; "
+          f"validation macro-F1 {val['macro_f1']:.3f}, mAP {val['map']:.3f}")
+    print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in meta["thresholds"].items()))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    report = evaluate(args.model, args.manifest, args.report)
+    print(report.table())
+    if args.report:
+        print(f"report: {args.report}/metrics.json, {args.report}/pr_curves.png")
+    return 0
+
+
+COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate}
 
 
 if __name__ == "__main__":

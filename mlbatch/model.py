@@ -1,0 +1,266 @@
+"""The multi-label network and its package format.
+
+``MultiLabelNet``: backbone -> shared hidden layer -> one independent linear head per label.
+It returns logits; probabilities are ``sigmoid(logits)``, one per label, never a softmax:
+labels do not compete and a row's probabilities need not sum to 1.
+
+A *model package* is a folder (local or ``s3://``) holding ``model.safetensors`` (the
+weights, no pickle) and ``mlbatch-model.json`` (labels in output order, thresholds, backbone,
+input size, normalisation, training summary, sha256 of the weights). ``load_model`` refuses a
+package whose weights do not match the recorded digest, a missing file or an unknown format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from . import images, storage
+from .backbones import DEFAULT_BACKBONE, create_backbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mlbatch-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "mlbatch-model.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PackageError(ValueError):
+    """A model package is missing, changed or not one we can read."""
+
+
+def column_name(label: str) -> str:
+    """The column-safe form of a label name: lower case, runs of other characters -> ``_``.
+
+    ``"Traffic Light"`` -> ``traffic_light``. Output columns are ``label_<this>`` and
+    ``prob_<this>``; the same function names them everywhere.
+    """
+    return re.sub(r"[^a-z0-9]+", "_", label.strip().lower()).strip("_")
+
+
+def validate_labels(labels: Sequence[str]) -> list[str]:
+    """Labels must be unique, non-empty and map to distinct valid column names."""
+    labels = list(labels)
+    if not labels:
+        raise ValueError("the label set is empty")
+    seen: dict[str, str] = {}
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"label names must be non-empty strings, got {label!r}")
+        col = column_name(label)
+        if not col or not col[0].isalpha():
+            raise ValueError(f"label {label!r} gives column name {col!r}, which must start with a letter")
+        if col in seen:
+            what = "is repeated" if seen[col] == label else f"and {seen[col]!r} both give column name {col!r}"
+            raise ValueError(f"label {label!r} {what}")
+        seen[col] = label
+    return labels
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network and feed it: stored in ``mlbatch-model.json``."""
+
+    labels: list[str]
+    backbone: str = DEFAULT_BACKBONE
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    hidden: int = 256
+    dropout: float = 0.2
+    image_size: int = 64
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.labels = validate_labels(self.labels)
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+
+
+class MultiLabelNet(nn.Module):
+    """Shared backbone and hidden layer, then one sigmoid output per label."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = create_backbone(spec.backbone, **spec.backbone_kwargs)
+        self.hidden = nn.Sequential(nn.Linear(self.backbone.out_features, spec.hidden), nn.ReLU(inplace=True),
+                                    nn.Dropout(spec.dropout))
+        self.heads = nn.ModuleList(nn.Linear(spec.hidden, 1) for _ in spec.labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (batch, n_labels). Train on these with BCE-with-logits."""
+        z = self.hidden(self.backbone(x))
+        return torch.cat([head(z) for head in self.heads], dim=1)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Independent per-label probabilities in [0, 1], shape (batch, n_labels)."""
+        return torch.sigmoid(self(x))
+
+
+# ---- the package ---------------------------------------------------------------------------
+
+def save_package(net: MultiLabelNet, uri: str, thresholds: dict[str, float], name: str = "mlbatch-multilabel",
+                 training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``net`` as a model package at ``uri``; returns the metadata written."""
+    spec = net.spec
+    missing = set(spec.labels) - set(thresholds)
+    if missing:
+        raise ValueError(f"no threshold for labels {sorted(missing)}")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    weights = save_safetensors(state)
+    digest = hashlib.sha256(weights).hexdigest()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": digest[:12],
+        "labels": spec.labels,
+        "thresholds": {label: float(thresholds[label]) for label in spec.labels},
+        "backbone": {"name": spec.backbone, "kwargs": spec.backbone_kwargs},
+        "hidden": spec.hidden,
+        "dropout": spec.dropout,
+        "input": {"size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std), "color": "RGB"},
+        "training": training or {},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": len(weights)},
+    }
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+    storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2) + "\n")
+    log.info("wrote model package %s (version %s, labels %s)", uri, meta["version"], spec.labels)
+    return meta
+
+
+def _read_package_file(uri: str, name: str) -> bytes:
+    path = storage.join(uri, name)
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise PackageError(f"model package {uri}: {name} is missing") from None
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
+            raise PackageError(f"model package {uri}: {name} is missing ({exc})") from None
+        raise PackageError(f"model package {uri}: cannot read {name}: {exc}") from None
+
+
+def read_package(uri: str) -> tuple[dict[str, Any], bytes]:
+    """Read and check a package: metadata and the weight bytes whose digest it records."""
+    raw = _read_package_file(uri, META_FILE)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"model package {uri}: {META_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PackageError(f"model package {uri}: {META_FILE} is not an mlbatch model description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PackageError(f"model package {uri}: unknown format version {meta.get('format_version')!r} "
+                           f"(this mlbatch reads version {FORMAT_VERSION})")
+    for key in ("labels", "thresholds", "backbone", "input", "weights", "version", "name"):
+        if key not in meta:
+            raise PackageError(f"model package {uri}: {META_FILE} lacks {key!r}")
+    try:
+        validate_labels(meta["labels"])
+    except ValueError as exc:
+        raise PackageError(f"model package {uri}: {exc}") from None
+    weights = _read_package_file(uri, meta["weights"].get("file", WEIGHTS_FILE))
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != meta["weights"].get("sha256"):
+        raise PackageError(f"model package {uri}: {WEIGHTS_FILE} does not match the sha256 recorded in "
+                           f"{META_FILE} (found {digest[:12]}..., expected {str(meta['weights'].get('sha256'))[:12]}...)"
+                           "; the weights were changed or damaged")
+    return meta, weights
+
+
+def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(labels=meta["labels"], backbone=meta["backbone"]["name"],
+                     backbone_kwargs=meta["backbone"].get("kwargs", {}), hidden=meta.get("hidden", 256),
+                     dropout=meta.get("dropout", 0.0), image_size=meta["input"]["size"],
+                     mean=meta["input"]["mean"], std=meta["input"]["std"])
+
+
+class LoadedModel:
+    """A model package ready to predict: the one path used by evaluation and the labeling job."""
+
+    def __init__(self, meta: dict[str, Any], net: MultiLabelNet, device: str = "cpu"):
+        self.meta = meta
+        self.net = net.to(device).eval()
+        self.device = device
+        self.spec = net.spec
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec.labels)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self.meta["thresholds"])
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """One decoded RGB picture -> the float32 (3, S, S) array the network takes."""
+        return images.to_array(img, self.spec.image_size, self.spec.mean, self.spec.std)
+
+    @torch.inference_mode()
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch (n, 3, S, S) -> probabilities float32 (n, n_labels)."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        if self.device.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.net(x)
+        else:
+            logits = self.net(x)
+        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+
+    def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order."""
+        rgb = [p if p.mode == "RGB" else p.convert("RGB") for p in pictures]
+        if not rgb:
+            return self.predict_arrays(np.zeros((0, 3, self.spec.image_size, self.spec.image_size), np.float32))
+        return self.predict_arrays(np.stack([self.preprocess(p) for p in rgb]))
+
+
+def load_model(uri: str, device: str = "cpu") -> LoadedModel:
+    """Load a model package from a local folder or ``s3://`` prefix. Never unpickles anything."""
+    meta, weights = read_package(uri)
+    net = MultiLabelNet(spec_from_meta(meta))
+    try:
+        net.load_state_dict(load_safetensors(weights), strict=True)
+    except (RuntimeError, Exception) as exc:
+        raise PackageError(f"model package {uri}: weights do not fit the described network: {exc}") from None
+    return LoadedModel(meta, net, device)
+
+
+def load_backbone_weights(net: MultiLabelNet, uri: str) -> None:
+    """Initialise the backbone from a safetensors file (local or s3://), e.g. converted pretrained weights."""
+    state = load_safetensors(storage.read_bytes(uri))
+    missing, unexpected = net.backbone.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(net.backbone.state_dict()):
+        raise PackageError(f"backbone weights {uri} do not fit backbone {net.spec.backbone!r}: "
+                           f"{len(unexpected)} unexpected tensors, {len(missing)} missing")
+    log.info("initialised backbone from %s (%d tensors missing)", uri, len(missing))
+
+
+def spec_dict(spec: ModelSpec) -> dict[str, Any]:
+    return asdict(spec)

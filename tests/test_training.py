@@ -1,0 +1,195 @@
+"""Labeled manifests, thresholds, metrics, and the train/evaluate commands end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlbatch import manifest
+from mlbatch.cli import main
+from mlbatch.evaluate import choose_threshold, choose_thresholds, compute_metrics, parse_policy
+from mlbatch.manifest import ManifestError, infer_labels, read_labeled
+from mlbatch.train import fetch_decoded
+
+LABELS = ["car", "bus", "pedestrian"]
+
+
+# ---- manifests -----------------------------------------------------------------------------
+
+def _write(where, **columns) -> str:
+    pq.write_table(pa.table(columns), where)
+    return str(where)
+
+
+def test_truth_from_a_labels_list(tmp_path):
+    uri = _write(tmp_path / "m.parquet", image_uri=["a.jpg", "b.jpg", "c.jpg"],
+                 labels=pa.array([["car", "bus"], [], None], pa.list_(pa.string())))
+    assert infer_labels([uri]) == ["bus", "car"]
+    data = read_labeled([uri], LABELS)
+    np.testing.assert_array_equal(data.targets[:2], [[1, 1, 0], [0, 0, 0]])
+    assert np.isnan(data.targets[2]).all()  # a null list: nothing known about that row
+
+
+def test_truth_from_per_label_columns_with_unknowns(tmp_path):
+    uri = _write(tmp_path / "m.parquet", image_uri=["a.jpg", "b.jpg"], car=pa.array([True, None]),
+                 bus=pa.array([0, 1], pa.int8()), pedestrian=pa.array([False, False]), camera=["n", "s"])
+    data = read_labeled([uri], LABELS)
+    assert data.targets[0].tolist() == [1, 0, 0]
+    assert np.isnan(data.targets[1, 0]) and data.targets[1, 1:].tolist() == [1, 0]
+    assert infer_labels([uri]) == ["car", "pedestrian"]  # only boolean columns are inferred
+
+
+def test_folder_and_glob_manifests(tmp_path):
+    (tmp_path / "d").mkdir()
+    _write(tmp_path / "d" / "1.parquet", image_uri=["a.jpg"], car=[True], bus=[False], pedestrian=[True])
+    _write(tmp_path / "d" / "2.parquet", image_uri=["b.jpg"], car=[False], bus=[False], pedestrian=[True])
+    assert len(read_labeled([str(tmp_path / "d")], LABELS)) == 2
+    assert len(read_labeled([str(tmp_path / "d" / "2*.parquet")], LABELS)) == 1
+
+
+@pytest.mark.parametrize("columns, message", [
+    (dict(path=["a.jpg"], car=[True]), r"no 'image_uri' column \(columns: path, car\)"),
+    (dict(image_uri=[1, 2], car=[True, False]), "column 'image_uri' must be string, found int64"),
+    (dict(image_uri=["a.jpg", None], car=[True, False], bus=[True, True], pedestrian=[True, True]),
+     "row 1: 'image_uri' is null"),
+    (dict(image_uri=["a.jpg", " "], car=[True, False], bus=[True, True], pedestrian=[True, True]),
+     "row 1: 'image_uri' is empty"),
+    (dict(image_uri=["a.jpg"], labels=[["car", "truck"]]), "row 0: label 'truck' is not one of"),
+    (dict(image_uri=["a.jpg"], labels=["car"]), "'labels' must be list<string>"),
+    (dict(image_uri=["a.jpg"], car=[True], bus=[True]), r"missing label columns \['pedestrian'\]"),
+    (dict(image_uri=["a.jpg"], camera=["n"]), "no truth columns"),
+    (dict(image_uri=["a.jpg", "b.jpg"], car=[1, 2], bus=[0, 0], pedestrian=[0, 0]),
+     "row 1: label column 'car' holds 2"),
+    (dict(image_uri=["a.jpg"], car=["yes"], bus=[True], pedestrian=[True]), "label column 'car' must be boolean"),
+])
+def test_manifest_errors_name_file_row_and_column(tmp_path, columns, message):
+    uri = _write(tmp_path / "bad.parquet", **columns)
+    with pytest.raises(ManifestError, match=message) as err:
+        read_labeled([uri], LABELS)
+    assert str(tmp_path / "bad.parquet") in str(err.value)
+
+
+def test_empty_manifest_is_an_error(tmp_path):
+    uri = _write(tmp_path / "empty.parquet", image_uri=pa.array([], pa.string()), car=pa.array([], pa.bool_()))
+    with pytest.raises(ManifestError, match="empty.parquet: has no rows"):
+        read_labeled([uri], LABELS)
+
+
+def test_not_parquet_and_missing_manifests(tmp_path):
+    (tmp_path / "notes.parquet").write_text("this is not parquet")
+    with pytest.raises(ManifestError, match="notes.parquet: not a readable Parquet file"):
+        read_labeled([str(tmp_path / "notes.parquet")], LABELS)
+    with pytest.raises(ManifestError, match="no such file"):
+        read_labeled([str(tmp_path / "nope.parquet")], LABELS)
+
+
+def test_unreadable_image_names_row_and_uri(tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ManifestError, match=r"m.parquet row 1: cannot use image .*junk.jpg: not an image"):
+        fetch_decoded([str(tmp_path / "missing.jpg"), str(tmp_path / "junk.jpg")][1:],
+                      ["m.parquet row 1"])
+    with pytest.raises(ManifestError, match=r"row 0: cannot use image .*missing.jpg"):
+        fetch_decoded([str(tmp_path / "missing.jpg")], ["m.parquet row 0"])
+
+
+def test_manifest_on_s3(bucket, tmp_path):
+    from mlbatch import storage
+    table = pa.table({"image_uri": ["s3://x/a.jpg"], "labels": pa.array([["bus"]], pa.list_(pa.string()))})
+    storage.write_parquet(table, f"{bucket}/manifests/day1.parquet")
+    assert read_labeled([f"{bucket}/manifests/"], LABELS).targets.tolist() == [[0, 1, 0]]
+    with pytest.raises(ManifestError, match="no such file"):
+        manifest.expand([f"{bucket}/manifests/none.parquet"])
+
+
+# ---- thresholds ----------------------------------------------------------------------------
+
+def test_f1_threshold_on_a_hand_made_example():
+    y = np.array([0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
+    # t=0.35: TP 3 FP 1 -> F1 0.857; t=0.8: F1 0.8; t=0.4: F1 0.667; t=0.1: F1 0.75
+    assert choose_threshold(y, s, "f1") == pytest.approx(0.35)
+
+
+def test_precision_threshold_on_a_hand_made_example():
+    y = np.array([0, 1, 0, 1, 1, 1])
+    s = np.array([0.2, 0.3, 0.5, 0.6, 0.7, 0.9])
+    # precision at t=0.3: 4/5, t=0.5: 3/4, t=0.6: 3/3 -> lowest t reaching 0.9 is 0.6; 0.75 is reached at 0.3
+    assert choose_threshold(y, s, "precision:0.9") == pytest.approx(0.6)
+    assert choose_threshold(y, s, "precision:0.75") == pytest.approx(0.3)
+
+
+def test_threshold_without_positives_falls_back_to_half():
+    assert choose_threshold(np.zeros(4), np.array([0.1, 0.2, 0.3, 0.4])) == 0.5
+
+
+def test_thresholds_leave_unknowns_out():
+    y = np.array([[1.0], [np.nan], [0.0], [1.0]])
+    s = np.array([[0.9], [0.95], [0.2], [0.6]])
+    assert choose_thresholds(["car"], y, s) == {"car": pytest.approx(0.6)}
+
+
+@pytest.mark.parametrize("policy", ["recall:0.9", "precision:1.5", "precision:x", "F1"])
+def test_bad_policies_are_refused(policy):
+    with pytest.raises(ValueError, match="unknown threshold policy"):
+        parse_policy(policy)
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+def test_metrics_on_a_hand_computed_example():
+    labels = ["a", "b"]
+    y = np.array([[1, 0], [1, 1], [0, 1], [0, np.nan]], dtype=float)
+    s = np.array([[0.9, 0.2], [0.4, 0.8], [0.6, 0.7], [0.1, 0.9]])
+    r = compute_metrics(labels, y, s, {"a": 0.5, "b": 0.5})
+    a, b = r.per_label
+    # a: predictions 1,0,1,0 vs truth 1,1,0,0 -> TP1 FP1 FN1: P=R=F1=0.5
+    assert (a.precision, a.recall, a.f1, a.support, a.known) == (0.5, 0.5, 0.5, 2, 4)
+    assert a.predicted_positive_rate == 0.5
+    # AP of a: ranks 0.9(+) 0.6(-) 0.4(+) 0.1(-) -> (1 + 2/3) / 2
+    assert a.average_precision == pytest.approx((1 + 2 / 3) / 2)
+    # b: the unknown row is left out; predictions 0,1,1 vs truth 0,1,1 -> perfect
+    assert (b.precision, b.recall, b.f1, b.support, b.known) == (1.0, 1.0, 1.0, 2, 3)
+    assert r.macro_f1 == pytest.approx(0.75)
+    # micro over 7 known cells: TP 3, FP 1, FN 1 -> 0.75
+    assert r.micro_f1 == pytest.approx(0.75)
+    assert r.hamming_loss == pytest.approx(2 / 7)
+    # subset accuracy over rows 0-2 (row 3 is not fully known): only row 1 and row... row 0: (1,0) vs (1,0) ok,
+    # row 1: (0,1) vs (1,1) wrong, row 2: (1,1) vs (0,1) wrong -> 1/3
+    assert r.subset_accuracy == pytest.approx(1 / 3)
+    assert r.mean_average_precision == pytest.approx((a.average_precision + 1.0) / 2)
+    assert "macro-F1 0.750" in r.table()
+
+
+# ---- the commands ---------------------------------------------------------------------------
+
+def test_make_dataset_train_evaluate_commands(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["make-dataset", str(data), "--train", "400", "--val", "120", "--test", "120", "--seed", "5"]) == 0
+    model = tmp_path / "model"
+    assert main(["train", "--manifest", str(data / "train.parquet"), "--val-manifest", str(data / "val.parquet"),
+                 "--output", str(model), "--epochs", "4", "--image-size", "48", "--no-progress"]) == 0
+    meta = json.loads((model / "mlbatch-model.json").read_text())
+    assert meta["labels"] == ["car", "bus", "pedestrian"]  # inferred, in manifest order
+    assert meta["training"]["data"]["val_rows"] == 120 and meta["training"]["best_epoch"] >= 1
+    assert set(meta["thresholds"]) == set(meta["labels"])
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--manifest", str(data / "test.parquet"),
+                 "--report", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert "pedestrian" in out and "macro-F1" in out
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["rows"] == 120
+    assert report["macro_f1"] > 0.6  # 4 short epochs on 400 images already learn something
+    assert (tmp_path / "report" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_command_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert main(["train", "--manifest", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "m")]) == 2
+    assert "mlbatch train: error: manifest" in capsys.readouterr().err
+    assert main(["train", "--manifest", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "m"),
+                 "--threshold-policy", "recall:2"]) == 2
+    assert "unknown threshold policy" in capsys.readouterr().err
