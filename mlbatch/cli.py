@@ -69,6 +69,9 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-column", default=None,
                    help="manifest column that identifies a row (default: the image URI identifies it)")
     p.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
+    p.add_argument("--rows-per-file", type=int, default=10_000, metavar="N",
+                   help="output files of about N rows; a killed run resumes from the last whole file "
+                        "(default: %(default)s)")
     p.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
                    help="predictor actors: a fixed count or an autoscaling range "
                         "(default: one per GPU, or one per 2 CPUs without GPUs)")
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write JPEG street scenes and labeled train/val/test manifests to OUT "
                                    "(a local folder or s3:// prefix). Deterministic by seed.", epilog=EPILOG)
     p.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
-    p.add_argument("--train", type=int, default=2000, help="training images (default: %(default)s)")
+    p.add_argument("--train", type=int, default=3000, help="training images (default: %(default)s)")
     p.add_argument("--val", type=int, default=500, help="validation images (default: %(default)s)")
     p.add_argument("--test", type=int, default=500, help="test images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -210,7 +213,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate}
+def label_config(args: argparse.Namespace) -> "LabelConfig":
+    """The library's LabelConfig from parsed ``label`` flags (also used by jobs/label_images.py)."""
+    from .job import LabelConfig
+
+    return LabelConfig(manifests=args.manifest, model=args.model, output=args.output, uri_column=args.uri_column,
+                       id_column=args.id_column, batch_size=args.batch_size, rows_per_file=args.rows_per_file,
+                       concurrency=args.concurrency,
+                       num_gpus=args.num_gpus, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
+                       run_id=args.run_id, resume=args.resume)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from .job import JobError, label, summary_table
+
+    try:
+        summary = label(label_config(args))
+    except JobError as exc:
+        print(f"mlbatch label: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(summary))
+    return 0
+
+
+COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label}
 
 
 if __name__ == "__main__":

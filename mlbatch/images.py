@@ -69,10 +69,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """Resize to ``size`` x ``size`` and normalise: float32 (3, size, size)."""
+def resize(img: Image.Image, size: int) -> np.ndarray:
+    """Resize to ``size`` x ``size`` (bilinear): uint8 (size, size, 3). Small enough to pass between stages."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 (n, S, S, 3) -> float32 (n, 3, S, S), scaled to [0, 1] then standardised per channel."""
+    arr = pixels.astype(np.float32) / np.float32(255.0)
     arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+
+
+def to_array(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """One picture -> float32 (3, size, size): ``resize`` then ``normalise``, exactly as the job does."""
+    return normalise(resize(img, size)[None], mean, std)[0]

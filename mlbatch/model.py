@@ -233,12 +233,16 @@ class LoadedModel:
             logits = self.net(x)
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels)."""
+        return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
+
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order."""
         rgb = [p if p.mode == "RGB" else p.convert("RGB") for p in pictures]
         if not rgb:
             return self.predict_arrays(np.zeros((0, 3, self.spec.image_size, self.spec.image_size), np.float32))
-        return self.predict_arrays(np.stack([self.preprocess(p) for p in rgb]))
+        return self.predict_pixels(np.stack([images.resize(p, self.spec.image_size) for p in rgb]))
 
 
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:

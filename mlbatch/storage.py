@@ -42,10 +42,10 @@ def local_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     if is_s3(uri):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal, no URL decoding
+        if not bucket:
             raise ValueError(f"S3 URI has no bucket: {uri!r}")
-        return _s3(), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        return _s3(), f"{bucket}/{key}".rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
     return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
@@ -184,3 +184,79 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue())
+
+
+# ---- fetching many objects: the labeling job's reads ----------------------------------------
+
+class FetchError(Exception):
+    """An object could not be read; the message is what goes in the output's ``error`` column."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """How patient reads are. botocore's "standard" retry mode backs off (with jitter) on
+    throttling (503 SlowDown), 5xx answers and dropped connections."""
+
+    max_attempts: int = 6
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    threads: int = 16
+
+
+_BOTO_CLIENTS: dict[tuple, object] = {}
+
+
+def s3_client(policy: FetchPolicy = FetchPolicy()):
+    """A boto3 S3 client (one per process and policy); settings come from the AWS environment."""
+    import boto3
+    from botocore.config import Config
+
+    key = (policy, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if key not in _BOTO_CLIENTS:
+        config = Config(retries={"mode": "standard", "max_attempts": policy.max_attempts},
+                        connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
+                        max_pool_connections=max(10, policy.threads))
+        _BOTO_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+    return _BOTO_CLIENTS[key]
+
+
+def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
+    """The bytes of one image object, or ``FetchError`` saying why not."""
+    if uri is None or not uri.strip():
+        raise FetchError("null or empty image URI")
+    if is_s3(uri):
+        return _fetch_s3(uri, policy)
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise FetchError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
+    path = local_path(uri)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FetchError("object not found") from None
+    except IsADirectoryError:
+        raise FetchError("not an object: a folder") from None
+    except OSError as exc:
+        raise FetchError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def _fetch_s3(uri: str, policy: FetchPolicy) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal: no URL decoding, '#' and '?' kept
+    if not bucket or not key:
+        raise FetchError("malformed S3 URI: expected s3://bucket/key")
+    try:
+        return s3_client(policy).get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FetchError("object not found") from None
+        if code == "NoSuchBucket":
+            raise FetchError(f"bucket not found: {bucket}") from None
+        if code in ("AccessDenied", "403", "Forbidden"):
+            raise FetchError("access denied") from None
+        raise FetchError(f"S3 error {code or 'unknown'} after {policy.max_attempts} attempts") from None
+    except BotoCoreError as exc:
+        raise FetchError(f"cannot reach the object store after {policy.max_attempts} attempts: {exc}") from None

@@ -45,7 +45,7 @@ S3_WORKERS = 16  # uploads are latency-bound, so many small requests in flight
 
 @dataclass
 class SynthConfig:
-    train: int = 2000
+    train: int = 3000
     val: int = 500
     test: int = 500
     seed: int = 0

@@ -38,7 +38,7 @@ class TrainConfig:
     backbone_weights: str | None = None      # optional safetensors file for the backbone
     image_size: int = 64
     hidden: int = 256
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 
-import boto3
-import pytest
+import secrets
+import tempfile
 
-from mlbatch.synth import SynthConfig, make_dataset
+# Ray reads its authentication settings once, when it is imported: the session cluster's token
+# must be in the environment before anything imports ray.
+_AUTH_DIR = tempfile.mkdtemp(prefix="mlbatch-ray-auth-")
+_TOKEN = os.path.join(_AUTH_DIR, "auth_token")
+with open(_TOKEN, "w") as _f:
+    _f.write(secrets.token_hex(32))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=_TOKEN)
+os.environ.pop("RAY_AUTH_TOKEN", None)
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+
+from mlbatch.synth import SynthConfig, make_dataset  # noqa: E402
 
 _bucket_ids = itertools.count()
 
@@ -70,3 +83,90 @@ def small_model(small_dataset, tmp_path_factory) -> str:
     train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]], output=out,
                       epochs=2, image_size=32, progress=False))
     return out
+
+
+# ---- a real Ray cluster, once per session ---------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    env: dict  # what a client needs: token auth settings and the cluster address
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint, tmp_path_factory):
+    """``ray start --head --block`` with token auth, in its own process group; ended by signalling that group.
+
+    Started after the S3 server so its workers inherit the AWS settings, exactly as pods
+    inherit them from their environment on a real cluster.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import ray
+
+    base = tmp_path_factory.mktemp("ray")
+    token = _TOKEN
+    temp_dir = f"/tmp/mlbatch-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(base / "head.log", "w")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    gcs = f"127.0.0.1:{port}"
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ADDRESS": gcs}
+    saved = {k: os.environ.get(k) for k in client_env}
+    os.environ.update(client_env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited with {head.returncode}: {(base / 'head.log').read_text()[-2000:]}")
+            try:
+                ray.init(address=gcs, logging_level="WARNING", log_to_driver=False)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield RayCluster(gcs, f"http://127.0.0.1:{dash}", client_env)
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        try:  # workers of the group that outlived the head
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    shutil.rmtree(_AUTH_DIR, ignore_errors=True)
