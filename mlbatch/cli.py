@@ -154,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled manifest; repeatable")
     p.add_argument("--report", default=None, metavar="DIR", help="write metrics.json and pr_curves.png here")
 
+    p = sub.add_parser("query", help="run SQL over labeled output (DuckDB); the table is called 'labels'",
+                       epilog=EPILOG, description="Expose every Parquet file under OUT_URI (all dt= partitions, "
+                                                  "dt as a column) as the view 'labels' and run SQL on it.")
+    p.add_argument("output", metavar="OUT_URI", help="labeled output folder (local or s3://)")
+    p.add_argument("sql", metavar="SQL", help='e.g. "SELECT count(*) FROM labels WHERE label_car"')
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="PATH", help="write the result here instead of printing it")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed as a table (default: %(default)s)")
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
+                       description="make-dataset, train, evaluate, label the test split on a local Ray instance, "
+                                   "and query the output. Needs no credentials and downloads nothing.")
+    p.add_argument("--workdir", default="mlbatch-demo", help="where to write everything (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a small dataset and 3 epochs: a smoke test, not a model")
+
     p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
                        description="Stream manifests' images through a pool of Ray actors holding the model and "
                                    "write the manifests back out with label_*, prob_*, labels and status columns.")
@@ -236,7 +252,56 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label}
+def _query(args: argparse.Namespace) -> int:
+    from .query import format_table, query
+
+    table = query(args.output, args.sql)
+    if args.format == "table" and not args.out:
+        print(format_table(table, args.max_rows))
+        return 0
+    data = _encode(table, "csv" if args.format == "table" else args.format)
+    if args.out:
+        from . import storage
+        storage.write_bytes(args.out, data)
+        print(f"{table.num_rows} rows -> {args.out}")
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
+
+
+def _encode(table, fmt: str) -> bytes:
+    import io
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    if fmt == "csv":
+        pcsv.write_csv(table, buf)
+    elif fmt == "parquet":
+        pq.write_table(table, buf)
+    else:
+        return ("\n".join(json.dumps(r, default=str) for r in table.to_pylist()) + "\n").encode()
+    return buf.getvalue()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .job import summary_table
+    from .query import format_table
+    from .synth import SynthConfig
+
+    synth = SynthConfig(train=400, val=120, test=120) if args.quick else SynthConfig()
+    result = run_demo(args.workdir, synth, epochs=3 if args.quick else TrainConfig.epochs)
+    print(f"\n== model {result.model['name']} {result.model['version']} -> {args.workdir}/model")
+    print(f"\n== evaluation on the test split ({args.workdir}/report)\n{result.report.table()}")
+    print(f"\n== labeling run\n{summary_table(result.summary)}")
+    print(f"\n== mlbatch query {args.workdir}/labels \"{result.sql}\"\n{format_table(result.answer)}")
+    return 0
+
+
+COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label,
+            "query": _query, "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class LabelConfig:
     run_id: str | None = None
     resume: bool = False
     progress: bool = True
+    state_dir: str | None = None   # where _run.json, _SUCCESS and _checkpoints go (default: the output folder)
     extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
 
 
@@ -322,15 +323,16 @@ def label(config: LabelConfig) -> dict[str, Any]:
     started = time.time()
     plan = _plan(config)
     output = config.output.rstrip("/")
-    if config.resume and storage.exists(storage.join(output, SUCCESS_FILE)):
-        done = json.loads(storage.read_text(storage.join(output, SUMMARY_FILE)))
+    state = (config.state_dir or output).rstrip("/")
+    if config.resume and storage.exists(storage.join(state, SUCCESS_FILE)):
+        done = json.loads(storage.read_text(storage.join(state, SUMMARY_FILE)))
         if done.get("run_id") == plan.run_id:
             log.info("run %s is already complete in %s: nothing to resume", plan.run_id, output)
             return done
     _check_writable(output)
     for name in (SUCCESS_FILE, SUMMARY_FILE):
-        storage.delete(storage.join(output, name))
-    checkpoint_dir = storage.join(output, CHECKPOINTS_DIR, plan.run_id)
+        storage.delete(storage.join(state, name))
+    checkpoint_dir = storage.join(state, CHECKPOINTS_DIR, plan.run_id)
     previous = _run_files(output, plan.run_id)
     if config.resume:
         if not plan.unique_keys:
@@ -402,14 +404,14 @@ def label(config: LabelConfig) -> dict[str, Any]:
                          min_rows_per_file=config.rows_per_file)
     finally:
         ctx.checkpoint_config = None
-    summary = _finish(config, plan, output, renames, started, attempt, concurrency, num_gpus, device)
+    summary = _finish(config, plan, output, state, renames, started, attempt, concurrency, num_gpus, device)
     storage.delete(checkpoint_dir)
-    if not storage.list_files(storage.join(output, CHECKPOINTS_DIR)):
-        storage.delete(storage.join(output, CHECKPOINTS_DIR))
+    if not storage.list_files(storage.join(state, CHECKPOINTS_DIR)):
+        storage.delete(storage.join(state, CHECKPOINTS_DIR))
     return summary
 
 
-def _finish(config: LabelConfig, plan: _Plan, output: str, renames: dict[str, str], started: float, attempt: int,
+def _finish(config: LabelConfig, plan: _Plan, output: str, state: str, renames: dict[str, str], started: float, attempt: int,
             concurrency: Any, num_gpus: float, device: str) -> dict[str, Any]:
     """Count what was written, check nothing is lost, write ``_run.json`` then ``_SUCCESS``."""
     labels = plan.meta["labels"]
@@ -456,16 +458,16 @@ def _finish(config: LabelConfig, plan: _Plan, output: str, renames: dict[str, st
     }
     if rows_out != plan.rows_in:
         summary["status"] = "failed"
-        storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+        storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
         raise JobError(f"run {plan.run_id}: {plan.rows_in} rows in but {rows_out} rows out; output is incomplete")
     if summary["error_rate"] > config.max_error_rate:
         summary["status"] = "failed"
-        storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+        storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
         top = "; ".join(f"{e['count']} x {e['error']}" for e in summary["top_errors"][:3])
         raise JobError(f"run {plan.run_id}: {n_err} of {rows_out} rows are errors ({summary['error_rate']:.1%}), "
                        f"above --max-error-rate {config.max_error_rate:.1%}. Commonest: {top}")
-    storage.write_text(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(output, SUCCESS_FILE), "")
+    storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(state, SUCCESS_FILE), "")
     log.info("run %s complete: %d rows, %d ok, %d errors in %.1fs", plan.run_id, rows_out, n_ok, n_err, wall)
     return summary
 
