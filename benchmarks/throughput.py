@@ -1,0 +1,313 @@
+"""Throughput of mlbatch against its ceilings and against what a user would write instead.
+
+    python -m benchmarks.throughput [--images N] [--width W --height H] [--json OUT]
+
+On the same images and the same model package it measures images/s and peak memory for:
+  a  the forward pass alone on decoded, preprocessed tensors (the compute ceiling),
+  b  fetch + decode + preprocess alone, as the job does it, on every core (the input ceiling),
+  c  a hand-written single-process loop: read the manifest, PIL.open each image, predict in 64s,
+  d  `mlbatch label` end to end, wall time including start-up, from local files and from S3 (moto),
+  e  the same labels from one separate binary model per label (what sharing the backbone saves),
+and prints one table with d/c, d/h and e/d, where h = 1/(1/a + 1/b) is the combined ceiling when
+decoding and the model share the same cores. Peak memory is the proportional set size (PSS)
+summed over the whole process tree, Ray's workers included. Timings live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+import mlbatch
+from mlbatch import images, storage
+from mlbatch.job import decode_batch
+from mlbatch.model import ModelSpec, MultiLabelNet, save_package
+from mlbatch.synth import render_frame
+
+DISTINCT_FRAMES = 500  # the manifest cycles over this many files, so 20,000 rows need no 20,000 renders
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.append(p)
+            todo += _children(p)
+    return seen
+
+
+class PeakPSS:
+    """Samples the PSS of a process tree every 100 ms and keeps the largest sum (MiB)."""
+
+    def __init__(self, pid: int | None = None):
+        self.pid = pid or os.getpid()
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_pss_kib(p) for p in _tree(self.pid)) / 1024)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "PeakPSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, sum(_pss_kib(p) for p in _tree(self.pid)) / 1024)
+
+
+@dataclass
+class Result:
+    name: str
+    images: int
+    seconds: float
+    peak_mib: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+# ---- data and models ------------------------------------------------------------------------
+
+def make_frames(root: str, n: int, width: int, height: int) -> str:
+    """JPEG frames (DISTINCT_FRAMES distinct renders, cycled) and a manifest listing n rows."""
+    distinct = min(n, DISTINCT_FRAMES)
+    os.makedirs(os.path.join(root, "frames"), exist_ok=True)
+    paths = []
+    for i in range(distinct):
+        path = os.path.join(root, "frames", f"frame-{i:05d}.jpg")
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(render_frame(seed=1, index=i, width=width, height=height))
+        paths.append(path)
+    uris = [paths[i % distinct] for i in range(n)]
+    manifest = os.path.join(root, f"manifest-{n}.parquet")
+    pq.write_table(pa.table({"id": [f"row-{i:07d}" for i in range(n)], "image_uri": uris}), manifest)
+    return manifest
+
+
+def make_package(uri: str, labels: list[str], image_size: int = 64) -> str:
+    """A package with random weights: throughput does not depend on what the weights say."""
+    torch.manual_seed(0)
+    net = MultiLabelNet(ModelSpec(labels=labels, image_size=image_size))
+    save_package(net, uri, {x: 0.5 for x in labels}, name="bench")
+    return uri
+
+
+# ---- the five measurements ------------------------------------------------------------------
+
+def bench_forward(model_uri: str, n: int, batch: int = 64) -> Result:
+    model = mlbatch.load_model(model_uri)
+    size = model.spec.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    x = images.normalise(pixels, model.spec.mean, model.spec.std)
+    model.predict_arrays(x)  # warm up
+    with PeakPSS() as mem:
+        start = time.perf_counter()
+        done = 0
+        while done < n:
+            model.predict_arrays(x)
+            done += batch
+        seconds = time.perf_counter() - start
+    return Result("a  forward pass alone", done, seconds, mem.peak, f"batch {batch}, {torch.get_num_threads()} threads")
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> int:
+    uris, size = args
+    table = pa.table({"image_uri": uris})
+    out = decode_batch(table, "image_uri", size)
+    return out.num_rows - out.column("__mlbatch_error").null_count
+
+
+def bench_decode(manifest: str, size: int, n: int, workers: int) -> Result:
+    uris = pq.read_table(manifest).column("image_uri").to_pylist()[:n]
+    chunks = [(uris[i:i + 64], size) for i in range(0, len(uris), 64)]
+    with PeakPSS() as mem, ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_decode_chunk, chunks[:workers]))  # start the workers
+        start = time.perf_counter()
+        errors = sum(pool.map(_decode_chunk, chunks))
+        seconds = time.perf_counter() - start
+    return Result("b  fetch + decode + preprocess", len(uris), seconds, mem.peak, f"{workers} processes, {errors} errors")
+
+
+def bench_hand_loop(manifest: str, model_uri: str, n: int, models: list | None = None, name: str = "") -> Result:
+    """What a user writes without mlbatch: one process, PIL, predict in batches of 64."""
+    with PeakPSS() as mem:
+        start = time.perf_counter()
+        loaded = models or [mlbatch.load_model(model_uri)]
+        uris = pq.read_table(manifest).column("image_uri").to_pylist()[:n]
+        for i in range(0, len(uris), 64):
+            batch = [Image.open(u).convert("RGB") for u in uris[i:i + 64]]
+            for m in loaded:
+                m.predict(batch)
+        seconds = time.perf_counter() - start
+    return Result(name or "c  hand-written loop", len(uris), seconds, mem.peak, "1 process")
+
+
+def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None = None, name: str = "") -> Result:
+    """`mlbatch label` as a user runs it: a fresh process, a fresh local Ray instance."""
+    cmd = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model_uri,
+           "--output", out, "--id-column", "id"]
+    run_env = {**os.environ, **(env or {}), "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": "",
+               "RAY_AUTH_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with PeakPSS(proc.pid) as mem:
+        output, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlbatch label failed:\n{output.decode()[-3000:]}")
+    return Result(name or "d  mlbatch label (local files)", n, seconds, mem.peak, "wall time incl. start-up")
+
+
+# ---- S3 ------------------------------------------------------------------------------------
+
+def s3_copy(manifest: str, model_uri: str, bucket: str) -> tuple[str, str]:
+    """Upload frames, a manifest pointing at them, and the package to an S3 bucket."""
+    import boto3
+    from concurrent.futures import ThreadPoolExecutor
+
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    table = pq.read_table(manifest)
+    local = sorted(set(table.column("image_uri").to_pylist()))
+    remote = {p: f"s3://{bucket}/frames/{os.path.basename(p)}" for p in local}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: storage.write_bytes(remote[p], open(p, "rb").read()), local))
+    table = table.set_column(1, "image_uri", pa.array([remote[u] for u in table.column("image_uri").to_pylist()]))
+    s3_manifest = f"s3://{bucket}/manifest.parquet"
+    storage.write_parquet(table, s3_manifest)
+    s3_model = f"s3://{bucket}/model"
+    for name in ("model.safetensors", "mlbatch-model.json"):
+        storage.write_bytes(storage.join(s3_model, name), storage.read_bytes(storage.join(model_uri, name)))
+    return s3_manifest, s3_model
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, label_counts=(3, 10)) -> dict:
+    manifest = make_frames(workdir, n, width, height)
+    model3 = make_package(os.path.join(workdir, "model-3"), ["car", "bus", "pedestrian"])
+    size = mlbatch.load_model(model3).spec.image_size
+    results: dict[str, Result] = {}
+    results["a"] = bench_forward(model3, max(n, 2048))
+    results["b"] = bench_decode(manifest, size, n, os.cpu_count() or 1)
+    results["c"] = bench_hand_loop(manifest, model3, n)
+    results["d"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n)
+    if with_s3:
+        from moto.server import ThreadedMotoServer
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(env)
+        try:
+            s3_manifest, s3_model = s3_copy(manifest, model3, f"bench-{int(time.time())}")
+            results["d_s3"] = bench_job(s3_manifest, s3_model, f"{s3_manifest.rsplit('/', 1)[0]}/out", n, env,
+                                        "d  mlbatch label (S3, moto)")
+        finally:
+            server.stop()
+    shared_vs_separate = {}
+    for k in label_counts:
+        labels = [f"label{i}" for i in range(k)]
+        shared = make_package(os.path.join(workdir, f"model-{k}"), labels)
+        singles = [mlbatch.load_model(make_package(os.path.join(workdir, f"single-{k}-{i}"), [x]))
+                   for i, x in enumerate(labels)]
+        e = bench_hand_loop(manifest, "", min(n, 2000), singles, f"e  {k} separate binary models")
+        d_k = results["d"] if k == 3 else bench_job(manifest, shared, os.path.join(workdir, f"out-{k}"), n,
+                                                     name=f"d  mlbatch label, {k} labels")
+        results[f"e{k}"] = e
+        if k != 3:
+            results[f"d{k}"] = d_k
+        shared_vs_separate[k] = e.rate / d_k.rate
+    h = 1 / (1 / results["a"].rate + 1 / results["b"].rate)
+    return {
+        "images": n, "width": width, "height": height, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                                                  "torch": torch.__version__},
+        "results": {k: {"name": r.name, "images": r.images, "seconds": round(r.seconds, 3),
+                        "images_per_second": round(r.rate, 2), "peak_pss_mib": round(r.peak_mib, 1), "note": r.note}
+                    for k, r in results.items()},
+        "h_images_per_second": round(h, 2),
+        "ratios": {"d/c": round(results["d"].rate / results["c"].rate, 3), "d/h": round(results["d"].rate / h, 3),
+                   **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
+    }
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['images']} images of {report['width']}x{report['height']}, {report['machine']['cpus']} CPUs",
+             f"{'':<40}{'images/s':>10}{'seconds':>10}{'peak PSS MiB':>14}  note"]
+    for r in report["results"].values():
+        lines.append(f"{r['name']:<40}{r['images_per_second']:>10.1f}{r['seconds']:>10.1f}{r['peak_pss_mib']:>14.0f}  {r['note']}")
+    lines.append(f"{'h  combined ceiling 1/(1/a+1/b)':<40}{report['h_images_per_second']:>10.1f}")
+    lines.append("ratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=2000, help="rows to label (default: %(default)s)")
+    p.add_argument("--width", type=int, default=640, help="frame width (default: %(default)s)")
+    p.add_argument("--height", type=int, default=480, help="frame height (default: %(default)s)")
+    p.add_argument("--workdir", default=None, help="keep frames and outputs here (default: a temporary folder)")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) run of d")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    args = p.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-bench-")
+    report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
