@@ -253,19 +253,55 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    import duckdb
+
     from .query import format_table, query
 
-    table = query(args.output, args.sql)
-    if args.format == "table" and not args.out:
-        print(format_table(table, args.max_rows))
-        return 0
-    data = _encode(table, "csv" if args.format == "table" else args.format)
+    try:
+        table = query(args.output, args.sql)
+    except duckdb.Error as exc:  # a mistake in the SQL: say so, no traceback
+        print(f"mlbatch query: error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "table":
+        text = format_table(table, args.max_rows) + "\n"
+        if not args.out:
+            sys.stdout.write(text)
+            return 0
+        data = text.encode()
+    else:
+        data = _encode(table, args.format)
     if args.out:
         from . import storage
         storage.write_bytes(args.out, data)
         print(f"{table.num_rows} rows -> {args.out}")
     else:
         sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done, 1 a manifest could not be labeled (or a job-level fault), 3 drift with --fail-on-drift."""
+    from .job import JobError
+    from .nightly import DriftError, NightlyConfig, NightlyError, nightly, nightly_table
+
+    config = NightlyConfig(
+        input=args.input, model=args.model, output=args.output, date=args.date, relabel=args.relabel,
+        drift_window=args.drift_window, drift_bound=args.drift_bound, fail_on_drift=args.fail_on_drift,
+        uri_column=args.uri_column, id_column=args.id_column, batch_size=args.batch_size,
+        rows_per_file=args.rows_per_file, concurrency=args.concurrency, num_gpus=args.num_gpus,
+        thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
+        max_pixels=getattr(args, "max_pixels", None))  # the flag, once the shared tuning flags have it
+    try:
+        summary = nightly(config)
+    except NightlyError as exc:  # DriftError included: the night's report first, then the error
+        print(nightly_table(exc.summary))
+        print(f"mlbatch nightly: error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, DriftError) else 1
+    except JobError as exc:
+        print(f"mlbatch nightly: error: {exc}", file=sys.stderr)
+        return 1
+    print(nightly_table(summary))
     return 0
 
 
@@ -301,7 +337,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label,
-            "query": _query, "demo": _demo}
+            "query": _query, "demo": _demo, "nightly": _nightly}
 
 
 if __name__ == "__main__":
