@@ -79,6 +79,8 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--threshold", type=_threshold, action="append", default=[], metavar="NAME=VALUE",
                    help="override one label's decision threshold from the model package; repeatable")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, metavar="N",
+                   help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
     p.add_argument("--max-error-rate", type=_fraction, default=0.05, metavar="F",
                    help="fail the run when more than this share of rows are errors (default: %(default)s)")
 
@@ -237,7 +239,8 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
                        id_column=args.id_column, batch_size=args.batch_size, rows_per_file=args.rows_per_file,
                        concurrency=args.concurrency,
                        num_gpus=args.num_gpus, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
-                       run_id=args.run_id, resume=args.resume)
+                       run_id=args.run_id, resume=args.resume,
+                       max_pixels=args.max_pixels)
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -291,7 +294,7 @@ def _nightly(args: argparse.Namespace) -> int:
         uri_column=args.uri_column, id_column=args.id_column, batch_size=args.batch_size,
         rows_per_file=args.rows_per_file, concurrency=args.concurrency, num_gpus=args.num_gpus,
         thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
-        max_pixels=getattr(args, "max_pixels", None))  # the flag, once the shared tuning flags have it
+        max_pixels=args.max_pixels)
     try:
         summary = nightly(config)
     except NightlyError as exc:  # DriftError included: the night's report first, then the error

@@ -47,11 +47,26 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
     except ImageError:
         raise
     except UnidentifiedImageError:
+        fmt = _signature(data)
+        if fmt:  # the magic bytes of an image format whose header Pillow could not parse
+            raise ImageError(f"corrupt or truncated image: a {fmt} file whose header cannot be read") from None
         raise ImageError("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large: {exc}") from None
+        raise ImageError(f"image too large: over the limit of {max_pixels} pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"corrupt or truncated image: {exc}") from None
+        fmt = _signature(data)
+        raise ImageError(f"corrupt or truncated image{f' ({fmt})' if fmt else ''}: {exc}") from None
+
+
+_SIGNATURES = [(b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")]
+
+
+def _signature(data: bytes) -> str | None:
+    """The image format that ``data``'s first bytes announce, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -69,6 +69,7 @@ class LabelConfig:
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
     max_error_rate: float = 0.05
+    max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
     run_id: str | None = None
     resume: bool = False
     progress: bool = True
@@ -227,7 +228,7 @@ def _plan(config: LabelConfig) -> _Plan:
         if name not in thresholds:
             raise JobError(f"--threshold {name}={value}: {name!r} is not a label of the model ({', '.join(meta['labels'])})")
         thresholds[name] = float(value)
-    run_id = config.run_id or _default_run_id(files, meta["version"], config.output)
+    run_id = config.run_id or _default_run_id(files, meta["version"], _absolute(config.output))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
@@ -258,6 +259,13 @@ def _default_run_id(files: list[str], model_version: str, output: str) -> str:
     sizes = [(e.uri, e.size) for f in files for e in storage.list_files(f)]
     text = json.dumps({"manifests": sizes, "model": model_version, "output": output.rstrip("/")}, sort_keys=True)
     return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute (Ray's checkpoints need that), URIs as given, no trailing slash."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return uri.rstrip("/")
 
 
 def _check_writable(output: str) -> None:
@@ -322,8 +330,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
     """Run one labeling job and return its summary (also written to ``OUT/_run.json``)."""
     started = time.time()
     plan = _plan(config)
-    output = config.output.rstrip("/")
-    state = (config.state_dir or output).rstrip("/")
+    output = _absolute(config.output)
+    state = _absolute(config.state_dir) if config.state_dir else output
     if config.resume and storage.exists(storage.join(state, SUCCESS_FILE)):
         done = json.loads(storage.read_text(storage.join(state, SUMMARY_FILE)))
         if done.get("run_id") == plan.run_id:
@@ -390,7 +398,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
     uri_col = renames.get(config.uri_column, config.uri_column)
     # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
     # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
-    ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"]},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
+                                                   "max_pixels": config.max_pixels},
                         batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
     ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": config.model, "thresholds": plan.thresholds,
                                                           "run_id": plan.run_id, "schema_metadata": metadata},

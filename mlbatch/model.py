@@ -13,6 +13,7 @@ package whose weights do not match the recorded digest, a missing file or an unk
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -256,9 +257,35 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     return LoadedModel(meta, net, device)
 
 
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file, or from a foreign PyTorch checkpoint (``.pt``/``.pth``/``.bin``)
+    read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a checkpoint
+    that would run code when unpickled is refused, never executed."""
+    data = storage.read_bytes(uri)
+    if uri.lower().endswith((".pt", ".pth", ".bin")):
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError for anything but tensors and containers
+            # torch's message suggests weights_only=False: keep only the line that says what was refused
+            lines = [x for x in str(exc).splitlines() if x.strip()]
+            reason = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[-1] if lines else "")
+            raise PackageError(f"weights {uri}: refused, not a plain PyTorch state dict "
+                               f"(read with weights_only=True): {reason}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PackageError(f"weights {uri}: expected a state dict of tensors, found {type(state).__name__}")
+        return state
+    try:
+        return load_safetensors(data)
+    except Exception as exc:
+        raise PackageError(f"weights {uri}: not a safetensors file: {exc}") from None
+
+
 def load_backbone_weights(net: MultiLabelNet, uri: str) -> None:
-    """Initialise the backbone from a safetensors file (local or s3://), e.g. converted pretrained weights."""
-    state = load_safetensors(storage.read_bytes(uri))
+    """Initialise the backbone from a safetensors file or a PyTorch state dict (local or s3://), e.g.
+    converted pretrained weights; see ``read_state_dict``."""
+    state = read_state_dict(uri)
     missing, unexpected = net.backbone.load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(net.backbone.state_dict()):
         raise PackageError(f"backbone weights {uri} do not fit backbone {net.spec.backbone!r}: "

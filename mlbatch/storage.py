@@ -12,6 +12,8 @@ import io
 import logging
 import os
 import posixpath
+import random
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
@@ -242,21 +244,33 @@ def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
 
 
 def _fetch_s3(uri: str, policy: FetchPolicy) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (BotoCoreError, ClientError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
 
     bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal: no URL decoding, '#' and '?' kept
     if not bucket or not key:
         raise FetchError("malformed S3 URI: expected s3://bucket/key")
-    try:
-        return s3_client(policy).get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise FetchError("object not found") from None
-        if code == "NoSuchBucket":
-            raise FetchError(f"bucket not found: {bucket}") from None
-        if code in ("AccessDenied", "403", "Forbidden"):
-            raise FetchError("access denied") from None
-        raise FetchError(f"S3 error {code or 'unknown'} after {policy.max_attempts} attempts") from None
-    except BotoCoreError as exc:
-        raise FetchError(f"cannot reach the object store after {policy.max_attempts} attempts: {exc}") from None
+    # botocore retries a request until its answer's headers arrive, not the reading of its body:
+    # a connection dropped or stalled mid-body is retried here, as patiently.
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            body = s3_client(policy).get_object(Bucket=bucket, Key=key)["Body"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FetchError("object not found") from None
+            if code == "NoSuchBucket":
+                raise FetchError(f"bucket not found: {bucket}") from None
+            if code in ("AccessDenied", "403", "Forbidden"):
+                raise FetchError("access denied") from None
+            raise FetchError(f"S3 error {code or 'unknown'} after {policy.max_attempts} attempts") from None
+        except BotoCoreError as exc:
+            raise FetchError(f"cannot reach the object store after {policy.max_attempts} attempts: {exc}") from None
+        try:
+            return body.read()
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
+            body.close()
+            if attempt == policy.max_attempts:
+                raise FetchError(f"the connection broke while reading the object, {attempt} times: {exc}") from None
+            time.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** attempt)))  # backoff with jitter
+    raise AssertionError("unreachable")

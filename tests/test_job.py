@@ -261,7 +261,8 @@ from ray.util.state import list_actors
 from mlbatch.job import LabelConfig, label
 summary = label(LabelConfig(manifests=[sys.argv[1]], model=sys.argv[2], output=sys.argv[3], num_gpus=1,
                             concurrency=2, progress=False))
-actors = [a for a in list_actors(detail=True, limit=1000) if "Predictor" in a.class_name]
+actors = [a for a in list_actors(address=f"http://127.0.0.1:{port}", detail=True, limit=1000)
+          if "Predictor" in a.class_name]
 print("ACTORS " + json.dumps([a.required_resources for a in actors]))
 print("SUMMARY " + json.dumps(summary["predictor"]))
 """

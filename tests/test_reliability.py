@@ -1,0 +1,592 @@
+"""Reliability (issue #5): bad input, storage faults, process faults and security. Nothing is lost.
+
+Every job here runs on the session's token-auth Ray cluster (tests/conftest.py) with moto's S3
+server; storage faults come from tests/faultproxy.py placed between the job and moto. Every
+fault schedule is seeded, and every test checks rows in == rows out, each id exactly once.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image, ImageOps
+
+import mlbatch
+from faultproxy import KINDS, FaultProxy
+from mlbatch import storage
+from mlbatch.job import JobError, LabelConfig, label
+from mlbatch.manifest import ManifestError
+from mlbatch.model import (ModelSpec, MultiLabelNet, PackageError, load_backbone_weights, load_model,
+                           read_state_dict, save_package)
+from mlbatch.synth import SynthConfig, make_dataset, render_frame
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["car", "bus", "pedestrian"]
+PROBS = [f"prob_{x}" for x in LABELS]
+
+
+def _config(**kw) -> LabelConfig:
+    return LabelConfig(progress=False, **kw)
+
+
+def _read_output(uri: str) -> pa.Table:
+    files = [e.uri for e in storage.list_files(uri, suffix=".parquet")]
+    assert files, f"no output files under {uri}"
+    return pa.concat_tables([storage.read_parquet(f) for f in files])
+
+
+def _copy_package(src: str, dst: str) -> str:
+    for name in ("model.safetensors", "mlbatch-model.json"):
+        storage.write_bytes(storage.join(dst, name), storage.read_bytes(storage.join(src, name)))
+    return dst
+
+
+def _assert_same_output(got: pa.Table, want: pa.Table, key: str = "id") -> None:
+    """Same rows, same values in every column but the timestamp; probabilities to 1e-6."""
+    assert got.num_rows == want.num_rows
+    assert len(set(got.column(key).to_pylist())) == got.num_rows, "a row was written twice"
+    assert got.schema.remove_metadata() == want.schema.remove_metadata()
+    got, want = got.sort_by(key).drop_columns(["labeled_at"]), want.sort_by(key).drop_columns(["labeled_at"])
+    for name in got.column_names:
+        if name in PROBS:
+            np.testing.assert_allclose(got.column(name).to_numpy(zero_copy_only=False),
+                                       want.column(name).to_numpy(zero_copy_only=False), rtol=0, atol=1e-6)
+        else:
+            assert got.column(name).equals(want.column(name)), name
+
+
+@contextlib.contextmanager
+def _no_compute(monkeypatch):
+    """Fail the test if a job builds its pipeline: it must stop before any compute is spent."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was started")
+    with monkeypatch.context() as m:
+        m.setattr(ray.data, "read_parquet", refuse)
+        yield
+
+
+# ---- 1. bad input: error rows with precise messages, odd but valid images labeled ------------
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + _png_chunk(b"IEND", b""))
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _bad_input_cases(root: Path, bucket: str) -> tuple[list[dict], dict[str, str], dict[str, Image.Image]]:
+    """Rows for the manifest, the expected error of each bad row, the expected picture of each odd one."""
+    scene = Image.open(io.BytesIO(render_frame(5, 0, 128, 96))).convert("RGB")
+    jpeg, png = _encode(scene, "JPEG", quality=90), _encode(scene, "PNG")
+    alpha = Image.linear_gradient("L").resize(scene.size)
+    rgba = scene.copy()
+    rgba.putalpha(alpha)
+    la = scene.convert("L")
+    la.putalpha(alpha)
+    gray16 = Image.fromarray(np.asarray(scene.convert("L"), np.uint16) * 16)  # 12-bit values in 16 bits
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    frames = [Image.new("RGB", (64, 48), c) for c in [(230, 20, 20), (20, 230, 20), (20, 20, 230)]]
+    bad_jpeg_header = bytearray(jpeg)
+    at = bad_jpeg_header.find(b"\xff\xc4")
+    bad_jpeg_header[at + 4:at + 40] = b"\xff" * 36  # the Huffman table
+    bad_png_data = bytearray(png)
+    at = bad_png_data.find(b"IDAT")
+    bad_png_data[at + 10:at + 30] = b"\0" * 20
+
+    def animated(fmt: str, **kw) -> bytes:
+        return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kw)
+
+    objects = {  # name -> bytes; "s3:" names go to the bucket, the rest to the local folder
+        "s3:empty.jpg": b"",
+        "s3:junk.jpg": b"<html><body>this is not an image</body></html>",
+        "s3:truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "s3:corrupt-header.jpg": bytes(bad_jpeg_header),
+        "corrupt-data.png": bytes(bad_png_data),
+        "s3:bomb.png": _bomb_png(100_000, 100_000),
+        "over-limit.png": _encode(Image.new("RGB", (300, 300), (90, 120, 40)), "PNG"),
+        "s3:gray.png": _encode(scene.convert("L"), "PNG"),
+        "s3:palette.png": _encode(scene.convert("P"), "PNG"),
+        "rgba.png": _encode(rgba, "PNG"),
+        "s3:gray-alpha.png": _encode(la, "PNG"),
+        "s3:cmyk.jpg": _encode(scene.convert("CMYK"), "JPEG", quality=95),
+        "gray16.png": _encode(gray16, "PNG"),
+        "s3:bilevel.png": _encode(scene.convert("1"), "PNG"),
+        "one-pixel.png": _encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"),
+        "s3:exif-rotated.jpg": _encode(scene, "JPEG", quality=90, exif=exif.tobytes()),
+        "s3:animated.gif": animated("GIF"),
+        "animated.webp": animated("WEBP", lossless=True),
+        "odd dir/naïve ünï 写真 #1.jpg": jpeg,
+        "s3:odd dir/naïve ünï 写真 #1+2%20?.jpg": jpeg,
+    }
+    uris = {}
+    for name, data in objects.items():
+        if name.startswith("s3:"):
+            uris[name] = f"{bucket}/img/{name[3:]}"
+            storage.write_bytes(uris[name], data)
+        else:
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            uris[name] = str(path)
+    (root / "a-folder.jpg").mkdir()
+
+    def opened(name: str) -> Image.Image:
+        return Image.open(io.BytesIO(objects[name]))
+
+    errors = {  # id -> (uri, the error it must get)
+        "missing-s3": (f"{bucket}/img/nope.jpg", "object not found"),
+        "missing-local": (str(root / "nope.jpg"), "object not found"),
+        "missing-bucket": ("s3://mlbatch-no-such-bucket/a.jpg", "bucket not found: mlbatch-no-such-bucket"),
+        "empty": (uris["s3:empty.jpg"], "empty object (0 bytes)"),
+        "not-an-image": (uris["s3:junk.jpg"], "not an image (unrecognised format)"),
+        "truncated-jpeg": (uris["s3:truncated.jpg"], "corrupt or truncated image (JPEG): image file is truncated"),
+        "truncated-png": (uris["truncated.png"], "corrupt or truncated image (PNG): image file is truncated"),
+        "corrupt-jpeg": (uris["s3:corrupt-header.jpg"],
+                         "corrupt or truncated image: a JPEG file whose header cannot be read"),
+        "corrupt-png": (uris["corrupt-data.png"], "corrupt or truncated image (PNG): broken data stream"),
+        "bomb-header": (uris["s3:bomb.png"], "image too large: "),
+        "over-limit": (uris["over-limit.png"], "image too large: 300x300 exceeds the limit of 50000 pixels"),
+        "uri-null": (None, "null or empty image URI"),
+        "uri-empty": ("", "null or empty image URI"),
+        "uri-blank": ("   ", "null or empty image URI"),
+        "scheme-ftp": ("ftp://example.com/a.jpg", "unsupported URI scheme 'ftp'"),
+        "scheme-http": ("https://example.com/a.jpg", "unsupported URI scheme 'https'"),
+        "scheme-gs": ("gs://bucket/a.jpg", "unsupported URI scheme 'gs'"),
+        "s3-no-key": (f"{bucket}", "malformed S3 URI: expected s3://bucket/key"),
+        "a-folder": (str(root / "a-folder.jpg"), "not an object: a folder"),
+    }
+    gray16_arr = np.asarray(opened("gray16.png"), np.float64)
+    valid = {  # id -> (uri, the picture a person sees, decoded here without mlbatch.images)
+        "gray": (uris["s3:gray.png"], opened("s3:gray.png").convert("RGB")),
+        "palette": (uris["s3:palette.png"], opened("s3:palette.png").convert("RGB")),
+        "rgba": (uris["rgba.png"], _on_white(opened("rgba.png"))),
+        "gray-alpha": (uris["s3:gray-alpha.png"], _on_white(opened("s3:gray-alpha.png"))),
+        "cmyk": (uris["s3:cmyk.jpg"], opened("s3:cmyk.jpg").convert("RGB")),
+        "gray16": (uris["gray16.png"],
+                   Image.fromarray((gray16_arr * (255.0 / gray16_arr.max())).astype(np.uint8)).convert("RGB")),
+        "bilevel": (uris["s3:bilevel.png"], opened("s3:bilevel.png").convert("RGB")),
+        "one-pixel": (uris["one-pixel.png"], opened("one-pixel.png").convert("RGB")),
+        "exif-rotated": (uris["s3:exif-rotated.jpg"], ImageOps.exif_transpose(opened("s3:exif-rotated.jpg"))),
+        "animated-gif": (uris["s3:animated.gif"], opened("s3:animated.gif").convert("RGB")),  # frame 0
+        "animated-webp": (uris["animated.webp"], opened("animated.webp").convert("RGB")),
+        "odd-local-path": (uris["odd dir/naïve ünï 写真 #1.jpg"], scene_from(jpeg)),
+        "odd-file-uri": ("file://" + quote(uris["odd dir/naïve ünï 写真 #1.jpg"]), scene_from(jpeg)),
+        "odd-s3-key": (uris["s3:odd dir/naïve ünï 写真 #1+2%20?.jpg"], scene_from(jpeg)),
+    }
+    assert opened("s3:gray.png").mode == "L" and opened("s3:palette.png").mode == "P"
+    assert opened("rgba.png").mode == "RGBA" and opened("s3:gray-alpha.png").mode == "LA"
+    assert opened("s3:cmyk.jpg").mode == "CMYK" and opened("gray16.png").mode.startswith("I;16")
+    assert opened("s3:animated.gif").n_frames == 3 and opened("animated.webp").n_frames == 3
+    rows = [{"id": k, "image_uri": v[0]} for k, v in {**errors, **valid}.items()]
+    extra = {"rotated-raw": opened("s3:exif-rotated.jpg").convert("RGB"), "last-frame": frames[-1]}
+    return rows, {k: v[1] for k, v in errors.items()}, {**{k: v[1] for k, v in valid.items()}, **extra}
+
+
+def scene_from(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_bad_input_becomes_error_rows_and_odd_images_are_labeled(ray_cluster, bucket, tmp_path, small_dataset,
+                                                                 small_model):
+    good = storage.read_parquet(small_dataset["test"]).slice(0, 10).select(["id", "image_uri"])
+    cases, errors, pictures = _bad_input_cases(tmp_path / "img", bucket)
+    rows = good.to_pylist() + cases
+    storage.write_parquet(pa.Table.from_pylist(rows, schema=good.schema), f"{bucket}/manifests/bad.parquet")
+
+    summary = label(_config(manifests=[f"{bucket}/manifests/bad.parquet"], model=small_model, output=f"{bucket}/out",
+                            id_column="id", batch_size=8, max_error_rate=1.0, max_pixels=50_000))
+    out = _read_output(f"{bucket}/out")
+    ids = out.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(rows) == summary["rows_in"] == summary["rows_out"]
+    assert summary["errors"] == len(errors) and summary["ok"] == len(rows) - len(errors)
+    by_id = {r["id"]: r for r in out.to_pylist()}
+    for key, message in errors.items():
+        row = by_id[key]
+        assert row["status"] == "error" and row["error"].startswith(message), (key, row["error"])
+        assert row["labels"] is None and all(row[f"label_{x}"] is None and row[f"prob_{x}"] is None for x in LABELS)
+
+    model = load_model(small_model)
+    odd = [k for k in pictures if k in by_id]
+    for key in [r["id"] for r in good.to_pylist()] + odd:
+        assert by_id[key]["status"] == "ok" and by_id[key]["error"] is None, (key, by_id[key]["error"])
+    got = np.asarray([[by_id[k][p] for p in PROBS] for k in odd], np.float32)
+    expected = model.predict([pictures[k] for k in odd])
+    for k, g, e in zip(odd, got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5, err_msg=k)
+    # the cases are not vacuous: orientation and the choice of frame change the prediction
+    raw, last = model.predict([pictures["rotated-raw"], pictures["last-frame"]])
+    assert not np.allclose(got[odd.index("exif-rotated")], raw, atol=1e-4)
+    assert not np.allclose(got[odd.index("animated-gif")], last, atol=1e-4)
+    assert summary["arguments"]["max_pixels"] == 50_000
+
+
+def test_manifest_level_problems_have_clear_outcomes(ray_cluster, monkeypatch, tmp_path, small_dataset, small_model):
+    out = str(tmp_path / "out")
+    uris = storage.read_parquet(small_dataset["test"]).column("image_uri").to_pylist()[:4]
+
+    def write(name: str, table: pa.Table) -> str:
+        pq.write_table(table, tmp_path / name)
+        return str(tmp_path / name)
+
+    (tmp_path / "text.parquet").write_text("id,image_uri\n1,a.jpg\n")  # a CSV under a Parquet name
+
+    failing = [
+        ([write("no-uri.parquet", pa.table({"id": ["a"], "path": [uris[0]]}))], {},
+         ManifestError, r"no-uri.parquet: no 'image_uri' column \(columns: id, path\)"),
+        ([write("int-uri.parquet", pa.table({"image_uri": [1, 2]}))], {},
+         ManifestError, r"int-uri.parquet: column 'image_uri' must be string, found int64"),
+        ([str(tmp_path / "text.parquet")], {},
+         ManifestError, r"text.parquet: not a readable Parquet file"),
+        ([write("empty.parquet", pa.table({"image_uri": pa.array([], pa.string())}))], {},
+         ManifestError, r"empty.parquet: has no rows"),
+        ([str(tmp_path / "nothing-here")], {}, ManifestError, r"no such file, or no files under that folder"),
+        ([write("dup.parquet", pa.table({"id": ["x", "y", "x"], "image_uri": uris[:3]}))], {"id_column": "id"},
+         ManifestError, r"dup.parquet: row 2: id 'x' already appears at .*dup.parquet row 0; ids must be unique"),
+        ([write("null-id.parquet", pa.table({"id": ["x", None], "image_uri": uris[:2]}))], {"id_column": "id"},
+         ManifestError, r"null-id.parquet: row 1: id column 'id' is null"),
+        ([write("no-id.parquet", pa.table({"image_uri": uris[:2]}))], {"id_column": "id"},
+         ManifestError, r"no-id.parquet: no id column 'id' \(columns: image_uri\)"),
+        ([write("dup-uri.parquet", pa.table({"image_uri": [uris[0], uris[0]]}))], {"resume": True},
+         JobError, r"cannot resume: the rows have no unique key \('image_uri' has nulls or duplicates\)"),
+    ]
+    for manifests, extra, error, message in failing:
+        with _no_compute(monkeypatch), pytest.raises(error, match=message):
+            label(_config(manifests=manifests, model=small_model, output=out, **extra))
+    assert not list((tmp_path / "out").glob("*.parquet"))  # (the writability probe may leave the folder)
+
+    # duplicate image URIs without an id column: labeled, one output row per input row (not resumable)
+    summary = label(_config(manifests=[str(tmp_path / "dup-uri.parquet")], model=small_model, output=out))
+    table = _read_output(out)
+    assert summary["rows_out"] == table.num_rows == 2 and summary["ok"] == 2
+    assert table.column("image_uri").to_pylist() == [uris[0], uris[0]]
+    assert table.column("prob_car")[0] == table.column("prob_car")[1]
+
+
+# ---- 2. storage faults ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _job_env(ray_cluster, monkeypatch, **env):
+    """Run this block's jobs as a new job of the session cluster whose workers, and this driver, see ``env``."""
+    ray.shutdown()
+    try:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            ray.init(address=ray_cluster.gcs_address, runtime_env={"env_vars": env}, logging_level="WARNING",
+                     log_to_driver=False)
+            yield
+    finally:
+        ray.shutdown()
+        ray.init(address=ray_cluster.gcs_address, logging_level="WARNING", log_to_driver=False)
+
+
+def test_transient_storage_faults_lose_nothing(ray_cluster, monkeypatch, bucket, s3_endpoint, small_model):
+    """20% of S3 requests throttled, failed, reset or slowed: every row labeled, output as a clean run's."""
+    data = make_dataset(f"{bucket}/data", SynthConfig(train=0, val=0, test=64, seed=41))
+    model = _copy_package(small_model, f"{bucket}/model")
+    common = dict(manifests=[data["test"]], model=model, id_column="id", batch_size=8, rows_per_file=16,
+                  run_id="faults", max_error_rate=0.0)
+    clean = label(_config(output=f"{bucket}/clean", **common))
+    assert clean["ok"] == 64
+
+    with FaultProxy(s3_endpoint, seed=5, rate=0.2) as proxy:
+        with _job_env(ray_cluster, monkeypatch, AWS_ENDPOINT_URL=proxy.url):
+            started = time.monotonic()
+            faulted = label(_config(output=f"{bucket}/faulted", **common))
+            seconds = time.monotonic() - started
+        stats, log = dict(proxy.stats), list(proxy.log)
+    print(f"fault run: {seconds:.1f}s, {stats}")
+    assert faulted["rows_out"] == faulted["ok"] == 64 and faulted["errors"] == 0
+    _assert_same_output(_read_output(f"{bucket}/faulted"), _read_output(f"{bucket}/clean"))
+    assert stats["requests"] >= 150 and 0.15 <= proxy.faulted / stats["requests"] <= 0.25, stats
+    assert all(stats[kind] > 0 for kind in KINDS), stats
+    # every path of the job went through the proxy: the plan, Ray's reads, fetches, the model, writes
+    root = "/" + bucket[len("s3://"):]
+    seen = {(m, p.split("?")[0]) for m, p, f in log}
+    hit = {(m, p.split("?")[0]) for m, p, f in log if f != "ok"}
+    assert any(p == f"{root}/data/test.parquet" for m, p in seen)                    # manifest
+    assert any(p.startswith(f"{root}/model/") for m, p in seen)                      # model package
+    assert sum(p.startswith(f"{root}/data/images/") for m, p in hit) >= 10           # storage.fetch
+    assert any(m in ("PUT", "POST") and p.startswith(f"{root}/faulted/") for m, p in hit)  # output
+    assert storage.exists(f"{bucket}/faulted/_SUCCESS")
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_unreachable_store_fails_fast_with_a_clear_error(ray_cluster, monkeypatch, bucket, tmp_path, small_dataset,
+                                                        small_model):
+    data = make_dataset(f"{bucket}/data", SynthConfig(train=0, val=0, test=4, seed=42))
+    model = _copy_package(small_model, f"{bucket}/model")
+    local = small_dataset["test"]
+    cases = [  # what is on the unreachable store -> the error
+        (dict(manifests=[data["test"]], model=small_model, output=str(tmp_path / "a")),
+         ManifestError, r"cannot list it: .*NETWORK_CONNECTION"),
+        (dict(manifests=[local], model=model, output=str(tmp_path / "b")),
+         JobError, r"model package s3://.*/model: cannot read mlbatch-model.json: .*NETWORK_CONNECTION"),
+        (dict(manifests=[local], model=small_model, output=f"{bucket}/out"),
+         JobError, r"output s3://.*/out is not writable: .*NETWORK_CONNECTION"),
+    ]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _closed_port())
+    for kw, error, message in cases:
+        started = time.monotonic()
+        with _no_compute(monkeypatch), pytest.raises(error, match=message):
+            label(_config(**kw))
+        assert time.monotonic() - started < 60
+    # an image on the unreachable store: an error row after the fetch policy's attempts, not a hang
+    started = time.monotonic()
+    with pytest.raises(storage.FetchError, match=r"cannot reach the object store after 3 attempts"):
+        storage.fetch(f"{bucket}/data/images/test/test-000000.jpg", storage.FetchPolicy(max_attempts=3))
+    assert time.monotonic() - started < 30
+
+
+# ---- 3. process faults and unwritable outputs ----------------------------------------------
+
+KILL_ROWS = 400
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("kill")), SynthConfig(train=0, val=0, test=KILL_ROWS, seed=21))["test"]
+
+
+@pytest.fixture(scope="module")
+def kill_baseline(ray_cluster, kill_data, small_model, tmp_path_factory) -> pa.Table:
+    """A clean run of the kill tests' data, with the run id they use."""
+    out = str(tmp_path_factory.mktemp("kill-clean") / "out")
+    label(_config(manifests=[kill_data], model=small_model, output=out, id_column="id", batch_size=8,
+                  rows_per_file=16, run_id="kill"))
+    return _read_output(out)
+
+
+def test_a_killed_predictor_actor_is_replaced_and_no_row_is_lost(ray_cluster, tmp_path, kill_data, kill_baseline,
+                                                                small_model):
+    from ray.util.state import list_actors
+
+    out = tmp_path / "out"
+    job_id = ray.get_runtime_context().get_job_id()
+    killed: dict = {}
+    done = threading.Event()
+
+    def killer() -> None:
+        deadline = time.monotonic() + 240
+        while not done.is_set() and time.monotonic() < deadline:
+            files = list(out.glob("*.parquet"))
+            if files:  # the predictor has labeled and written rows: kill it part way
+                actors = [a for a in list_actors(address=ray_cluster.dashboard_url, detail=True, limit=1000,
+                                                 filters=[("state", "=", "ALIVE")])
+                          if "Predictor" in a.class_name and a.job_id == job_id]
+                if actors:
+                    os.kill(actors[0].pid, signal.SIGKILL)
+                    killed.update(actor_id=actors[0].actor_id, pid=actors[0].pid, files=len(files))
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        summary = label(_config(manifests=[kill_data], model=small_model, output=str(out), id_column="id",
+                                batch_size=8, rows_per_file=16, run_id="kill", concurrency=1))
+    finally:
+        done.set()
+        thread.join(timeout=30)
+    assert killed, "the predictor actor was not killed"
+    assert len(list(out.glob("*.parquet"))) > killed["files"], "the run did not go on after the kill"
+    [actor] = list_actors(address=ray_cluster.dashboard_url, detail=True, filters=[("actor_id", "=", killed["actor_id"])])
+    assert actor.num_restarts >= 1 and actor.pid != killed["pid"]
+    assert summary["rows_out"] == summary["ok"] == KILL_ROWS and summary["attempts"] == 1
+    _assert_same_output(_read_output(str(out)), kill_baseline)
+
+
+def test_a_killed_driver_resumes_to_the_clean_output(ray_cluster, tmp_path, kill_data, kill_baseline, small_model):
+    out = tmp_path / "out"
+    env = {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", kill_data, "--model", small_model,
+            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-file", "16", "--run-id", "kill"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("*.parquet"))) < 3:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no output files appeared"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = _read_output(str(out)).num_rows
+    assert 0 < partial < KILL_ROWS and not (out / "_SUCCESS").exists()
+
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "_run.json").read_text())
+    assert summary["rows_out"] == KILL_ROWS and summary["attempts"] == 2
+    _assert_same_output(_read_output(str(out)), kill_baseline)
+
+
+def test_an_unwritable_output_fails_before_any_compute(ray_cluster, monkeypatch, bucket, s3_endpoint, tmp_path,
+                                                      small_dataset, small_model):
+    common = dict(manifests=[small_dataset["test"]], model=small_model)
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    # root ignores permissions: then a place nobody can create folders in stands for the read-only one
+    local = str(readonly / "out") if not os.access(readonly, os.W_OK) else "/proc/mlbatch-readonly/out"
+    cases = [(local, r"is not writable: .*(Permission denied|No such file)"),
+             (str(Path(small_dataset["test"]) / "out"), r"is not writable"),  # under a file
+             ("s3://mlbatch-no-such-bucket/out", r"s3://mlbatch-no-such-bucket/out is not writable")]
+    for output, message in cases:
+        started = time.monotonic()
+        with _no_compute(monkeypatch), pytest.raises(JobError, match=message):
+            label(_config(output=output, **common))
+        assert time.monotonic() - started < 30
+    # a bucket whose policy denies writes (the proxy answers 403 AccessDenied to every write)
+    with FaultProxy(s3_endpoint, rate=0.0, deny_writes=True) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with _no_compute(monkeypatch), pytest.raises(JobError, match=r"/out is not writable: .*ACCESS_DENIED"):
+            label(_config(output=f"{bucket}/out", **common))
+        assert proxy.stats["denied"] >= 1
+    readonly.chmod(0o755)
+
+
+# ---- 4. security -----------------------------------------------------------------------------
+
+class _Exploit:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_foreign_checkpoints_are_read_without_unpickling_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    _Exploit.marker = str(marker)
+    net = MultiLabelNet(ModelSpec(labels=LABELS, image_size=32))
+    torch.save({"conv.weight": torch.zeros(2), "x": _Exploit()}, tmp_path / "evil.pt")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Exploit()))
+    for name in ("evil.pt", "evil.pth"):
+        with pytest.raises(PackageError, match=r"refused, not a plain PyTorch state dict \(read with weights_only"):
+            load_backbone_weights(net, str(tmp_path / name))
+    # a package whose weights file is a pickle with a matching digest: safetensors never unpickles it
+    save_package(net, str(tmp_path / "pkg"), thresholds={x: 0.5 for x in LABELS})
+    evil = pickle.dumps(_Exploit())
+    meta = json.loads((tmp_path / "pkg" / "mlbatch-model.json").read_text())
+    meta["weights"]["sha256"] = hashlib.sha256(evil).hexdigest()
+    (tmp_path / "pkg" / "mlbatch-model.json").write_text(json.dumps(meta))
+    (tmp_path / "pkg" / "model.safetensors").write_bytes(evil)
+    with pytest.raises(PackageError, match="weights do not fit"):
+        load_model(str(tmp_path / "pkg"))
+    assert not marker.exists(), "unpickling ran code"
+    _Exploit.marker = str(tmp_path / "control")
+    pickle.loads(pickle.dumps(_Exploit()))  # the control: unpickling it for real does run the payload
+    assert (tmp_path / "control").exists()
+
+    # a plain PyTorch state dict of the backbone is accepted (.pt), as is safetensors
+    other = MultiLabelNet(ModelSpec(labels=LABELS, image_size=32))
+    torch.save(other.backbone.state_dict(), tmp_path / "backbone.pt")
+    load_backbone_weights(net, str(tmp_path / "backbone.pt"))
+    for k, v in other.backbone.state_dict().items():
+        assert torch.equal(net.backbone.state_dict()[k], v)
+    assert set(read_state_dict(str(tmp_path / "backbone.pt"))) == set(other.backbone.state_dict())
+
+
+def test_the_code_never_unpickles():
+    """No pickle-family module anywhere in mlbatch/ or jobs/, and torch.load only with weights_only=True."""
+    unsafe_modules = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
+    files = sorted(REPO.glob("mlbatch/*.py")) + sorted(REPO.glob("jobs/*.py"))
+    assert len(files) > 10
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not {a.name.split(".")[0] for a in node.names} & unsafe_modules, f"{path}:{node.lineno}"
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in unsafe_modules, f"{path}:{node.lineno}"
+            elif isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                assert name not in ("eval", "exec", "yaml.load", "np.load", "numpy.load"), f"{path}:{node.lineno}"
+                if name.endswith("torch.load") or name == "load" and "torch" in ast.unparse(node):
+                    kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    assert kw.get("weights_only") == "True", f"{path}:{node.lineno}: torch.load without weights_only=True"
+
+
+def test_credentials_are_never_logged_or_recorded(ray_cluster, bucket, small_dataset, small_model):
+    secret, token = "mlbatchSecretKey0123456789abcdefXYZ", "mlbatchSessionToken9876543210zyx"
+    table = storage.read_parquet(small_dataset["test"]).slice(0, 8)
+    storage.write_parquet(table, f"{bucket}/m/manifest.parquet")
+    env = {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1", "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_SESSION_TOKEN": token}
+    result = subprocess.run([sys.executable, "-m", "mlbatch.cli", "-v", "label", "--manifest", f"{bucket}/m/",
+                             "--model", small_model, "--output", f"{bucket}/out", "--id-column", "id"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rows in 8, out 8: 8 ok" in result.stdout
+    written = b"".join(storage.read_bytes(e.uri) for e in storage.list_files(f"{bucket}/out"))
+    run_json = storage.read_text(f"{bucket}/out/_run.json")
+    for value in (secret, token):
+        assert value not in result.stdout and value not in result.stderr
+        assert value not in run_json and value.encode() not in written
+
+
+def test_run_ids_and_label_names_never_become_paths(ray_cluster, monkeypatch, tmp_path, small_dataset):
+    work = tmp_path / "work"
+    out = work / "out"
+    labels = ["../../escape", "dir/sub", "..\\win", "Ünïcode ☃ /etc/passwd"]
+    net = MultiLabelNet(ModelSpec(labels=labels, image_size=32))
+    save_package(net, str(tmp_path / "pkg"), thresholds={x: 0.5 for x in labels})
+    common = dict(manifests=[small_dataset["test"]], model=str(tmp_path / "pkg"), output=str(out))
+    for run_id in ("../x", "..", "a/b", "/abs", "x/../../y", ".hidden", "a\\b", "x" * 65, "ok\n"):
+        with _no_compute(monkeypatch), pytest.raises(JobError, match=r"run id .*nothing that could make a path"):
+            label(_config(run_id=run_id, **common))
+    assert not work.exists()
+
+    summary = label(_config(**common))
+    table = _read_output(str(out))
+    assert [n for n in table.column_names if n.startswith(("label_", "prob_"))] == [
+        "label_escape", "label_dir_sub", "label_win", "label_n_code_etc_passwd",
+        "prob_escape", "prob_dir_sub", "prob_win", "prob_n_code_etc_passwd"]
+    assert summary["rows_out"] == 60 and set(summary["labels"]) == set(labels)  # names stay data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "work"]
+    assert [p.name for p in work.iterdir()] == ["out"]
+    assert all(p.parent == out for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
