@@ -168,13 +168,12 @@ def plot_pr_curves(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, t
         if not yt.any():
             continue
         precision, recall, thr = precision_recall_curve(yt, ys)
-        line, = ax.plot(recall, precision, label=f"{label} (AP {average_precision_score(yt, ys):.3f})")
+        line, = ax.plot(recall, precision, label=f"{label} (AP {average_precision_score(yt, ys):.3f}, "
+                                                 f"threshold {thresholds[label]:.2f})")
         pred = ys >= thresholds[label]
         p_at = (yt[pred].mean() if pred.any() else 1.0)
         r_at = pred[yt == 1].mean()
         ax.plot([r_at], [p_at], "o", color=line.get_color(), markersize=8)
-        ax.annotate(f"t={thresholds[label]:.2f}", (r_at, p_at), textcoords="offset points", xytext=(-30, -14),
-                    color=line.get_color(), fontsize=8)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
