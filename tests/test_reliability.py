@@ -337,7 +337,9 @@ def test_transient_storage_faults_lose_nothing(ray_cluster, monkeypatch, bucket,
     print(f"fault run: {seconds:.1f}s, {stats}")
     assert faulted["rows_out"] == faulted["ok"] == 64 and faulted["errors"] == 0
     _assert_same_output(_read_output(f"{bucket}/faulted"), _read_output(f"{bucket}/clean"))
-    assert stats["requests"] >= 150 and 0.15 <= proxy.faulted / stats["requests"] <= 0.25, stats
+    # the schedule is a seeded function of each request, and requests carry per-run uuids, so the
+    # realised share varies around the 20% asked for: bound it loosely, but it must be substantial
+    assert stats["requests"] >= 150 and 0.10 <= proxy.faulted / stats["requests"] <= 0.30, stats
     assert all(stats[kind] > 0 for kind in KINDS), stats
     # every path of the job went through the proxy: the plan, Ray's reads, fetches, the model, writes
     root = "/" + bucket[len("s3://"):]
@@ -411,14 +413,17 @@ def test_a_killed_predictor_actor_is_replaced_and_no_row_is_lost(ray_cluster, tm
     done = threading.Event()
 
     def killer() -> None:
+        # kill the predictor part way: once it has written a file, or has been working for 2 s
         deadline = time.monotonic() + 240
+        alive_since = None
         while not done.is_set() and time.monotonic() < deadline:
-            files = list(out.glob("*.parquet"))
-            if files:  # the predictor has labeled and written rows: kill it part way
-                actors = [a for a in list_actors(address=ray_cluster.dashboard_url, detail=True, limit=1000,
-                                                 filters=[("state", "=", "ALIVE")])
-                          if "Predictor" in a.class_name and a.job_id == job_id]
-                if actors:
+            actors = [a for a in list_actors(address=ray_cluster.dashboard_url, detail=True, limit=1000,
+                                             filters=[("state", "=", "ALIVE")])
+                      if "Predictor" in a.class_name and a.job_id == job_id]
+            if actors:
+                alive_since = alive_since or time.monotonic()
+                files = list(out.glob("*.parquet"))
+                if files or time.monotonic() - alive_since > 2.0:
                     os.kill(actors[0].pid, signal.SIGKILL)
                     killed.update(actor_id=actors[0].actor_id, pid=actors[0].pid, files=len(files))
                     return
