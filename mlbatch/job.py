@@ -157,7 +157,6 @@ class Predictor:
             probs[ok] = self.model.predict_pixels(pixels)
         hits = probs >= self.thresholds
         columns: list[Any] = []
-        mask = pa.array(~ok)
         for j in range(len(self.labels)):
             columns.append(pa.array(hits[:, j], pa.bool_(), mask=~ok))
         for j in range(len(self.labels)):
@@ -170,7 +169,6 @@ class Predictor:
         columns.append(pa.array([self.model.version] * n, pa.string()))
         columns.append(pa.array([self.run_id] * n, pa.string()))
         columns.append(pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
-        del mask
         out = batch.drop_columns([PIXELS, ERROR])
         for (name, typ), col in zip(self.types, columns):
             out = out.append_column(pa.field(name, typ), col)

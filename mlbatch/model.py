@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -252,7 +252,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     net = MultiLabelNet(spec_from_meta(meta))
     try:
         net.load_state_dict(load_safetensors(weights), strict=True)
-    except (RuntimeError, Exception) as exc:
+    except Exception as exc:  # safetensors' and torch's errors for foreign or mismatched bytes
         raise PackageError(f"model package {uri}: weights do not fit the described network: {exc}") from None
     return LoadedModel(meta, net, device)
 
@@ -291,7 +291,3 @@ def load_backbone_weights(net: MultiLabelNet, uri: str) -> None:
         raise PackageError(f"backbone weights {uri} do not fit backbone {net.spec.backbone!r}: "
                            f"{len(unexpected)} unexpected tensors, {len(missing)} missing")
     log.info("initialised backbone from %s (%d tensors missing)", uri, len(missing))
-
-
-def spec_dict(spec: ModelSpec) -> dict[str, Any]:
-    return asdict(spec)

@@ -75,7 +75,8 @@ def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, c
     bar = tqdm(total=len(data), desc="loading images", unit="img", disable=not progress, leave=False)
     for start in range(0, len(data), chunk):
         end = min(start + chunk, len(data))
-        pictures = fetch_decoded(data.image_uris[start:end], data.sources[start:end], draft_size=size)
+        # full decodes, as the labeling job does, so training sees the pixels inference will see
+        pictures = fetch_decoded(data.image_uris[start:end], data.sources[start:end])
         for k, pic in enumerate(pictures):
             out[start + k] = torch.from_numpy(np.asarray(pic.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1).copy())
         bar.update(end - start)
