@@ -192,11 +192,9 @@ def plot_pr_curves(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, t
 
 def predict_labeled(model, data: manifest.LabeledData, batch_size: int = 256, threads: int = 8) -> np.ndarray:
     """Probabilities for every image of ``data`` through ``model.predict`` (the job's path)."""
-    from .train import fetch_decoded  # shared loader: same fetch and decode as training
-
     scores = []
     for start in range(0, len(data), batch_size):
-        pictures = fetch_decoded(data.image_uris[start:start + batch_size], data.sources[start:start + batch_size],
+        pictures = manifest.fetch_decoded(data.image_uris[start:start + batch_size], data.sources[start:start + batch_size],
                                  threads=threads)
         scores.append(model.predict(pictures))
     return np.concatenate(scores) if scores else np.zeros((0, len(data.labels)), np.float32)

@@ -9,13 +9,15 @@ file, and the row or column where there is one.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
-from . import storage
+from . import images, storage
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +165,15 @@ def _targets_from_list(uri: str, column: pa.ChunkedArray, labels: list[str]) -> 
                 raise ManifestError(f"manifest {uri}: row {i}: label {name!r} is not one of {labels}")
             out[i, index[name]] = 1.0
     return out
+
+
+def fetch_decoded(uris: list[str], sources: list[str], threads: int = 8, draft_size: int | None = None) -> list[Image.Image]:
+    """Fetch and decode images; a missing or bad image is an error naming its manifest row."""
+    def one(k: int) -> Image.Image:
+        try:
+            return images.decode(storage.read_bytes(uris[k]), draft_size=draft_size)
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{sources[k]}: cannot use image {uris[k]}: {exc}") from None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(len(uris))))

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import images, manifest, storage
+from . import manifest
 from .backbones import DEFAULT_BACKBONE
 from .evaluate import choose_thresholds, compute_metrics, parse_policy
 from .model import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, MultiLabelNet, load_backbone_weights, save_package
@@ -57,18 +56,6 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Te
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
-def fetch_decoded(uris: list[str], sources: list[str], threads: int = 8, draft_size: int | None = None) -> list[Image.Image]:
-    """Fetch and decode images; a missing or bad image is an error naming its manifest row."""
-    def one(k: int) -> Image.Image:
-        try:
-            return images.decode(storage.read_bytes(uris[k]), draft_size=draft_size)
-        except (OSError, ValueError) as exc:
-            raise manifest.ManifestError(f"{sources[k]}: cannot use image {uris[k]}: {exc}") from None
-
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(one, range(len(uris))))
-
-
 def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, chunk: int = 512) -> torch.Tensor:
     """All images of ``data`` resized to ``size``: uint8 (n, 3, size, size)."""
     out = torch.empty((len(data), 3, size, size), dtype=torch.uint8)
@@ -76,7 +63,7 @@ def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, c
     for start in range(0, len(data), chunk):
         end = min(start + chunk, len(data))
         # full decodes, as the labeling job does, so training sees the pixels inference will see
-        pictures = fetch_decoded(data.image_uris[start:end], data.sources[start:end])
+        pictures = manifest.fetch_decoded(data.image_uris[start:end], data.sources[start:end])
         for k, pic in enumerate(pictures):
             out[start + k] = torch.from_numpy(np.asarray(pic.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1).copy())
         bar.update(end - start)

@@ -12,8 +12,7 @@ import pytest
 from mlbatch import manifest
 from mlbatch.cli import main
 from mlbatch.evaluate import choose_threshold, choose_thresholds, compute_metrics, parse_policy
-from mlbatch.manifest import ManifestError, infer_labels, read_labeled
-from mlbatch.train import fetch_decoded
+from mlbatch.manifest import ManifestError, fetch_decoded, infer_labels, read_labeled
 
 LABELS = ["car", "bus", "pedestrian"]
 
