@@ -195,7 +195,7 @@ def predict_labeled(model, data: manifest.LabeledData, batch_size: int = 256, th
     scores = []
     for start in range(0, len(data), batch_size):
         pictures = manifest.fetch_decoded(data.image_uris[start:start + batch_size], data.sources[start:start + batch_size],
-                                 threads=threads)
+                                          threads=threads, draft_size=model.spec.image_size)
         scores.append(model.predict(pictures))
     return np.concatenate(scores) if scores else np.zeros((0, len(data.labels)), np.float32)
 

@@ -112,7 +112,7 @@ def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
     """
     def one(uri: str | None) -> tuple[bytes | None, str | None]:
         try:
-            pic = images.decode(storage.fetch(uri), max_pixels=max_pixels, draft_size=None)
+            pic = images.decode(storage.fetch(uri), max_pixels=max_pixels, draft_size=size)
             return images.resize(pic, size).tobytes(), None
         except (storage.FetchError, images.ImageError) as exc:
             return None, str(exc)

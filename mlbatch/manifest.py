@@ -168,7 +168,10 @@ def _targets_from_list(uri: str, column: pa.ChunkedArray, labels: list[str]) -> 
 
 
 def fetch_decoded(uris: list[str], sources: list[str], threads: int = 8, draft_size: int | None = None) -> list[Image.Image]:
-    """Fetch and decode images; a missing or bad image is an error naming its manifest row."""
+    """Fetch and decode images; a missing or bad image is an error naming its manifest row.
+
+    Pass the model's input side as ``draft_size`` to decode as the job does (``images.draft``).
+    """
     def one(k: int) -> Image.Image:
         try:
             return images.decode(storage.read_bytes(uris[k]), draft_size=draft_size)

@@ -239,11 +239,17 @@ class LoadedModel:
         return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
-        """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order."""
+        """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.
+
+        JPEGs opened but not yet loaded (``Image.open(path)``) decode at reduced scale exactly
+        as the job decodes them (``images.draft``), so the two agree on the same files.
+        """
+        size = self.spec.image_size
+        pictures = [images.draft(p, size) for p in pictures]
         rgb = [p if p.mode == "RGB" else p.convert("RGB") for p in pictures]
         if not rgb:
-            return self.predict_arrays(np.zeros((0, 3, self.spec.image_size, self.spec.image_size), np.float32))
-        return self.predict_pixels(np.stack([images.resize(p, self.spec.image_size) for p in rgb]))
+            return self.predict_arrays(np.zeros((0, 3, size, size), np.float32))
+        return self.predict_pixels(np.stack([images.resize(p, size) for p in rgb]))
 
 
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from . import manifest
+from . import images, manifest
 from .backbones import DEFAULT_BACKBONE
 from .evaluate import choose_thresholds, compute_metrics, parse_policy
 from .model import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, MultiLabelNet, load_backbone_weights, save_package
@@ -62,10 +61,10 @@ def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, c
     bar = tqdm(total=len(data), desc="loading images", unit="img", disable=not progress, leave=False)
     for start in range(0, len(data), chunk):
         end = min(start + chunk, len(data))
-        # full decodes, as the labeling job does, so training sees the pixels inference will see
-        pictures = manifest.fetch_decoded(data.image_uris[start:end], data.sources[start:end])
+        # decoded and resized as the labeling job does, so training sees the pixels inference will see
+        pictures = manifest.fetch_decoded(data.image_uris[start:end], data.sources[start:end], draft_size=size)
         for k, pic in enumerate(pictures):
-            out[start + k] = torch.from_numpy(np.asarray(pic.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1).copy())
+            out[start + k] = torch.from_numpy(images.resize(pic, size).transpose(2, 0, 1).copy())
         bar.update(end - start)
     bar.close()
     return out

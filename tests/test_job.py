@@ -53,7 +53,9 @@ def _config(**kw) -> LabelConfig:
 # ---- end to end on S3 ----------------------------------------------------------------------
 
 def test_label_on_s3_end_to_end(ray_cluster, bucket, small_model):
-    manifests = make_dataset(f"{bucket}/data", SynthConfig(train=0, val=0, test=40, seed=11))
+    # 320x240 frames: the job decodes them at half scale (160x120 >= the model's 64 pixels), and
+    # predict on the same lazily opened files must do exactly the same
+    manifests = make_dataset(f"{bucket}/data", SynthConfig(train=0, val=0, test=40, seed=11, width=320, height=240))
     model_uri = _copy_package(small_model, f"{bucket}/models/street/v1")
     summary = label(_config(manifests=[manifests["test"]], model=model_uri, output=f"{bucket}/labels/run1"))
 

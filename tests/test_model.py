@@ -174,6 +174,33 @@ def test_predict_takes_any_mode_and_size():
     assert model.predict([]).shape == (0, 3)
 
 
+def test_jpegs_decode_at_reduced_scale_for_a_smaller_model_everywhere():
+    """One decode contract: a camera frame for a 32-pixel model decodes at 1/8 scale (80x60 >= 32),
+    in images.decode (the job, training, evaluation) and in predict on a lazily opened file alike."""
+    import io
+
+    from mlbatch import images
+    from mlbatch.model import LoadedModel
+    from mlbatch.synth import render_frame
+
+    data = render_frame(seed=3, index=0, width=640, height=480)
+    assert images.decode(data).size == (640, 480)
+    assert images.decode(data, draft_size=32).size == (80, 60)
+    assert images.decode(data, draft_size=64).size == (160, 120)   # 1/8 would give 60 < 64 rows
+    assert images.decode(data, draft_size=480).size == (640, 480)  # nothing smaller is big enough
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    assert images.decode(png.getvalue(), draft_size=32).size == (640, 480)  # only JPEG scales on decode
+
+    model = LoadedModel({"thresholds": THRESHOLDS, "version": "x", "name": "n"}, _net())
+    as_job = model.predict_pixels(images.resize(images.decode(data, draft_size=32), 32)[None])
+    lazily_opened = model.predict([Image.open(io.BytesIO(data))])
+    np.testing.assert_array_equal(lazily_opened, as_job)
+    full = Image.open(io.BytesIO(data))
+    full.load()  # already decoded at full size: predict takes the picture as it is
+    assert full.size == (640, 480) and model.predict([full]).shape == (1, 3)
+
+
 def test_changed_weights_are_refused(tmp_path):
     save_package(_net(), str(tmp_path), THRESHOLDS)
     weights = tmp_path / WEIGHTS_FILE
