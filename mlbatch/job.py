@@ -359,6 +359,13 @@ def label(config: LabelConfig) -> dict[str, Any]:
         ray.init(logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.progress
+    # Ray Data pauses a streaming task after it has yielded 2 x this many blocks nobody has taken
+    # yet. The repartition of a manifest yields hundreds of tiny blocks, and paused it holds a CPU
+    # that the decode tasks need, so on a small node labeling started ~8 s late. Its blocks are
+    # a few KiB each: let it run to the end. (A private field; checked, so a Ray without it works.)
+    streaming_buffer = getattr(ctx, "_max_num_blocks_in_streaming_gen_buffer", None)
+    if streaming_buffer is not None:
+        ctx._max_num_blocks_in_streaming_gen_buffer = None
     if plan.unique_keys:
         from ray.data.checkpoint import CheckpointConfig
         # kept until _SUCCESS is written, so a run killed after its last file still resumes
@@ -411,6 +418,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
                          min_rows_per_file=config.rows_per_file)
     finally:
         ctx.checkpoint_config = None
+        if streaming_buffer is not None:
+            ctx._max_num_blocks_in_streaming_gen_buffer = streaming_buffer
     summary = _finish(config, plan, output, state, renames, started, attempt, concurrency, num_gpus, device)
     storage.delete(checkpoint_dir)
     if not storage.list_files(storage.join(state, CHECKPOINTS_DIR)):
