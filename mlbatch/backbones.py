@@ -16,7 +16,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "cnn-small"
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 

@@ -10,9 +10,12 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .train import TrainConfig, train
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from .job import LabelConfig
 
 EPILOG = "Storage: local paths, file:// and s3:// URIs. S3 settings come from the standard AWS environment " \
     "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)."
@@ -206,6 +209,8 @@ def _make_dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
     config = TrainConfig(
         manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,

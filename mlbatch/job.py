@@ -39,7 +39,7 @@ import ray
 from ray.data.datasource import FilenameProvider
 
 from . import images, manifest, storage
-from .model import PackageError, column_name, load_model, read_package
+from .package import PackageError, column_name, read_package
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ class Predictor:
     """Loads the model once per actor; predicts a batch of pixels and writes the label columns."""
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes]):
-        import torch
+        import torch  # here, not at the top: the driver and the decode tasks never need torch
+
+        from .model import load_model
 
         self.device = "cpu"
         if ray.get_gpu_ids():

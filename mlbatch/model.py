@@ -1,13 +1,11 @@
-"""The multi-label network and its package format.
+"""The multi-label network, and writing and loading it as a model package.
 
 ``MultiLabelNet``: backbone -> shared hidden layer -> one independent linear head per label.
 It returns logits; probabilities are ``sigmoid(logits)``, one per label, never a softmax:
 labels do not compete and a row's probabilities need not sum to 1.
 
-A *model package* is a folder (local or ``s3://``) holding ``model.safetensors`` (the
-weights, no pickle) and ``mlbatch-model.json`` (labels in output order, thresholds, backbone,
-input size, normalisation, training summary, sha256 of the weights). ``load_model`` refuses a
-package whose weights do not match the recorded digest, a missing file or an unknown format.
+The package format itself (file names, label rules, reading and checking) is in ``package``,
+which needs no torch; ``load_model`` builds the network from what it reads.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -29,48 +26,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import images, storage
-from .backbones import DEFAULT_BACKBONE, create_backbone
+from .backbones import create_backbone
+from .config import DEFAULT_BACKBONE
+from .package import FORMAT, FORMAT_VERSION, META_FILE, WEIGHTS_FILE, PackageError, read_package, validate_labels
 
 log = logging.getLogger(__name__)
 
-FORMAT = "mlbatch-model"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "mlbatch-model.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PackageError(ValueError):
-    """A model package is missing, changed or not one we can read."""
-
-
-def column_name(label: str) -> str:
-    """The column-safe form of a label name: lower case, runs of other characters -> ``_``.
-
-    ``"Traffic Light"`` -> ``traffic_light``. Output columns are ``label_<this>`` and
-    ``prob_<this>``; the same function names them everywhere.
-    """
-    return re.sub(r"[^a-z0-9]+", "_", label.strip().lower()).strip("_")
-
-
-def validate_labels(labels: Sequence[str]) -> list[str]:
-    """Labels must be unique, non-empty and map to distinct valid column names."""
-    labels = list(labels)
-    if not labels:
-        raise ValueError("the label set is empty")
-    seen: dict[str, str] = {}
-    for label in labels:
-        if not isinstance(label, str) or not label.strip():
-            raise ValueError(f"label names must be non-empty strings, got {label!r}")
-        col = column_name(label)
-        if not col or not col[0].isalpha():
-            raise ValueError(f"label {label!r} gives column name {col!r}, which must start with a letter")
-        if col in seen:
-            what = "is repeated" if seen[col] == label else f"and {seen[col]!r} both give column name {col!r}"
-            raise ValueError(f"label {label!r} {what}")
-        seen[col] = label
-    return labels
 
 
 @dataclass
@@ -143,46 +106,6 @@ def save_package(net: MultiLabelNet, uri: str, thresholds: dict[str, float], nam
     storage.write_text(storage.join(uri, META_FILE), json.dumps(meta, indent=2) + "\n")
     log.info("wrote model package %s (version %s, labels %s)", uri, meta["version"], spec.labels)
     return meta
-
-
-def _read_package_file(uri: str, name: str) -> bytes:
-    path = storage.join(uri, name)
-    try:
-        return storage.read_bytes(path)
-    except FileNotFoundError:
-        raise PackageError(f"model package {uri}: {name} is missing") from None
-    except OSError as exc:
-        if "not found" in str(exc).lower() or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
-            raise PackageError(f"model package {uri}: {name} is missing ({exc})") from None
-        raise PackageError(f"model package {uri}: cannot read {name}: {exc}") from None
-
-
-def read_package(uri: str) -> tuple[dict[str, Any], bytes]:
-    """Read and check a package: metadata and the weight bytes whose digest it records."""
-    raw = _read_package_file(uri, META_FILE)
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PackageError(f"model package {uri}: {META_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PackageError(f"model package {uri}: {META_FILE} is not an mlbatch model description")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PackageError(f"model package {uri}: unknown format version {meta.get('format_version')!r} "
-                           f"(this mlbatch reads version {FORMAT_VERSION})")
-    for key in ("labels", "thresholds", "backbone", "input", "weights", "version", "name"):
-        if key not in meta:
-            raise PackageError(f"model package {uri}: {META_FILE} lacks {key!r}")
-    try:
-        validate_labels(meta["labels"])
-    except ValueError as exc:
-        raise PackageError(f"model package {uri}: {exc}") from None
-    weights = _read_package_file(uri, meta["weights"].get("file", WEIGHTS_FILE))
-    digest = hashlib.sha256(weights).hexdigest()
-    if digest != meta["weights"].get("sha256"):
-        raise PackageError(f"model package {uri}: {WEIGHTS_FILE} does not match the sha256 recorded in "
-                           f"{META_FILE} (found {digest[:12]}..., expected {str(meta['weights'].get('sha256'))[:12]}...)"
-                           "; the weights were changed or damaged")
-    return meta, weights
 
 
 def spec_from_meta(meta: dict[str, Any]) -> ModelSpec:

@@ -62,7 +62,7 @@ from typing import Any
 from . import manifest as manifest_mod
 from . import storage
 from .job import JobError, LabelConfig, label
-from .model import PackageError, read_package
+from .package import PackageError, read_package
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from . import storage
-from .model import column_name
+from .package import column_name
 
 log = logging.getLogger(__name__)
 

@@ -11,40 +11,18 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import images, manifest
-from .backbones import DEFAULT_BACKBONE
+from .config import TrainConfig
 from .evaluate import choose_thresholds, compute_metrics, parse_policy
 from .model import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, MultiLabelNet, load_backbone_weights, save_package
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    manifests: list[str]
-    output: str
-    labels: list[str] | None = None          # default: inferred from the manifests
-    val_manifests: list[str] = field(default_factory=list)  # default: hold out val_fraction
-    val_fraction: float = 0.15
-    backbone: str = DEFAULT_BACKBONE
-    backbone_weights: str | None = None      # optional safetensors file for the backbone
-    image_size: int = 64
-    hidden: int = 256
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    pos_weight: bool = False                 # weight positives by negatives/positives per label
-    threshold_policy: str = "f1"
-    seed: int = 0
-    name: str = "mlbatch-multilabel"
-    progress: bool = True
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,8 +12,8 @@ from PIL import Image
 import mlbatch
 from mlbatch import storage
 from mlbatch.backbones import available_backbones, create_backbone
-from mlbatch.model import (META_FILE, WEIGHTS_FILE, ModelSpec, MultiLabelNet, PackageError, column_name,
-                           load_model, save_package)
+from mlbatch.model import ModelSpec, MultiLabelNet, load_model, save_package
+from mlbatch.package import META_FILE, WEIGHTS_FILE, PackageError, column_name
 from mlbatch.train import masked_bce
 
 LABELS = ["car", "bus", "pedestrian"]
@@ -266,3 +266,15 @@ def test_storage_round_trip_helpers(tmp_path):
     assert storage.read_text(f"file://{tmp_path}/a/b.txt") == "hi"
     with pytest.raises(ValueError, match="unsupported URI scheme"):
         storage.read_bytes("ftp://host/x.jpg")
+
+
+def test_the_job_driver_and_decode_tasks_do_not_import_torch():
+    """torch costs a second and ~100 MB per process: only the predictor actors should pay it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlbatch, mlbatch.cli, mlbatch.job, mlbatch.nightly, mlbatch.query; "
+            "mlbatch.cli.build_parser(); print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert callable(mlbatch.load_model)  # still there, imported on first use

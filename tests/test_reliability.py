@@ -38,8 +38,9 @@ from faultproxy import KINDS, FaultProxy
 from mlbatch import storage
 from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.manifest import ManifestError
-from mlbatch.model import (ModelSpec, MultiLabelNet, PackageError, load_backbone_weights, load_model,
-                           read_state_dict, save_package)
+from mlbatch.model import (ModelSpec, MultiLabelNet, load_backbone_weights, load_model, read_state_dict,
+                           save_package)
+from mlbatch.package import PackageError
 from mlbatch.synth import SynthConfig, make_dataset, render_frame
 
 REPO = Path(__file__).resolve().parents[1]
