@@ -48,6 +48,7 @@ SUCCESS_FILE = "_SUCCESS"
 CHECKPOINTS_DIR = "_checkpoints"
 PIXELS, ERROR = "__mlbatch_pixels", "__mlbatch_error"
 DECODE_CPUS = 0.5
+WRITE_CPUS = 0.5
 
 
 class JobError(RuntimeError):
@@ -416,8 +417,11 @@ def label(config: LabelConfig) -> dict[str, Any]:
     log.info("labeling %d rows of %d manifests into %s (run %s, %s predictor actors, device %s)",
              plan.rows_in, len(plan.files), output, plan.run_id, concurrency, device)
     try:
+        # Writing is mostly waiting on storage too. At Ray's default of a whole CPU, a 2-CPU node
+        # (predictor + decode) wrote nothing until every image was labeled: half a CPU lets files
+        # land as the job goes, so memory stays flat and a killed run keeps what it finished.
         ds.write_parquet(output, filename_provider=RunFilenames(plan.run_id, attempt), mode="append",
-                         min_rows_per_file=config.rows_per_file)
+                         min_rows_per_file=config.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
     finally:
         ctx.checkpoint_config = None
         if streaming_buffer is not None:
