@@ -112,8 +112,9 @@ def _on_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
-def _bad_input_cases(root: Path, bucket: str) -> tuple[list[dict], dict[str, str], dict[str, Image.Image]]:
-    """Rows for the manifest, the expected error of each bad row, the expected picture of each odd one."""
+def _bad_input_cases(root: Path, bucket: str, size: int) -> tuple[list[dict], dict[str, str], dict[str, Image.Image]]:
+    """Rows for the manifest, the expected error of each bad row, the expected picture of each odd one
+    (for a model of input side ``size``)."""
     scene = Image.open(io.BytesIO(render_frame(5, 0, 128, 96))).convert("RGB")
     jpeg, png = _encode(scene, "JPEG", quality=90), _encode(scene, "PNG")
     alpha = Image.linear_gradient("L").resize(scene.size)
@@ -173,6 +174,13 @@ def _bad_input_cases(root: Path, bucket: str) -> tuple[list[dict], dict[str, str
     def opened(name: str) -> Image.Image:
         return Image.open(io.BytesIO(objects[name]))
 
+    def drafted(name: str) -> Image.Image:
+        # the decode contract: a JPEG decodes at the smallest of 1/2..1/8 scale that still covers
+        # the model's input, which is what PIL's draft gives
+        img = opened(name)
+        img.draft("RGB", (size, size))
+        return img
+
     errors = {  # id -> (uri, the error it must get)
         "missing-s3": (f"{bucket}/img/nope.jpg", "object not found"),
         "missing-local": (str(root / "nope.jpg"), "object not found"),
@@ -201,35 +209,37 @@ def _bad_input_cases(root: Path, bucket: str) -> tuple[list[dict], dict[str, str
         "palette": (uris["s3:palette.png"], opened("s3:palette.png").convert("RGB")),
         "rgba": (uris["rgba.png"], _on_white(opened("rgba.png"))),
         "gray-alpha": (uris["s3:gray-alpha.png"], _on_white(opened("s3:gray-alpha.png"))),
-        "cmyk": (uris["s3:cmyk.jpg"], opened("s3:cmyk.jpg").convert("RGB")),
+        "cmyk": (uris["s3:cmyk.jpg"], drafted("s3:cmyk.jpg").convert("RGB")),
         "gray16": (uris["gray16.png"],
                    Image.fromarray((gray16_arr * (255.0 / gray16_arr.max())).astype(np.uint8)).convert("RGB")),
         "bilevel": (uris["s3:bilevel.png"], opened("s3:bilevel.png").convert("RGB")),
         "one-pixel": (uris["one-pixel.png"], opened("one-pixel.png").convert("RGB")),
-        "exif-rotated": (uris["s3:exif-rotated.jpg"], ImageOps.exif_transpose(opened("s3:exif-rotated.jpg"))),
+        "exif-rotated": (uris["s3:exif-rotated.jpg"], ImageOps.exif_transpose(drafted("s3:exif-rotated.jpg"))),
         "animated-gif": (uris["s3:animated.gif"], opened("s3:animated.gif").convert("RGB")),  # frame 0
         "animated-webp": (uris["animated.webp"], opened("animated.webp").convert("RGB")),
-        "odd-local-path": (uris["odd dir/naïve ünï 写真 #1.jpg"], scene_from(jpeg)),
-        "odd-file-uri": ("file://" + quote(uris["odd dir/naïve ünï 写真 #1.jpg"]), scene_from(jpeg)),
-        "odd-s3-key": (uris["s3:odd dir/naïve ünï 写真 #1+2%20?.jpg"], scene_from(jpeg)),
+        "odd-local-path": (uris["odd dir/naïve ünï 写真 #1.jpg"], scene_from(jpeg, size)),
+        "odd-file-uri": ("file://" + quote(uris["odd dir/naïve ünï 写真 #1.jpg"]), scene_from(jpeg, size)),
+        "odd-s3-key": (uris["s3:odd dir/naïve ünï 写真 #1+2%20?.jpg"], scene_from(jpeg, size)),
     }
     assert opened("s3:gray.png").mode == "L" and opened("s3:palette.png").mode == "P"
     assert opened("rgba.png").mode == "RGBA" and opened("s3:gray-alpha.png").mode == "LA"
     assert opened("s3:cmyk.jpg").mode == "CMYK" and opened("gray16.png").mode.startswith("I;16")
     assert opened("s3:animated.gif").n_frames == 3 and opened("animated.webp").n_frames == 3
     rows = [{"id": k, "image_uri": v[0]} for k, v in {**errors, **valid}.items()]
-    extra = {"rotated-raw": opened("s3:exif-rotated.jpg").convert("RGB"), "last-frame": frames[-1]}
+    extra = {"rotated-raw": drafted("s3:exif-rotated.jpg").convert("RGB"), "last-frame": frames[-1]}
     return rows, {k: v[1] for k, v in errors.items()}, {**{k: v[1] for k, v in valid.items()}, **extra}
 
 
-def scene_from(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def scene_from(data: bytes, size: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))  # the decode contract for JPEGs, as in _bad_input_cases
+    return img.convert("RGB")
 
 
 def test_bad_input_becomes_error_rows_and_odd_images_are_labeled(ray_cluster, bucket, tmp_path, small_dataset,
                                                                  small_model):
     good = storage.read_parquet(small_dataset["test"]).slice(0, 10).select(["id", "image_uri"])
-    cases, errors, pictures = _bad_input_cases(tmp_path / "img", bucket)
+    cases, errors, pictures = _bad_input_cases(tmp_path / "img", bucket, load_model(small_model).spec.image_size)
     rows = good.to_pylist() + cases
     storage.write_parquet(pa.Table.from_pylist(rows, schema=good.schema), f"{bucket}/manifests/bad.parquet")
 
