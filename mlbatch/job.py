@@ -21,6 +21,7 @@ the decode tasks instead and says exactly why an object could not be read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +50,18 @@ CHECKPOINTS_DIR = "_checkpoints"
 PIXELS, ERROR = "__mlbatch_pixels", "__mlbatch_error"
 DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5
+
+# Ray Data settings for the run, put back afterwards (settings this Ray lacks are skipped).
+RUN_SETTINGS: dict[str, Any] = {
+    # Ray Data pauses a streaming task after it has yielded 2 x this many blocks nobody has taken
+    # yet. The repartition of a manifest yields hundreds of tiny blocks, and paused it holds a CPU
+    # that the decode tasks need: on a 2-CPU node labeling started ~7 s late. The blocks are a
+    # few KiB each, so let it run to the end. (A private field.)
+    "_max_num_blocks_in_streaming_gen_buffer": None,
+    # The v2 Parquet reader lists files in a task and starts footer-reading actors: ~3 s before
+    # the first row on a small node. _plan has listed and read every manifest already.
+    "use_datasource_v2": False,
+}
 
 
 class JobError(RuntimeError):
@@ -306,6 +319,20 @@ class RunFilenames(FilenameProvider):
         return f"{self.run_id}-a{self.attempt:03d}-{write_uuid}-{task_index:06d}.parquet"
 
 
+@contextlib.contextmanager
+def _data_context(**settings: Any) -> Iterator[None]:
+    """Set Ray Data's context fields for one run and put the old values back after."""
+    ctx = ray.data.DataContext.get_current()
+    old = {name: getattr(ctx, name) for name in settings if hasattr(ctx, name)}
+    for name in old:
+        setattr(ctx, name, settings[name])
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(ctx, name, value)
+
+
 def _cluster_resources() -> tuple[float, float]:
     res = ray.cluster_resources()
     return float(res.get("CPU", 1)), float(res.get("GPU", 0))
@@ -360,22 +387,13 @@ def label(config: LabelConfig) -> dict[str, Any]:
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = config.progress
-    # Ray Data pauses a streaming task after it has yielded 2 x this many blocks nobody has taken
-    # yet. The repartition of a manifest yields hundreds of tiny blocks, and paused it holds a CPU
-    # that the decode tasks need, so on a small node labeling started ~8 s late. Its blocks are
-    # a few KiB each: let it run to the end. (A private field; checked, so a Ray without it works.)
-    streaming_buffer = getattr(ctx, "_max_num_blocks_in_streaming_gen_buffer", None)
-    if streaming_buffer is not None:
-        ctx._max_num_blocks_in_streaming_gen_buffer = None
+    checkpoint = None
     if plan.unique_keys:
         from ray.data.checkpoint import CheckpointConfig
         # kept until _SUCCESS is written, so a run killed after its last file still resumes
-        ctx.checkpoint_config = CheckpointConfig(id_column=plan.key, checkpoint_path=checkpoint_dir,
-                                                 delete_checkpoint_on_success=False)
+        checkpoint = CheckpointConfig(id_column=plan.key, checkpoint_path=checkpoint_dir,
+                                      delete_checkpoint_on_success=False)
     else:
-        ctx.checkpoint_config = None
         log.warning("column %r has nulls or duplicates, so this run cannot be resumed if interrupted "
                     "(pass --id-column with unique ids to make it resumable)", plan.key)
 
@@ -397,6 +415,20 @@ def label(config: LabelConfig) -> dict[str, Any]:
                                         "run_id": plan.run_id}).encode()}
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
 
+    log.info("labeling %d rows of %d manifests into %s (run %s, %s predictor actors, device %s)",
+             plan.rows_in, len(plan.files), output, plan.run_id, concurrency, device)
+    with _data_context(enable_progress_bars=config.progress, checkpoint_config=checkpoint, **RUN_SETTINGS):
+        _run_pipeline(config, plan, output, attempt, renames, metadata, num_gpus, pool)
+    summary = _finish(config, plan, output, state, renames, started, attempt, concurrency, num_gpus, device)
+    storage.delete(checkpoint_dir)
+    if not storage.list_files(storage.join(state, CHECKPOINTS_DIR)):
+        storage.delete(storage.join(state, CHECKPOINTS_DIR))
+    return summary
+
+
+def _run_pipeline(config: LabelConfig, plan: _Plan, output: str, attempt: int, renames: dict[str, str],
+                  metadata: dict[bytes, bytes], num_gpus: float, pool: tuple[int, int]) -> None:
+    """read -> fetch + decode -> predict -> write, streaming; returns when every file is written."""
     ds = ray.data.read_parquet(plan.files, partitioning=None)  # manifest columns only, no dt=... from paths
     # Blocks of a few batches: manifests are small files, read as one block, so without this a
     # single task would fetch every image. Small blocks spread the fetching over the cluster.
@@ -414,23 +446,11 @@ def label(config: LabelConfig) -> dict[str, Any]:
                         batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
                         num_cpus=1 if not num_gpus else None,
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
-    log.info("labeling %d rows of %d manifests into %s (run %s, %s predictor actors, device %s)",
-             plan.rows_in, len(plan.files), output, plan.run_id, concurrency, device)
-    try:
-        # Writing is mostly waiting on storage too. At Ray's default of a whole CPU, a 2-CPU node
-        # (predictor + decode) wrote nothing until every image was labeled: half a CPU lets files
-        # land as the job goes, so memory stays flat and a killed run keeps what it finished.
-        ds.write_parquet(output, filename_provider=RunFilenames(plan.run_id, attempt), mode="append",
-                         min_rows_per_file=config.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
-    finally:
-        ctx.checkpoint_config = None
-        if streaming_buffer is not None:
-            ctx._max_num_blocks_in_streaming_gen_buffer = streaming_buffer
-    summary = _finish(config, plan, output, state, renames, started, attempt, concurrency, num_gpus, device)
-    storage.delete(checkpoint_dir)
-    if not storage.list_files(storage.join(state, CHECKPOINTS_DIR)):
-        storage.delete(storage.join(state, CHECKPOINTS_DIR))
-    return summary
+    # Writing is mostly waiting on storage too. At Ray's default of a whole CPU, a 2-CPU node
+    # (predictor + decode) wrote nothing until every image was labeled: half a CPU lets files
+    # land as the job goes, so memory stays flat and a killed run keeps what it finished.
+    ds.write_parquet(output, filename_provider=RunFilenames(plan.run_id, attempt), mode="append",
+                     min_rows_per_file=config.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
 
 
 def _finish(config: LabelConfig, plan: _Plan, output: str, state: str, renames: dict[str, str], started: float, attempt: int,
