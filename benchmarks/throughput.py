@@ -197,20 +197,30 @@ def bench_hand_loop(manifest: str, model_uri: str, n: int, models: list | None =
     return Result(name or "c  hand-written loop", len(uris), seconds, mem.peak, "1 process")
 
 
-def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None = None, name: str = "") -> Result:
-    """`mlbatch label` as a user runs it: a fresh process, a fresh local Ray instance."""
+def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None = None, name: str = "",
+              memory: bool = False) -> Result:
+    """`mlbatch label` as a user runs it: a fresh process, a fresh local Ray instance.
+
+    Either timed or measured for memory, never both: one PSS sample of Ray's ~20 processes costs
+    ~56 ms of CPU, so sampling every 100 ms would take a third of a core from the job it times.
+    """
     cmd = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model_uri,
            "--output", out, "--id-column", "id"]
     run_env = {**os.environ, **(env or {}), "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": "",
                "RAY_AUTH_MODE": "disabled"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    with PeakPSS(proc.pid) as mem:
+    if memory:
+        with PeakPSS(proc.pid) as mem:
+            output, _ = proc.communicate()
+    else:
         output, _ = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"mlbatch label failed:\n{output.decode()[-3000:]}")
-    return Result(name or "d  mlbatch label (local files)", n, seconds, mem.peak, "wall time incl. start-up")
+    if memory:
+        return Result(name or "d  peak memory of mlbatch label", n, seconds, mem.peak, "PSS sampled every 100 ms")
+    return Result(name or "d  mlbatch label (local files)", n, seconds, float("nan"), "wall time incl. start-up")
 
 
 # ---- S3 ------------------------------------------------------------------------------------
@@ -247,6 +257,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
     results["c"] = bench_hand_loop(manifest, model3, n)
     results["c_lazy"] = bench_hand_loop(manifest, model3, n, name="c' hand loop, reduced-scale decode", lazy=True)
     results["d"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n)
+    results["d_memory"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n, memory=True)
     # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
     small = max(n // 10, 64)
     results["d_small"] = bench_job(make_frames(workdir, small, width, height), model3,
@@ -280,19 +291,21 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         shared_vs_separate[k] = e.rate / d_k.rate
     h = 1 / (1 / results["a"].rate + 1 / results["b"].rate)
     d, d_small = results["d"], results["d_small"]
-    streaming = (d.images - d_small.images) / max(d.seconds - d_small.seconds, 1e-9)
-    start_up = d.seconds - d.images / streaming
+    # at a few thousand rows start-up varies by more than the labeling takes: then no estimate
+    extra = d.seconds - d_small.seconds
+    streaming = (d.images - d_small.images) / extra if extra > 0.1 * d.seconds else None
+    start_up = d.seconds - d.images / streaming if streaming else None
     return {
         "images": n, "width": width, "height": height, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                                   "torch": torch.__version__},
         "results": {k: {"name": r.name, "images": r.images, "seconds": round(r.seconds, 3),
-                        "images_per_second": round(r.rate, 2), "peak_pss_mib": round(r.peak_mib, 1), "note": r.note}
+                        "images_per_second": round(r.rate, 2), "peak_pss_mib": None if r.peak_mib != r.peak_mib else round(r.peak_mib, 1), "note": r.note}
                     for k, r in results.items()},
         "h_images_per_second": round(h, 2),
-        "d_streaming_images_per_second": round(streaming, 2),
-        "d_start_up_seconds": round(start_up, 2),
+        "d_streaming_images_per_second": streaming and round(streaming, 2),
+        "d_start_up_seconds": start_up and round(start_up, 2),
         "ratios": {"d/c": round(d.rate / results["c"].rate, 3), "d/c'": round(d.rate / results["c_lazy"].rate, 3),
-                   "d/h": round(d.rate / h, 3), "d streaming/h": round(streaming / h, 3),
+                   "d/h": round(d.rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3),
                    **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
     }
 
@@ -301,10 +314,14 @@ def table(report: dict) -> str:
     lines = [f"{report['images']} images of {report['width']}x{report['height']}, {report['machine']['cpus']} CPUs",
              f"{'':<40}{'images/s':>10}{'seconds':>10}{'peak PSS MiB':>14}  note"]
     for r in report["results"].values():
-        lines.append(f"{r['name']:<40}{r['images_per_second']:>10.1f}{r['seconds']:>10.1f}{r['peak_pss_mib']:>14.0f}  {r['note']}")
+        peak = "-" if r["peak_pss_mib"] is None else f"{r['peak_pss_mib']:.0f}"
+        lines.append(f"{r['name']:<40}{r['images_per_second']:>10.1f}{r['seconds']:>10.1f}{peak:>14}  {r['note']}")
     lines.append(f"{'h  combined ceiling 1/(1/a+1/b)':<40}{report['h_images_per_second']:>10.1f}")
-    lines.append(f"{'d  streaming rate (d minus d on 1/10)':<40}{report['d_streaming_images_per_second']:>10.1f}"
-                 f"{report['d_start_up_seconds']:>10.1f}  start-up seconds")
+    if report["d_streaming_images_per_second"]:
+        lines.append(f"{'d  streaming rate (d minus d on 1/10)':<40}{report['d_streaming_images_per_second']:>10.1f}"
+                     f"{report['d_start_up_seconds']:>10.1f}  start-up seconds")
+    else:
+        lines.append("d  streaming rate: not measurable here, start-up varies more than labeling takes")
     lines.append("ratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()))
     return "\n".join(lines)
 
