@@ -12,6 +12,8 @@ DEFAULT_BACKBONE = "cnn-small"
 
 @dataclass
 class TrainConfig:
+    """What one training run needs; ``mlbatch train`` fills it from flags, ``train.train`` runs it."""
+
     manifests: list[str]
     output: str
     labels: list[str] | None = None          # default: inferred from the manifests

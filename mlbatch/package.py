@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mlbatch-model.json"
 
+
 class PackageError(ValueError):
     """A model package is missing, changed or not one we can read."""
 
