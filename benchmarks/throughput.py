@@ -9,6 +9,7 @@ On the same images and the same model package it measures images/s and peak memo
      (c' the same loop handing predict the files unopened, so it decodes at reduced scale too),
   d  `mlbatch label` end to end, wall time including start-up, from local files and from S3 (moto),
      and again on a tenth of the rows: the difference is the streaming rate without start-up,
+     and once more on a Ray instance already running (what `ray job submit` pays),
   e  the same labels from one separate binary model per label (what sharing the backbone saves),
 and prints one table with d/c, d/h and e/d, where h = 1/(1/a + 1/b) is the combined ceiling when
 decoding and the model share the same cores. Peak memory is the proportional set size (PSS)
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,8 +208,8 @@ def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None 
     """
     cmd = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model_uri,
            "--output", out, "--id-column", "id"]
-    run_env = {**os.environ, **(env or {}), "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": "",
-               "RAY_AUTH_MODE": "disabled"}
+    run_env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
+               **(env or {})}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if memory:
@@ -221,6 +223,39 @@ def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None 
     if memory:
         return Result(name or "d  peak memory of mlbatch label", n, seconds, mem.peak, "PSS sampled every 100 ms")
     return Result(name or "d  mlbatch label (local files)", n, seconds, float("nan"), "wall time incl. start-up")
+
+
+def bench_job_on_running_cluster(manifest: str, model_uri: str, out: str, n: int) -> Result:
+    """d again, submitted to a Ray instance that is already up, as `ray job submit` and the nightly
+    CronJob do: the job's own start-up without Ray's. The instance is `ray start --head --block`
+    in its own process group, ended by signalling that group."""
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # its own temp dir: `ray start` records its address there, and a record left in the default
+    # /tmp/ray would make every later `ray.init()` on this machine try to join this dead instance
+    temp_dir = f"/tmp/mlbatch-bench-ray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", f"--num-cpus={os.cpu_count()}",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        probe = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); ray.shutdown()"
+        deadline = time.monotonic() + 90
+        while subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start --head did not come up")
+            time.sleep(1)
+        return bench_job(manifest, model_uri, out, n, {"RAY_ADDRESS": address},
+                         "d  mlbatch label, Ray already running")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ---- S3 ------------------------------------------------------------------------------------
@@ -258,6 +293,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
     results["c_lazy"] = bench_hand_loop(manifest, model3, n, name="c' hand loop, reduced-scale decode", lazy=True)
     results["d"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n)
     results["d_memory"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n, memory=True)
+    results["d_warm"] = bench_job_on_running_cluster(manifest, model3, os.path.join(workdir, "out-local"), n)
     # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
     small = max(n // 10, 64)
     results["d_small"] = bench_job(make_frames(workdir, small, width, height), model3,
@@ -306,6 +342,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         "d_start_up_seconds": start_up and round(start_up, 2),
         "ratios": {"d/c": round(d.rate / results["c"].rate, 3), "d/c'": round(d.rate / results["c_lazy"].rate, 3),
                    "d/h": round(d.rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3),
+                   "d (Ray running)/h": round(results["d_warm"].rate / h, 3),
                    **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
     }
 
