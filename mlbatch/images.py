@@ -60,7 +60,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
 def draft(img: Image.Image, size: int | None) -> Image.Image:
     """Let a JPEG not yet decoded decode at 1/2, 1/4 or 1/8 scale, the smallest that still has at
     least ``size`` x ``size`` pixels. libjpeg scales inside its inverse DCT, so a 640x480 frame
-    for a 64-pixel model decodes 3-4x faster. Every path that feeds the model (training,
+    for a 64-pixel model decodes 2.6x faster. Every path that feeds the model (training,
     evaluation, ``LoadedModel.predict``, the job) calls this, so one file gives the same pixels
     everywhere. Other formats and pictures already decoded are left as they are.
     """

@@ -163,7 +163,6 @@ def test_package_round_trip_on_s3(bucket, tmp_path):
 
 
 def test_predict_takes_any_mode_and_size():
-    model_dir = None  # noqa: F841 - the model below is in memory only
     net = _net()
     from mlbatch.model import LoadedModel
     model = LoadedModel({"thresholds": THRESHOLDS, "version": "x", "name": "n"}, net)
