@@ -67,23 +67,12 @@ def test_unknown_backbone_names_the_choices():
     assert "torchvision:NAME" in available_backbones()
 
 
-def test_torchvision_backbone_when_installed():
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:  # not installable beside the CPU torch used here (see README)
-        pytest.skip(f"torchvision does not import here: {exc}")
-    backbone = create_backbone("torchvision:resnet18")
-    assert backbone(torch.randn(1, 3, 64, 64)).shape == (1, 512)
-
-
-def test_torchvision_backbone_without_torchvision_is_a_clear_error():
-    try:
-        import torchvision  # noqa: F401
-        pytest.skip("torchvision imports here")
-    except Exception:
-        pass
-    with pytest.raises(ValueError, match="needs torchvision"):
-        create_backbone("torchvision:resnet18")
+@pytest.mark.parametrize("name, features", [("torchvision:resnet18", 512), ("timm:resnet10t", 512),
+                                             ("timm:efficientnet_lite0", 1280)])
+def test_library_backbones_give_features(name, features):
+    backbone = create_backbone(name)
+    assert backbone.out_features == features
+    assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, features)
 
 
 # ---- the loss ------------------------------------------------------------------------------
