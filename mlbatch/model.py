@@ -57,17 +57,23 @@ class ModelSpec:
 class MultiLabelNet(nn.Module):
     """Shared backbone and hidden layer, then one sigmoid output per label."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, pretrained: bool = False):
         super().__init__()
         self.spec = spec
-        self.backbone = create_backbone(spec.backbone, **spec.backbone_kwargs)
+        # pretrained: the backbone library's own weights, fetched from its hub (training only;
+        # a package always carries all of its weights)
+        self.backbone = create_backbone(spec.backbone, pretrained=pretrained, **spec.backbone_kwargs)
         self.hidden = nn.Sequential(nn.Linear(self.backbone.out_features, spec.hidden), nn.ReLU(inplace=True),
                                     nn.Dropout(spec.dropout))
         self.heads = nn.ModuleList(nn.Linear(spec.hidden, 1) for _ in spec.labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, n_labels). Train on these with BCE-with-logits."""
-        z = self.hidden(self.backbone(x))
+        return self.classify(self.backbone(x))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features -> logits: the shared hidden layer, then one head per label."""
+        z = self.hidden(features)
         return torch.cat([head(z) for head in self.heads], dim=1)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +192,11 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     return LoadedModel(meta, net, device)
 
 
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+def read_state_dict(uri: str, data: bytes | None = None) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file, or from a foreign PyTorch checkpoint (``.pt``/``.pth``/``.bin``)
     read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a checkpoint
     that would run code when unpickled is refused, never executed."""
-    data = storage.read_bytes(uri)
+    data = storage.read_bytes(uri) if data is None else data
     if uri.lower().endswith((".pt", ".pth", ".bin")):
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -211,12 +217,59 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
         raise PackageError(f"weights {uri}: not a safetensors file: {exc}") from None
 
 
-def load_backbone_weights(net: MultiLabelNet, uri: str) -> None:
-    """Initialise the backbone from a safetensors file or a PyTorch state dict (local or s3://), e.g.
-    converted pretrained weights; see ``read_state_dict``."""
-    state = read_state_dict(uri)
-    missing, unexpected = net.backbone.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(net.backbone.state_dict()):
-        raise PackageError(f"backbone weights {uri} do not fit backbone {net.spec.backbone!r}: "
-                           f"{len(unexpected)} unexpected tensors, {len(missing)} missing")
-    log.info("initialised backbone from %s (%d tensors missing)", uri, len(missing))
+@dataclass
+class InitialWeights:
+    """Backbone tensors to start training from, and what they expect of the input."""
+
+    state: dict[str, torch.Tensor]
+    source: str
+    sha256: str
+    backbone: str | None = None              # the backbone they were made for, when recorded
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def read_initial_weights(uri: str) -> InitialWeights:
+    """Backbone weights from a safetensors file (``mlbatch convert-weights`` records the backbone
+    and normalisation in its header), a plain PyTorch state dict, or an mlbatch model package
+    (its backbone and normalisation: to add labels to a model or retrain its heads)."""
+    if storage.exists(storage.join(uri, META_FILE)):
+        meta, weights = read_package(uri)
+        tensors = load_safetensors(weights)
+        state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        return InitialWeights(state, uri, meta["weights"]["sha256"], meta["backbone"]["name"],
+                              tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]))
+    data = storage.read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    state = read_state_dict(uri, data)
+    header = safetensors_metadata(data) if not uri.lower().endswith((".pt", ".pth", ".bin")) else {}
+    floats = (lambda key: tuple(json.loads(header[key])) if key in header else None)
+    return InitialWeights(state, uri, digest, header.get("backbone"), floats("mean"), floats("std"))
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in a safetensors header (``__metadata__``), without reading the tensors."""
+    size = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
+
+
+def load_backbone_weights(net: MultiLabelNet, init: InitialWeights) -> None:
+    """Load ``init`` into the backbone, exactly: every tensor present and of the right shape, none
+    unexpected (the library's own classifier, which mlbatch replaces, is dropped). Anything else
+    is an error naming the tensors, never a silent partial load."""
+    heads = tuple(getattr(net.backbone, "head_keys", ()))
+    state = {k: v for k, v in init.state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+    own = net.backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = sorted(k for k in state if k not in own)
+    misshapen = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+                 if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        problems = [f"{len(v)} {what} ({some(v)})" for what, v in
+                    (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if v]
+        raise PackageError(f"backbone weights {init.source} do not fit backbone {net.spec.backbone!r}: "
+                           + "; ".join(problems))
+    net.backbone.load_state_dict(state, strict=True)
+    log.info("initialised backbone %s from %s (%d tensors)", net.spec.backbone, init.source, len(state))
