@@ -85,6 +85,20 @@ def run(kind: str, mode: str, size: int | None, split: str, workdir: str, overri
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """The README's table: one line per kind and training-set size, the three modes side by side."""
+    out = ["| kind | training pictures | from scratch (default) | pretrained, frozen | pretrained, fine-tuned |",
+           "| --- | --- | --- | --- | --- |"]
+    cells = {(r["kind"], r["train_rows"], r["mode"]): r for r in rows}
+    for kind, size in dict.fromkeys((r["kind"], r["train_rows"]) for r in rows):
+        line = [kind, f"{size:,}"]
+        for mode in MODES:
+            r = cells.get((kind, size, mode))
+            line.append(f"**{r['test_macro_f1']:.3f}** in {r['train_seconds']:.0f} s ({r['epochs']} ep.)" if r else "")
+        out.append("| " + " | ".join(line) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default="street,glyphs,shapes")
@@ -94,7 +108,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--workdir", default="/tmp/mlbatch-recipe")
     parser.add_argument("--out", default=None, help="append results here (JSON lines)")
+    parser.add_argument("--table", default=None, metavar="JSONL", help="print the README's table of these results")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
     logging.basicConfig(level=logging.WARNING)
     names = {f.name for f in fields(TrainConfig)}
     overrides = {}
