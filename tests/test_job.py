@@ -30,7 +30,7 @@ EXPECTED_ADDED = [
     ("prob_car", pa.float32()), ("prob_bus", pa.float32()), ("prob_pedestrian", pa.float32()),
     ("labels", pa.list_(pa.string())), ("status", pa.string()), ("error", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.string()), ("run_id", pa.string()),
-    ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ("labeled_at", pa.timestamp("us", tz="UTC")), ("source_manifest", pa.string()), ("source_row", pa.int64()),
 ]
 
 
