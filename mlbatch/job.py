@@ -738,6 +738,16 @@ def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[p
     """The write stage's results as they come; a ``JobError`` if none comes for ``stall_seconds``."""
     results: queue.Queue = queue.Queue(maxsize=64)
     end = object()
+    # Ray Data has no public way to stop a running dataset, and it keeps the executor on the
+    # dataset only once a first result came: so keep it from the start, to stop it on a stall.
+    executors: list[Any] = []
+    create = ds._create_executor
+
+    def create_and_keep() -> Any:
+        executors.append(create())
+        return executors[-1]
+
+    ds._create_executor = create_and_keep  # type: ignore[method-assign]
 
     def consume() -> None:
         try:
@@ -756,8 +766,7 @@ def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[p
         except queue.Empty:
             if stall_seconds and time.monotonic() - last > stall_seconds:
                 message = _stall_message(run, stall_seconds)
-                executor = getattr(ds, "_current_executor", None)  # Ray Data keeps it there; no public handle
-                if executor is not None:
+                for executor in executors:   # ends its tasks and actors, so the cluster is free again
                     executor.shutdown(force=True)
                 raise JobError(message) from None
             continue

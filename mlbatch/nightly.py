@@ -61,7 +61,7 @@ from typing import Any
 
 from . import manifest as manifest_mod
 from . import storage
-from .job import JobError, LabelConfig, label
+from .job import DEFAULT_STALL_SECONDS, JobError, LabelConfig, label
 from .package import PackageError, read_package
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class NightlyConfig:
     thresholds: dict[str, float] = field(default_factory=dict)
     max_error_rate: float = 0.05
     max_pixels: int | None = None      # None: the labeling job's default
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     progress: bool = True
 
 
@@ -401,6 +402,7 @@ def _label_one(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
         id_column=config.id_column, batch_size=config.batch_size, rows_per_file=config.rows_per_file,
         concurrency=config.concurrency, num_gpus=config.num_gpus, thresholds=dict(config.thresholds),
         max_error_rate=config.max_error_rate, run_id=run_id, resume=resume, progress=config.progress,
+        stall_seconds=config.stall_seconds,
         state_dir=rdir, extra_summary={"nightly": {"date": run_day, "manifest": m.uri, **m.fingerprint(),
                                                    "reason": job.reason}},
         **({"max_pixels": config.max_pixels} if config.max_pixels is not None else {}))
