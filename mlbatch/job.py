@@ -580,9 +580,10 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
     file_stats = [Stats() for _ in plan.files]
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
-        if not storage.exists(plan_uri) or json.loads(storage.read_text(plan_uri)) != plan_record:
+        before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
+        if before is None or {k: v for k, v in before.items() if k != "attempt"} != plan_record:
             raise JobError(f"cannot resume run {plan.run_id}: its manifests or --rows-per-file are not those it "
-                           f"started with ({plan_uri} {'differs' if storage.exists(plan_uri) else 'is gone'}); "
+                           f"started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
                            "run again without --resume")
         committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for m in read_markers(markers):
@@ -603,14 +604,14 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
         stale = [u for u in files if u.rsplit("/", 1)[-1] not in keep]
         for uri in stale:
             storage.delete(uri)
-        attempt = max((_attempt_of(u, plan.run_id) for u in files), default=-1) + 1
+        attempt = max([_attempt_of(u, plan.run_id) for u in files] + [before.get("attempt", 0)]) + 1
         log.info("resuming run %s (attempt %d): %d of %d units committed, %d files of unfinished units removed",
                  plan.run_id, attempt, len(done), len(plan.units), len(stale))
     else:
         for uri in files:  # a repeated run replaces its own files
             storage.delete(uri)
         storage.delete(markers)
-    storage.write_text(plan_uri, json.dumps(plan_record))
+    storage.write_text(plan_uri, json.dumps({**plan_record, "attempt": attempt}))
     todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
     return _Run(config, plan, output, state, markers, attempt, done, file_stats, todo)
 
@@ -786,19 +787,20 @@ def _stall_message(run: _Run, stall_seconds: float) -> str:
     try:
         total, free = ray.cluster_resources(), ray.available_resources()
         parts.append("free on the cluster: " + ", ".join(f"{k} {free.get(k, 0):g} of {v:g}" for k, v in
-                                                         sorted(total.items()) if k in ("CPU", "GPU", "memory")))
+                                                         sorted(total.items()) if k in ("CPU", "GPU")))
         alive = [n for n in ray.nodes() if n.get("Alive")]
         parts.append(f"{len(alive)} live node{'s' if len(alive) != 1 else ''}")
         from ray.util.state import list_actors, list_tasks
         job = ray.get_runtime_context().get_job_id()
-        waiting = [f"{a.class_name} actor {a.state.lower().replace('_', ' ')} (needs {a.required_resources})"
-                   for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
-                   if a.state in ("PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY")]
-        tasks = collections.Counter(
+        pending = collections.Counter(
+            f"{a.class_name} actor {a.state.lower().replace('_', ' ')} (needs {a.required_resources})"
+            for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
+            if a.state in ("PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"))
+        pending.update(
             f"{t.name} task {t.state.lower().replace('_', ' ')} (needs {t.required_resources})"
             for t in list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
-            if t.state in ("PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL", "PENDING_ACTOR_TASK_ARGS_AVAIL"))
-        waiting += [f"{n} x {what}" for what, n in tasks.most_common(5)]
+            if t.state in ("PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL") and t.required_resources)
+        waiting = [f"{n} x {what}" for what, n in pending.most_common(6)]
         parts.append("waiting for: " + ("; ".join(waiting) if waiting else "nothing pending that Ray reports"))
     except Exception as exc:  # the report must not hide the stall
         parts.append(f"(cluster state unavailable: {exc})")
