@@ -337,8 +337,9 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
 
     labeled: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for run_id, run_day, jobs, resume in _group_runs(config, output, day, version, todo, state, failed):
-        labeled += _label_run(config, output, run_day, meta, run_id, jobs, resume, state, failed)
+    for run_id, run_day, jobs, resume, rows_per_file in _group_runs(config, output, day, version, todo, state, failed):
+        labeled += _label_run(replace(config, rows_per_file=rows_per_file), output, run_day, meta, run_id, jobs,
+                              resume, state, failed)
 
     night = _night(state, day, version)
     drift = _drift(state, day, version, night, config.drift_window, config.drift_bound)
@@ -396,9 +397,10 @@ def night_run_id(day: str, manifests: list[Manifest], model_version: str) -> str
 
 
 def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo: list[_Todo],
-                state: dict[str, Any], failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool]]:
+                state: dict[str, Any], failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool, int]]:
     """The night's labeling runs: first any run a crash left unfinished (resumed with its own manifests, in
-    its own partition), then one run for everything else (one per schema, if the manifests differ).
+    its own partition and with its own unit size), then one run for everything else (one per schema, if
+    the manifests differ).
 
     A manifest that cannot be labeled at all (unreadable, no URI column, no rows) is reported failed here,
     so it cannot fail the others' run.
@@ -411,7 +413,7 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
         same = [left[u] for u, fp in pending["manifests"].items()
                 if u in left and left[u].manifest.fingerprint() == fp]
         if same and len(same) == len(pending["manifests"]):
-            runs.append((run_id, pending["dt"], same, True))
+            runs.append((run_id, pending["dt"], same, True, pending["rows_per_file"]))
             for job in same:
                 del left[job.manifest.uri]
         else:  # its manifests changed or went since: its rows are not wanted
@@ -426,7 +428,7 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
             continue
         by_schema.setdefault(schema.to_string(), []).append(job)
     for jobs in by_schema.values():
-        runs.append((night_run_id(day, [j.manifest for j in jobs], version), day, jobs, False))
+        runs.append((night_run_id(day, [j.manifest for j in jobs], version), day, jobs, False, config.rows_per_file))
     return runs
 
 
@@ -435,7 +437,7 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
     """Label the night's manifests in one run (or resume it), then record each manifest; returns what was done."""
     rdir = run_dir(output, run_id)
     state.setdefault("pending", {})[run_id] = {
-        "dt": day, "model_version": meta["version"], "started_at": _now(),
+        "dt": day, "model_version": meta["version"], "rows_per_file": config.rows_per_file, "started_at": _now(),
         "manifests": {j.manifest.uri: j.manifest.fingerprint() for j in jobs}}
     _write_json(state_uri(output), state)      # a crash from here on is resumed by the next night
     if resume:
