@@ -546,8 +546,9 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
         return list(pool.map(lambda u: json.loads(storage.read_text(u)), uris))
 
 
-def _whole(stats: Stats, start: int, stop: int) -> bool:
-    return stats.rows == stop - start and stats.row_sum == (start + stop - 1) * (stop - start) // 2
+def _whole(rows: int, row_sum: int, start: int, stop: int) -> bool:
+    """Rows ``[start, stop)`` each once: their count and the sum of their row numbers."""
+    return rows == stop - start and row_sum == (start + stop - 1) * (stop - start) // 2
 
 
 @dataclass
@@ -560,8 +561,9 @@ class _Run:
     state: str
     markers: str
     attempt: int
-    done: dict[str, Stats]                  # unit -> committed statistics (earlier attempts, then this one)
+    done: dict[str, tuple[int, int]]        # unit -> committed (rows, row_sum), earlier attempts and this one
     file_stats: list[Stats]                 # per manifest file
+    total: Stats                            # the whole run
     todo: list[tuple[int, int, int]]
     files_written: int = 0
 
@@ -576,8 +578,9 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
     plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file}
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
-    done: dict[str, Stats] = {}
+    done: dict[str, tuple[int, int]] = {}
     file_stats = [Stats() for _ in plan.files]
+    total = Stats()
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
         before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
@@ -593,9 +596,10 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
             stats = Stats()
             for m in ms:
                 stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
-            if unit in bounds and _whole(stats, *bounds[unit]):
-                done[unit] = stats
+            if unit in bounds and _whole(stats.rows, stats.row_sum, *bounds[unit]):
+                done[unit] = (stats.rows, stats.row_sum)
                 file_stats[ms[0]["file_index"]].add(stats)
+                total.add(stats)
         keep = {m["file"] for u in done for m in committed[u]}
         for unit, ms in committed.items():       # a part of a unit is no commit: markers first, then the data
             if unit not in done:
@@ -613,7 +617,7 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
         storage.delete(markers)
     storage.write_text(plan_uri, json.dumps({**plan_record, "attempt": attempt}))
     todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
-    return _Run(config, plan, output, state, markers, attempt, done, file_stats, todo)
+    return _Run(config, plan, output, state, markers, attempt, done, file_stats, total, todo)
 
 
 # ---- running it ----------------------------------------------------------------------------
@@ -729,8 +733,10 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
     for batch in _stream(ds, config.stall_seconds, run):
         for unit, file_index, text in zip(*(batch.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
             stats = Stats.from_dict(json.loads(text))
-            run.done.setdefault(unit, Stats()).add(stats, keep=TOP_ERRORS_KEPT)
+            rows, row_sum = run.done.get(unit, (0, 0))
+            run.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
             run.file_stats[file_index].add(stats)
+            run.total.add(stats)
             run.files_written += 1
     return {"concurrency": concurrency, "num_gpus": num_gpus, "device": device}
 
@@ -781,7 +787,7 @@ def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[p
 
 def _stall_message(run: _Run, stall_seconds: float) -> str:
     """What the run waits for: committed rows, the cluster's free resources, pending actors and tasks."""
-    committed = sum(s.rows for s in run.done.values())
+    committed = run.total.rows
     parts = [f"run {run.plan.run_id}: no rows committed for {stall_seconds:.0f} s (--stall-seconds); "
              f"{committed} of {run.plan.rows_in} rows committed"]
     try:
@@ -810,11 +816,9 @@ def _stall_message(run: _Run, stall_seconds: float) -> str:
 def _finish(run: _Run, started: float, predictor: dict[str, Any]) -> dict[str, Any]:
     """Add up the units' statistics, check every unit is whole, write ``_run.json`` then ``_SUCCESS``."""
     config, plan = run.config, run.plan
-    total = Stats()
-    for stats in run.done.values():
-        total.add(stats)
-    broken = [(unit_id(f, a), run.done[unit_id(f, a)].rows, b - a) for f, a, b in plan.units
-              if unit_id(f, a) in run.done and not _whole(run.done[unit_id(f, a)], a, b)]
+    total = run.total
+    broken = [(unit_id(f, a), run.done[unit_id(f, a)][0], b - a) for f, a, b in plan.units
+              if unit_id(f, a) in run.done and not _whole(*run.done[unit_id(f, a)], a, b)]
     missing = sum(1 for f, a, _ in plan.units if unit_id(f, a) not in run.done)
     wall = time.time() - started
     rows_out = total.rows
