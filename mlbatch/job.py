@@ -338,21 +338,26 @@ def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt
         stats = Stats.of_table(piece, labels)
         marker = {"file": name, "unit": unit, "file_index": int(f), "attempt": attempt, **stats.to_dict()}
         text = json.dumps(marker)
-        storage.write_text(storage.join(markers, name[: -len(".parquet")] + ".json"), text)
+        _write_whole(text.encode(), storage.join(markers, name[: -len(".parquet")] + ".json"))
         out.append({"unit": unit, "file_index": int(f), "marker": text})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),
                                                        ("marker", pa.string())]))
 
 
-def _write_whole(table: pa.Table, uri: str) -> None:
-    """Write a Parquet file so that it is either absent or complete under its name."""
+def _write_whole(data: pa.Table | bytes, uri: str) -> None:
+    """Write a Parquet file (a table) or bytes so that the file is either absent or complete under its name."""
     fs, path = storage.filesystem(uri)
-    if storage.is_s3(uri):
-        pq.write_table(table, path, filesystem=fs)   # the object appears only when its upload completes
+    if storage.is_s3(uri):   # the object appears only when its upload completes
+        pq.write_table(data, path, filesystem=fs) if isinstance(data, pa.Table) else storage.write_bytes(uri, data)
         return
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, filesystem=fs)
+    fs.create_dir(folder, recursive=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")   # hidden: no listing or engine reads it
+    if isinstance(data, pa.Table):
+        pq.write_table(data, tmp, filesystem=fs)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data)
     os.replace(tmp, path)
 
 

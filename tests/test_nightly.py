@@ -320,7 +320,8 @@ def test_a_night_of_many_manifests_is_one_run_with_exact_bookkeeping(ray_cluster
         want[uri] = part.column("id").to_pylist()
         return uri
 
-    cams = [put(f"cam-{k:02d}", rows.slice(3 * k, 3)) for k in range(12)]
+    for k in range(12):
+        put(f"cam-{k:02d}", rows.slice(3 * k, 3))
     s1 = nightly(_config(str(inp), small_model, out, D1))
     assert len(s1["labeled"]) == 12 and len({x["run_id"] for x in s1["labeled"]}) == 1
     first_run = s1["labeled"][0]["run_id"]
