@@ -661,4 +661,6 @@ def test_run_ids_and_label_names_never_become_paths(ray_cluster, monkeypatch, tm
     assert summary["rows_out"] == 60 and set(summary["labels"]) == set(labels)  # names stay data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "work"]
     assert [p.name for p in work.iterdir()] == ["out"]
-    assert all(p.parent == out for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
+    # the run's commit markers live in _units/<run_id>/, named by the run id alone
+    folders = {out, out / "_units", out / "_units" / summary["run_id"]}
+    assert all(p.parent in folders for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
