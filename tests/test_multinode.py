@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pytest
@@ -30,7 +30,6 @@ ROWS = 480
 class Node:
     proc: subprocess.Popen
     node_id: str = ""
-    workers: list[int] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -44,11 +43,10 @@ def _kill_node(node: Node) -> None:
     """SIGKILL the node's process group (ray start, raylet, its agents) and every worker process it ran."""
     pids = _processes_of_group(node.proc.pid)
     pids += [p for p in _children_of(pids) if p not in pids]
-    for sig_target in (lambda: os.killpg(node.proc.pid, signal.SIGKILL),):
-        try:
-            sig_target()
-        except ProcessLookupError:
-            pass
+    try:
+        os.killpg(node.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -114,7 +112,8 @@ def three_nodes(s3_endpoint, tmp_path_factory):
     finally:
         ray.shutdown()
         for name in reversed(list(nodes)):
-            _kill_node(nodes[name]) if nodes[name].proc.poll() is None else None
+            if nodes[name].proc.poll() is None:
+                _kill_node(nodes[name])
         for log in logs:
             log.close()
         if saved is None:
