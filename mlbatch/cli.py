@@ -64,17 +64,18 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="name of this run (default: a digest of manifests, model version and output, "
                         "so repeating a command repeats the same run)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the output files a killed run already wrote and label only the rest")
+                   help="keep the units a killed run committed and label only the rest")
 
 
 def _add_job_tuning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uri-column", default="image_uri", help="manifest column holding image URIs (default: %(default)s)")
     p.add_argument("--id-column", default=None,
-                   help="manifest column that identifies a row (default: the image URI identifies it)")
+                   help="manifest column of unique ids that users join on; checked unique on the cluster "
+                        "(rows are always known by position: source_manifest, source_row)")
     p.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
     p.add_argument("--rows-per-file", type=int, default=10_000, metavar="N",
-                   help="output files of about N rows; a killed run resumes from the last whole file "
-                        "(default: %(default)s)")
+                   help="rows of one unit of work (a row range of one manifest): the unit is written, "
+                        "committed and resumed whole (default: %(default)s)")
     p.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
                    help="predictor actors: a fixed count or an autoscaling range "
                         "(default: one per GPU, or one per 2 CPUs without GPUs)")
@@ -86,6 +87,9 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
     p.add_argument("--max-error-rate", type=_fraction, default=0.05, metavar="F",
                    help="fail the run when more than this share of rows are errors (default: %(default)s)")
+    p.add_argument("--stall-seconds", type=float, default=900.0, metavar="S",
+                   help="end the run, naming what it waits for, when no rows are committed for S seconds; "
+                        "a --resume can follow (0: wait forever; default: %(default)s)")
 
 
 def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
@@ -311,7 +315,7 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
                        id_column=args.id_column, batch_size=args.batch_size, rows_per_file=args.rows_per_file,
                        concurrency=args.concurrency,
                        num_gpus=args.num_gpus, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
-                       run_id=args.run_id, resume=args.resume,
+                       run_id=args.run_id, resume=args.resume, stall_seconds=args.stall_seconds,
                        max_pixels=args.max_pixels)
 
 
@@ -366,7 +370,7 @@ def _nightly(args: argparse.Namespace) -> int:
         uri_column=args.uri_column, id_column=args.id_column, batch_size=args.batch_size,
         rows_per_file=args.rows_per_file, concurrency=args.concurrency, num_gpus=args.num_gpus,
         thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
-        max_pixels=args.max_pixels)
+        max_pixels=args.max_pixels, stall_seconds=args.stall_seconds)
     try:
         summary = nightly(config)
     except NightlyError as exc:  # DriftError included: the night's report first, then the error

@@ -1,16 +1,34 @@
 """The labeling job: manifests in, the same manifests with multi-hot label columns out, on Ray Data.
 
-    read_parquet -> fetch + decode (CPU tasks) -> Predictor (actor pool) -> write_parquet
+    units of work -> read rows -> fetch + decode (CPU tasks) -> Predictor (actor pool) -> write + commit
 
 Every input row leaves as exactly one output row: a row whose image cannot be fetched or
 decoded becomes an *error row* (``status = 'error'`` and the reason) instead of stopping the
 job. The job itself fails only for job-level faults: unreadable or schema-invalid manifests,
-a refused model package, an unwritable output, or too many error rows.
+duplicate ids, a refused model package, an unwritable output, a stalled cluster, or too many
+error rows.
 
-Resuming uses Ray Data's checkpointing (two-phase commit of each output file with the ids it
-holds), keyed on the id column or, without one, the image URI. Output file names start with
-``<run_id>-a<attempt>-``: a repeated run deletes its run's files first, a resumed run adds
-files of a new attempt, so nothing is doubled. ``_run.json`` then ``_SUCCESS`` are written last.
+The *unit of work* carries the run, as img2dataset's shard does. A unit is a row range of one
+manifest file (``--rows-per-file`` rows); a row's identity is its position, ``(source_manifest,
+source_row)``, both written to the output. The plan is made from Parquet footers alone (row
+counts, schemas, null counts), so the driver holds per-file and per-unit records, never
+per-row ones. Each read task gets a unit's pointer, not rows; the unit's file index travels
+with its rows as a column. A write task writes, for each unit it holds rows of, one data file
+(``<run_id>-a<attempt>-<unit>-r<first row>.parquet``) and, after that file is closed, a small
+JSON *commit marker* with the file's statistics (rows, ok, errors, per-label positives and
+probability sums, commonest errors) under ``STATE/_units/<run_id>/``. A unit is done when its
+committed rows are exactly its rows. ``--resume`` lists the markers (O(units)), skips the done
+units, deletes every file of the others and labels them again: a file written part way (a
+local file is written under a hidden name and renamed; an S3 multipart upload that never
+completed leaves no object) has no marker, so it is never counted and never doubled. The run
+summary adds up the markers' statistics; nobody re-reads the output. ``_run.json`` then
+``_SUCCESS`` are written last.
+
+Why a write stage and not a ``Datasink``: a sink's results reach the driver only when every
+task has finished. The write stage commits each unit inside its task just the same, and its
+small results stream to the driver, which sums them and so sees progress: a run in which no
+rows are committed for ``--stall-seconds`` ends with a message naming what it waits for,
+instead of hanging (a cluster that lost the node its predictor or decode tasks needed).
 
 Why not Ray Data's ``download`` expression for the fetch: its planner actor holds a whole CPU,
 which deadlocks a 2-CPU node next to the predictor actor, and it turns every failure into a
@@ -26,7 +44,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,8 +56,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
-from ray.data.datasource import FilenameProvider
 
 from . import images, manifest, storage
 from .package import PackageError, column_name, read_package
@@ -46,21 +66,22 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "_run.json"
 SUCCESS_FILE = "_SUCCESS"
-CHECKPOINTS_DIR = "_checkpoints"
-PIXELS, ERROR = "__mlbatch_pixels", "__mlbatch_error"
+UNITS_DIR = "_units"          # STATE/_units/<run_id>/: the commit markers and the plan of a run
+PLAN_FILE = "_plan.json"
+PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
+SOURCE_MANIFEST, SOURCE_ROW = "source_manifest", "source_row"
 DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5
+TOP_ERRORS_KEPT = 20          # distinct error messages kept per file's marker (and 5x that per run)
+DEFAULT_STALL_SECONDS = 900.0
 
 # Ray Data settings for the run, put back afterwards (settings this Ray lacks are skipped).
 RUN_SETTINGS: dict[str, Any] = {
     # Ray Data pauses a streaming task after it has yielded 2 x this many blocks nobody has taken
-    # yet. The repartition of a manifest yields hundreds of tiny blocks, and paused it holds a CPU
-    # that the decode tasks need: on a 2-CPU node labeling started ~7 s late. The blocks are a
-    # few KiB each, so let it run to the end. (A private field.)
+    # yet. The split of a unit yields many tiny blocks, and paused it holds a CPU that the decode
+    # tasks need: on a 2-CPU node labeling started ~7 s late. The blocks are a few KiB each, so
+    # let it run to the end. (A private field.)
     "_max_num_blocks_in_streaming_gen_buffer": None,
-    # The v2 Parquet reader lists files in a task and starts footer-reading actors: ~3 s before
-    # the first row on a small node. _plan has listed and read every manifest already.
-    "use_datasource_v2": False,
 }
 
 
@@ -76,9 +97,9 @@ class LabelConfig:
     model: str
     output: str
     uri_column: str = manifest.URI_COLUMN
-    id_column: str | None = None
+    id_column: str | None = None                       # checked unique (on the cluster); rows are identified by position
     batch_size: int = 64
-    rows_per_file: int = 10_000                        # output files of about this many rows; also the resume unit
+    rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
@@ -87,19 +108,27 @@ class LabelConfig:
     run_id: str | None = None
     resume: bool = False
     progress: bool = True
-    state_dir: str | None = None   # where _run.json, _SUCCESS and _checkpoints go (default: the output folder)
+    state_dir: str | None = None   # where _run.json, _SUCCESS and _units go (default: the output folder)
+    stall_seconds: float = DEFAULT_STALL_SECONDS       # end the run when no rows are committed this long (0: never)
     extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
 
 
 # ---- the output contract -------------------------------------------------------------------
 
-def output_columns(labels: list[str]) -> list[tuple[str, pa.DataType]]:
-    """The columns the job adds after the manifest's own, in order, with their Parquet types."""
+def _predicted_columns(labels: list[str]) -> list[tuple[str, pa.DataType]]:
     cols = [(f"label_{column_name(x)}", pa.bool_()) for x in labels]
     cols += [(f"prob_{column_name(x)}", pa.float32()) for x in labels]
     return cols + [("labels", pa.list_(pa.string())), ("status", pa.string()), ("error", pa.string()),
                    ("model_name", pa.string()), ("model_version", pa.string()), ("run_id", pa.string()),
                    ("labeled_at", pa.timestamp("us", tz="UTC"))]
+
+
+def output_columns(labels: list[str]) -> list[tuple[str, pa.DataType]]:
+    """The columns the job adds after the manifest's own, in order, with their Parquet types.
+
+    The last two are the row's identity: the manifest file it came from and its row number there.
+    """
+    return _predicted_columns(labels) + [(SOURCE_MANIFEST, pa.string()), (SOURCE_ROW, pa.int64())]
 
 
 def renamed_inputs(names: list[str], labels: list[str]) -> dict[str, str]:
@@ -115,7 +144,103 @@ def renamed_inputs(names: list[str], labels: list[str]) -> dict[str, str]:
     return renames
 
 
+def unit_id(file_index: int, start: int) -> str:
+    """The name of a unit of work: its manifest's place in the run's sorted file list and first row."""
+    return f"f{file_index:06d}-r{start:012d}"
+
+
+# ---- statistics that add up ----------------------------------------------------------------
+
+@dataclass
+class Stats:
+    """Counts of some labeled rows (one file, a unit, a manifest, a run) that add up by ``add``.
+
+    ``row_sum`` (the sum of the rows' ``source_row``) with ``rows`` tells a unit that is whole
+    from one with a row missing or written twice.
+    """
+
+    rows: int = 0
+    row_sum: int = 0
+    ok: int = 0
+    positives: dict[str, int] = field(default_factory=dict)
+    prob_sums: dict[str, float] = field(default_factory=dict)
+    error_counts: dict[str, int] = field(default_factory=dict)  # the commonest error messages
+
+    @property
+    def errors(self) -> int:
+        return self.rows - self.ok
+
+    def add(self, other: Stats, keep: int = 5 * TOP_ERRORS_KEPT) -> Stats:
+        self.rows += other.rows
+        self.row_sum += other.row_sum
+        self.ok += other.ok
+        for name, n in other.positives.items():
+            self.positives[name] = self.positives.get(name, 0) + n
+        for name, v in other.prob_sums.items():
+            self.prob_sums[name] = self.prob_sums.get(name, 0.0) + v
+        counts = collections.Counter(self.error_counts)
+        counts.update(other.error_counts)
+        self.error_counts = dict(counts.most_common(keep))
+        return self
+
+    @classmethod
+    def of_table(cls, table: pa.Table, labels: list[str]) -> Stats:
+        ok_mask = pc.equal(table.column("status"), "ok")
+        ok = table.filter(ok_mask)
+        errors = collections.Counter(table.filter(pc.invert(ok_mask)).column("error").to_pylist())
+        return cls(rows=table.num_rows, row_sum=int(pc.sum(table.column(SOURCE_ROW)).as_py() or 0), ok=ok.num_rows,
+                   positives={x: int(pc.sum(pc.cast(ok.column(f"label_{column_name(x)}"), pa.int64())).as_py() or 0)
+                              for x in labels},
+                   prob_sums={x: float(pc.sum(pc.cast(ok.column(f"prob_{column_name(x)}"), pa.float64())).as_py() or 0.0)
+                              for x in labels},
+                   error_counts=dict(errors.most_common(TOP_ERRORS_KEPT)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        return cls(**{k: d[k] for k in ("rows", "row_sum", "ok", "positives", "prob_sums", "error_counts")})
+
+    def per_label(self, thresholds: dict[str, float]) -> dict[str, dict[str, float | None]]:
+        return {x: {"positive_rate": round(self.positives.get(x, 0) / self.ok, 6) if self.ok else None,
+                    "mean_probability": round(self.prob_sums.get(x, 0.0) / self.ok, 6) if self.ok else None,
+                    "threshold": thresholds[x]} for x in thresholds}
+
+    def top_errors(self, n: int = 5) -> list[dict[str, Any]]:
+        return [{"error": e, "count": c} for e, c in collections.Counter(self.error_counts).most_common(n)]
+
+
 # ---- the pipeline stages -------------------------------------------------------------------
+
+def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first or 0), stop - start)
+
+
+def read_units(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
+    """Read units of work (rows of ``file, uri, start, stop``): their rows, identity columns appended."""
+    tables = []
+    for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
+        t = read_range(uri, start, stop).replace_schema_metadata(None)
+        t = t.rename_columns([renames.get(n, n) for n in t.column_names])
+        n = t.num_rows
+        t = t.append_column(SOURCE_MANIFEST, pa.array([uri] * n, pa.string()))
+        t = t.append_column(SOURCE_ROW, pa.array(np.arange(start, start + n, dtype=np.int64)))
+        tables.append(t.append_column(FILE_INDEX, pa.array(np.full(n, file_index, np.int32))))
+    return pa.concat_tables(tables)
+
 
 def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS) -> pa.Table:
@@ -160,7 +285,7 @@ class Predictor:
         self.run_id = run_id
         self.metadata = schema_metadata
         self.size = self.model.spec.image_size
-        self.types = output_columns(self.labels)
+        self.types = _predicted_columns(self.labels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -191,48 +316,101 @@ class Predictor:
         return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})
 
 
-# ---- running it ----------------------------------------------------------------------------
+
+def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,
+                columns: list[str], labels: list[str], metadata: dict[bytes, bytes]) -> pa.Table:
+    """Write one data file per unit this batch holds rows of, then its commit marker; return the markers.
+
+    The marker is written only after the data file is whole (a local file is renamed into place,
+    an S3 object exists only once its upload completed), so it *is* the commit. The names are
+    fixed by the unit and its first row: a retried task writes the same names again.
+    """
+    files = batch.column(FILE_INDEX).to_numpy()
+    starts = batch.column(SOURCE_ROW).to_numpy() // rows_per_unit * rows_per_unit
+    keys = np.stack([files, starts], axis=1)
+    out = []
+    for f, start in np.unique(keys, axis=0):
+        piece = batch.filter(pa.array((files == f) & (starts == start)))
+        piece = piece.sort_by(SOURCE_ROW).select(columns).replace_schema_metadata(metadata)
+        unit = unit_id(int(f), int(start))
+        name = f"{run_id}-a{attempt:03d}-{unit}-r{piece.column(SOURCE_ROW)[0].as_py():012d}.parquet"
+        _write_whole(piece, storage.join(output, name))
+        stats = Stats.of_table(piece, labels)
+        marker = {"file": name, "unit": unit, "file_index": int(f), "attempt": attempt, **stats.to_dict()}
+        text = json.dumps(marker)
+        _write_whole(text.encode(), storage.join(markers, name[: -len(".parquet")] + ".json"))
+        out.append({"unit": unit, "file_index": int(f), "marker": text})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),
+                                                       ("marker", pa.string())]))
+
+
+def _write_whole(data: pa.Table | bytes, uri: str) -> None:
+    """Write a Parquet file (a table) or bytes so that the file is either absent or complete under its name."""
+    fs, path = storage.filesystem(uri)
+    if storage.is_s3(uri):   # the object appears only when its upload completes
+        pq.write_table(data, path, filesystem=fs) if isinstance(data, pa.Table) else storage.write_bytes(uri, data)
+        return
+    folder, name = os.path.split(path)
+    fs.create_dir(folder, recursive=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")   # hidden: no listing or engine reads it
+    if isinstance(data, pa.Table):
+        pq.write_table(data, tmp, filesystem=fs)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    os.replace(tmp, path)
+
+
+# ---- planning: footers only ----------------------------------------------------------------
 
 @dataclass
 class _Plan:
     files: list[str]
+    rows: list[int]                 # per file
     schema: pa.Schema
-    rows_in: int
-    key: str
-    unique_keys: bool
+    units: list[tuple[int, int, int]]   # (file index, start, stop)
     meta: dict[str, Any]
     thresholds: dict[str, float]
     run_id: str
+    null_id_files: list[int]        # files whose footers do not rule out a null id
+
+    @property
+    def rows_in(self) -> int:
+        return sum(self.rows)
 
 
 def _plan(config: LabelConfig) -> _Plan:
-    """Check everything that can be checked before compute: manifests, model, output."""
+    """Check everything that can be checked before compute, from the manifests' footers: no rows are read."""
+    if config.rows_per_file < 1:
+        raise JobError(f"--rows-per-file {config.rows_per_file}: must be at least 1")
     files = manifest.expand(config.manifests)
     schema = None
-    rows_in = 0
-    keys: list[Any] = []
-    key = config.id_column or config.uri_column
-    for uri in files:
-        s = manifest.read_schema(uri).remove_metadata()
-        manifest.check_uri_column(uri, s, config.uri_column)
-        if config.id_column and config.id_column not in s.names:
-            raise manifest.ManifestError(f"manifest {uri}: no id column {config.id_column!r} "
-                                         f"(columns: {', '.join(s.names)})")
-        if schema is None:
-            schema = s
-        elif not s.equals(schema):
-            raise manifest.ManifestError(f"manifest {uri}: its columns differ from {files[0]}'s "
-                                         f"({_schema_diff(schema, s)}); manifests of one run must share a schema")
-        table = storage.read_parquet(uri).select([key])
-        if table.num_rows == 0:
-            raise manifest.ManifestError(f"manifest {uri}: has no rows")
-        rows_in += table.num_rows
-        keys.append(table.column(key))
+    rows: list[int] = []
+    null_id_files: list[int] = []
+    pool = ThreadPoolExecutor(max_workers=min(32, len(files)))
+    try:
+        footers = pool.map(manifest.read_footer, files)   # a few KiB each, in order, none kept
+        for i, (uri, footer) in enumerate(zip(files, footers)):
+            s = footer.schema.to_arrow_schema().remove_metadata()
+            manifest.check_uri_column(uri, s, config.uri_column)
+            if config.id_column and config.id_column not in s.names:
+                raise manifest.ManifestError(f"manifest {uri}: no id column {config.id_column!r} "
+                                             f"(columns: {', '.join(s.names)})")
+            if schema is None:
+                schema = s
+            elif not s.equals(schema):
+                raise manifest.ManifestError(f"manifest {uri}: its columns differ from {files[0]}'s "
+                                             f"({_schema_diff(schema, s)}); manifests of one run must share a schema")
+            if footer.num_rows == 0:
+                raise manifest.ManifestError(f"manifest {uri}: has no rows")
+            rows.append(footer.num_rows)
+            if config.id_column and _may_hold_nulls(footer, config.id_column):
+                null_id_files.append(i)
+    finally:
+        pool.shutdown(cancel_futures=True)
     assert schema is not None
-    key_values = pa.chunked_array([c for k in keys for c in k.chunks], schema.field(key).type)
-    unique = key_values.null_count == 0 and len(pc.unique(key_values)) == len(key_values)
-    if config.id_column and not unique:
-        raise manifest.ManifestError(_duplicates_message(files, keys, config.id_column))
+    step = config.rows_per_file
+    units = [(i, start, min(start + step, n)) for i, n in enumerate(rows) for start in range(0, n, step)]
     try:
         meta, _ = read_package(config.model)
     except PackageError as exc:
@@ -246,7 +424,7 @@ def _plan(config: LabelConfig) -> _Plan:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
-    return _Plan(files, schema, rows_in, key, unique, meta, thresholds, run_id)
+    return _Plan(files, rows, schema, units, meta, thresholds, run_id, null_id_files)
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
@@ -256,16 +434,69 @@ def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
     return ", ".join(parts) or "column order differs"
 
 
-def _duplicates_message(files: list[str], keys: list[pa.ChunkedArray], column: str) -> str:
-    seen: dict[Any, str] = {}
-    for uri, col in zip(files, keys):
-        for i, value in enumerate(col.to_pylist()):
-            if value is None:
-                return f"manifest {uri}: row {i}: id column {column!r} is null; ids must be unique and non-null"
-            if value in seen:
-                return f"manifest {uri}: row {i}: id {value!r} already appears at {seen[value]}; ids must be unique"
-            seen[value] = f"{uri} row {i}"
-    return f"id column {column!r} is not unique"
+def _check_ids(plan: _Plan, column: str) -> None:
+    """Ids non-null (from the footers' null counts) and unique (a group-by on the cluster); the driver holds none."""
+    _check_null_ids(plan, column)
+    _check_unique_ids(plan, column)
+
+
+def _may_hold_nulls(footer: pq.FileMetaData, column: str) -> bool:
+    j = [footer.schema.column(k).path for k in range(footer.num_columns)].index(column)
+    stats = [footer.row_group(g).column(j).statistics for g in range(footer.num_row_groups)]
+    return not all(s is not None and s.has_null_count and s.null_count == 0 for s in stats)
+
+
+def _check_null_ids(plan: _Plan, column: str) -> None:
+    """Only a file whose footer counts nulls (or has no statistics) is read, by a task on the cluster."""
+    for i in plan.null_id_files:
+        uri = plan.files[i]
+        row = ray.get(_first_null.remote(uri, column))
+        if row is not None:
+            raise manifest.ManifestError(f"manifest {uri}: row {row}: id column {column!r} is null; "
+                                         "ids must be unique and non-null")
+
+
+def _first_null_local(uri: str, column: str) -> int | None:
+    col = read_range(uri, 0, 1 << 62, [column]).column(0)
+    if col.null_count == 0:
+        return None
+    return int(pc.index(pc.is_null(col), True).as_py())
+
+
+_first_null = ray.remote(num_cpus=DECODE_CPUS)(_first_null_local)
+
+
+def _read_ids(batch: pa.Table, column: str) -> pa.Table:
+    """The id column of units of work, with each row's position packed in one int64 (file << 40 | row)."""
+    tables = []
+    for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
+        ids = read_range(uri, start, stop, [column]).column(0)
+        pos = (np.int64(file_index) << 40) + np.arange(start, start + len(ids), dtype=np.int64)
+        tables.append(pa.table({"id": ids, "pos": pos}))
+    return pa.concat_tables(tables)
+
+
+def _check_unique_ids(plan: _Plan, column: str) -> None:
+    """Every id once: a group-by on the cluster (a shuffle of the ids, never collected in the driver)."""
+    from ray.data.aggregate import Count, Max, Min
+
+    ds = _units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column}, batch_size=1,
+                                                              batch_format="pyarrow", num_cpus=DECODE_CPUS)
+    groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
+                                        Max("pos", alias_name="last"))
+    dups = groups.filter(expr="n > 1").take(1)
+    if dups:
+        d = dups[0]
+        first, second = int(d["first"]), int(d["last"])
+        mask = (1 << 40) - 1
+        raise manifest.ManifestError(f"manifest {plan.files[second >> 40]}: row {second & mask}: id {d['id']!r} "
+                                     f"already appears at {plan.files[first >> 40]} row {first & mask}; "
+                                     "ids must be unique")
+
+
+def _units_dataset(units: list[tuple[int, int, int]], files: list[str]) -> ray.data.Dataset:
+    items = [{"file": f, "uri": files[f], "start": a, "stop": b} for f, a, b in units]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
 
 
 def _default_run_id(files: list[str], model_version: str, output: str) -> str:
@@ -276,7 +507,7 @@ def _default_run_id(files: list[str], model_version: str, output: str) -> str:
 
 
 def _absolute(uri: str) -> str:
-    """Local paths made absolute (Ray's checkpoints need that), URIs as given, no trailing slash."""
+    """Local paths made absolute, URIs as given, no trailing slash."""
     if "://" not in uri:
         uri = os.path.abspath(uri)
     return uri.rstrip("/")
@@ -292,12 +523,18 @@ def _check_writable(output: str) -> None:
         raise JobError(f"output {output} is not writable: {exc}") from None
 
 
-def _run_files(output: str, run_id: str) -> list[storage.FileEntry]:
+# ---- what earlier attempts committed ------------------------------------------------------
+
+_NAME_RE = r"-a(\d+)-(f\d{6}-r\d{12})-r\d{12}\.parquet"
+
+
+def run_files(output: str, run_id: str) -> list[str]:
+    """The data files of a run directly under ``output``: names start with ``<run_id>-a``."""
     if not storage.exists(output):
         return []
-    prefix = f"{run_id}-a"
-    return [e for e in storage.list_files(output, suffix=".parquet")
-            if e.uri.rsplit("/", 1)[-1].startswith(prefix) and "/" not in e.uri[len(output.rstrip("/")) + 1:]]
+    prefix, base = f"{run_id}-a", output.rstrip("/") + "/"
+    return [e.uri for e in storage.list_files(output, suffix=".parquet")
+            if e.uri.startswith(base) and "/" not in e.uri[len(base):] and e.uri[len(base):].startswith(prefix)]
 
 
 def _attempt_of(uri: str, run_id: str) -> int:
@@ -305,19 +542,90 @@ def _attempt_of(uri: str, run_id: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-class RunFilenames(FilenameProvider):
-    """``<run_id>-a<attempt>-<write uuid>-<task>``: the run and attempt in every name (Ray adds ``-<i>.parquet``).
+def read_markers(markers: str) -> list[dict[str, Any]]:
+    """Every commit marker of a run (one small JSON per committed data file)."""
+    if not storage.exists(markers):
+        return []
+    uris = [e.uri for e in storage.list_files(markers, suffix=".json")]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(lambda u: json.loads(storage.read_text(u)), uris))
 
-    Ray requires the write's uuid in appended names; the run prefix is what lets a repeated
-    run find and replace its own files.
-    """
 
-    def __init__(self, run_id: str, attempt: int):
-        self.run_id, self.attempt = run_id, attempt
+def _whole(rows: int, row_sum: int, start: int, stop: int) -> bool:
+    """Rows ``[start, stop)`` each once: their count and the sum of their row numbers."""
+    return rows == stop - start and row_sum == (start + stop - 1) * (stop - start) // 2
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.run_id}-a{self.attempt:03d}-{write_uuid}-{task_index:06d}.parquet"
 
+@dataclass
+class _Run:
+    """One attempt of a run: where it writes, what earlier attempts committed, what is left to label."""
+
+    config: LabelConfig
+    plan: _Plan
+    output: str
+    state: str
+    markers: str
+    attempt: int
+    done: dict[str, tuple[int, int]]        # unit -> committed (rows, row_sum), earlier attempts and this one
+    file_stats: list[Stats]                 # per manifest file
+    total: Stats                            # the whole run
+    todo: list[tuple[int, int, int]]
+    files_written: int = 0
+
+
+def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
+    """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
+    output = _absolute(config.output)
+    state = _absolute(config.state_dir) if config.state_dir else output
+    markers = storage.join(state, UNITS_DIR, plan.run_id)
+    for name in (SUCCESS_FILE, SUMMARY_FILE):
+        storage.delete(storage.join(state, name))
+    plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file}
+    plan_uri = storage.join(markers, PLAN_FILE)
+    files = run_files(output, plan.run_id)
+    done: dict[str, tuple[int, int]] = {}
+    file_stats = [Stats() for _ in plan.files]
+    total = Stats()
+    attempt = 0
+    if config.resume and (files or storage.exists(plan_uri)):
+        before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
+        if before is None or {k: v for k, v in before.items() if k != "attempt"} != plan_record:
+            raise JobError(f"cannot resume run {plan.run_id}: its manifests or --rows-per-file are not those it "
+                           f"started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
+                           "run again without --resume")
+        committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for m in read_markers(markers):
+            committed[m["unit"]].append(m)
+        bounds = {unit_id(f, a): (a, b) for f, a, b in plan.units}
+        for unit, ms in committed.items():
+            stats = Stats()
+            for m in ms:
+                stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
+            if unit in bounds and _whole(stats.rows, stats.row_sum, *bounds[unit]):
+                done[unit] = (stats.rows, stats.row_sum)
+                file_stats[ms[0]["file_index"]].add(stats)
+                total.add(stats)
+        keep = {m["file"] for u in done for m in committed[u]}
+        for unit, ms in committed.items():       # a part of a unit is no commit: markers first, then the data
+            if unit not in done:
+                for m in ms:
+                    storage.delete(storage.join(markers, m["file"][: -len(".parquet")] + ".json"))
+        stale = [u for u in files if u.rsplit("/", 1)[-1] not in keep]
+        for uri in stale:
+            storage.delete(uri)
+        attempt = max([_attempt_of(u, plan.run_id) for u in files] + [before.get("attempt", 0)]) + 1
+        log.info("resuming run %s (attempt %d): %d of %d units committed, %d files of unfinished units removed",
+                 plan.run_id, attempt, len(done), len(plan.units), len(stale))
+    else:
+        for uri in files:  # a repeated run replaces its own files
+            storage.delete(uri)
+        storage.delete(markers)
+    storage.write_text(plan_uri, json.dumps({**plan_record, "attempt": attempt}))
+    todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
+    return _Run(config, plan, output, state, markers, attempt, done, file_stats, total, todo)
+
+
+# ---- running it ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _data_context(**settings: Any) -> Iterator[None]:
@@ -355,7 +663,10 @@ def _predictor_device_check(num_gpus: float) -> str:
 
 
 def label(config: LabelConfig) -> dict[str, Any]:
-    """Run one labeling job and return its summary (also written to ``OUT/_run.json``)."""
+    """Run one labeling job and return its summary (also written to ``STATE/_run.json``).
+
+    plan (footers) -> check ids (cluster) -> prepare (resume) -> pipeline (stream of commits) -> add up
+    """
     started = time.time()
     plan = _plan(config)
     output = _absolute(config.output)
@@ -366,37 +677,19 @@ def label(config: LabelConfig) -> dict[str, Any]:
             log.info("run %s is already complete in %s: nothing to resume", plan.run_id, output)
             return done
     _check_writable(output)
-    for name in (SUCCESS_FILE, SUMMARY_FILE):
-        storage.delete(storage.join(state, name))
-    checkpoint_dir = storage.join(state, CHECKPOINTS_DIR, plan.run_id)
-    previous = _run_files(output, plan.run_id)
-    if config.resume:
-        if not plan.unique_keys:
-            raise JobError(f"cannot resume: the rows have no unique key ({plan.key!r} has nulls or duplicates); "
-                           "pass --id-column with unique ids, or run again without --resume")
-        if previous and not storage.exists(checkpoint_dir):
-            raise JobError(f"cannot resume run {plan.run_id}: its checkpoint {checkpoint_dir} is gone; "
-                           "run again without --resume")
-        attempt = max((_attempt_of(e.uri, plan.run_id) for e in previous), default=-1) + 1
-        log.info("resuming run %s (attempt %d, %d files already written)", plan.run_id, attempt, len(previous))
-    else:
-        for entry in previous:  # a repeated run replaces its own files
-            storage.delete(entry.uri)
-        storage.delete(checkpoint_dir)
-        attempt = 0
-
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
-    checkpoint = None
-    if plan.unique_keys:
-        from ray.data.checkpoint import CheckpointConfig
-        # kept until _SUCCESS is written, so a run killed after its last file still resumes
-        checkpoint = CheckpointConfig(id_column=plan.key, checkpoint_path=checkpoint_dir,
-                                      delete_checkpoint_on_success=False)
-    else:
-        log.warning("column %r has nulls or duplicates, so this run cannot be resumed if interrupted "
-                    "(pass --id-column with unique ids to make it resumable)", plan.key)
+    with _data_context(enable_progress_bars=config.progress, **RUN_SETTINGS):
+        if config.id_column:
+            _check_ids(plan, config.id_column)
+        run = _prepare(config, plan)
+        predictor = _run_pipeline(run) if run.todo else {"concurrency": None, "num_gpus": None, "device": None}
+    return _finish(run, started, predictor)
 
+
+def _run_pipeline(run: _Run) -> dict[str, Any]:
+    """units -> read -> fetch + decode -> predict -> write + commit, streaming; returns the predictor's set-up."""
+    config, plan = run.config, run.plan
     cpus, gpus = _cluster_resources()
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
     if config.concurrency is not None:
@@ -414,27 +707,17 @@ def label(config: LabelConfig) -> dict[str, Any]:
                                         "model_name": plan.meta["name"], "model_version": plan.meta["version"],
                                         "run_id": plan.run_id}).encode()}
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
+    columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
+    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s predictor actors, device %s)",
+             sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files), run.output, plan.run_id,
+             concurrency, device)
 
-    log.info("labeling %d rows of %d manifests into %s (run %s, %s predictor actors, device %s)",
-             plan.rows_in, len(plan.files), output, plan.run_id, concurrency, device)
-    with _data_context(enable_progress_bars=config.progress, checkpoint_config=checkpoint, **RUN_SETTINGS):
-        _run_pipeline(config, plan, output, attempt, renames, metadata, num_gpus, pool)
-    summary = _finish(config, plan, output, state, renames, started, attempt, concurrency, num_gpus, device)
-    storage.delete(checkpoint_dir)
-    if not storage.list_files(storage.join(state, CHECKPOINTS_DIR)):
-        storage.delete(storage.join(state, CHECKPOINTS_DIR))
-    return summary
-
-
-def _run_pipeline(config: LabelConfig, plan: _Plan, output: str, attempt: int, renames: dict[str, str],
-                  metadata: dict[bytes, bytes], num_gpus: float, pool: tuple[int, int]) -> None:
-    """read -> fetch + decode -> predict -> write, streaming; returns when every file is written."""
-    ds = ray.data.read_parquet(plan.files, partitioning=None)  # manifest columns only, no dt=... from paths
-    # Blocks of a few batches: manifests are small files, read as one block, so without this a
-    # single task would fetch every image. Small blocks spread the fetching over the cluster.
+    ds = _units_dataset(run.todo, plan.files)
+    ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=DECODE_CPUS)
+    # Blocks of a few batches: a unit is read as one block, so without this a single task would
+    # fetch every image of it. Small blocks spread the fetching over the cluster.
     ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
-    if renames:
-        ds = ds.rename_columns(renames)
     uri_col = renames.get(config.uri_column, config.uri_column)
     # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
     # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
@@ -446,83 +729,147 @@ def _run_pipeline(config: LabelConfig, plan: _Plan, output: str, attempt: int, r
                         batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
                         num_cpus=1 if not num_gpus else None,
                         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
-    # Writing is mostly waiting on storage too. At Ray's default of a whole CPU, a 2-CPU node
-    # (predictor + decode) wrote nothing until every image was labeled: half a CPU lets files
-    # land as the job goes, so memory stays flat and a killed run keeps what it finished.
-    ds.write_parquet(output, filename_provider=RunFilenames(plan.run_id, attempt), mode="append",
-                     min_rows_per_file=config.rows_per_file, ray_remote_args={"num_cpus": WRITE_CPUS})
+    # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
+    # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
+    ds = ds.map_batches(write_units, fn_kwargs={"output": run.output, "markers": run.markers, "run_id": plan.run_id,
+                                                "attempt": run.attempt, "rows_per_unit": config.rows_per_file,
+                                                "columns": columns, "labels": labels, "metadata": metadata},
+                        batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=WRITE_CPUS)
+    for batch in _stream(ds, config.stall_seconds, run):
+        for unit, file_index, text in zip(*(batch.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
+            stats = Stats.from_dict(json.loads(text))
+            rows, row_sum = run.done.get(unit, (0, 0))
+            run.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
+            run.file_stats[file_index].add(stats)
+            run.total.add(stats)
+            run.files_written += 1
+    return {"concurrency": concurrency, "num_gpus": num_gpus, "device": device}
 
 
-def _finish(config: LabelConfig, plan: _Plan, output: str, state: str, renames: dict[str, str], started: float, attempt: int,
-            concurrency: Any, num_gpus: float, device: str) -> dict[str, Any]:
-    """Count what was written, check nothing is lost, write ``_run.json`` then ``_SUCCESS``."""
-    labels = plan.meta["labels"]
-    files = _run_files(output, plan.run_id)
-    cols = ["status", "error"] + [f"label_{column_name(x)}" for x in labels] + [f"prob_{column_name(x)}" for x in labels]
-    tables = [_read_columns(e.uri, cols) for e in files]
-    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in cols})
-    rows_out = table.num_rows
-    status = table.column("status").to_pylist()
-    n_ok = status.count("ok")
-    n_err = rows_out - n_ok
-    errors = collections.Counter(e for e, s in zip(table.column("error").to_pylist(), status) if s == "error")
-    ok_mask = pc.equal(table.column("status"), "ok")
-    per_label = {}
-    for x in labels:
-        c = column_name(x)
-        hits = pc.filter(table.column(f"label_{c}"), ok_mask)
-        probs = pc.filter(table.column(f"prob_{c}"), ok_mask)
-        per_label[x] = {"positive_rate": _mean(pc.cast(hits, pa.float64())), "mean_probability": _mean(probs),
-                        "threshold": plan.thresholds[x]}
+def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[pa.Table]:
+    """The write stage's results as they come; a ``JobError`` if none comes for ``stall_seconds``."""
+    results: queue.Queue = queue.Queue(maxsize=64)
+    end = object()
+    # Ray Data has no public way to stop a running dataset, and it keeps the executor on the
+    # dataset only once a first result came: so keep it from the start, to stop it on a stall.
+    executors: list[Any] = []
+    create = ds._create_executor
+
+    def create_and_keep() -> Any:
+        executors.append(create())
+        return executors[-1]
+
+    ds._create_executor = create_and_keep  # type: ignore[method-assign]
+
+    def consume() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                results.put(batch)
+            results.put(end)
+        except BaseException as exc:  # handed to the driver's thread, raised there
+            results.put(exc)
+
+    thread = threading.Thread(target=consume, name="mlbatch-commits", daemon=True)
+    thread.start()
+    last = time.monotonic()
+    while True:
+        try:
+            item = results.get(timeout=5.0)
+        except queue.Empty:
+            if stall_seconds and time.monotonic() - last > stall_seconds:
+                message = _stall_message(run, stall_seconds)
+                for executor in executors:   # ends its tasks and actors, so the cluster is free again
+                    executor.shutdown(force=True)
+                raise JobError(message) from None
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.monotonic()
+        yield item
+
+
+def _stall_message(run: _Run, stall_seconds: float) -> str:
+    """What the run waits for: committed rows, the cluster's free resources, pending actors and tasks."""
+    committed = run.total.rows
+    parts = [f"run {run.plan.run_id}: no rows committed for {stall_seconds:.0f} s (--stall-seconds); "
+             f"{committed} of {run.plan.rows_in} rows committed"]
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        parts.append("free on the cluster: " + ", ".join(f"{k} {free.get(k, 0):g} of {v:g}" for k, v in
+                                                         sorted(total.items()) if k in ("CPU", "GPU")))
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        parts.append(f"{len(alive)} live node{'s' if len(alive) != 1 else ''}")
+        from ray.util.state import list_actors, list_tasks
+        job = ray.get_runtime_context().get_job_id()
+        pending = collections.Counter(
+            f"{a.class_name} actor {a.state.lower().replace('_', ' ')} (needs {a.required_resources})"
+            for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
+            if a.state in ("PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"))
+        pending.update(
+            f"{t.name} task {t.state.lower().replace('_', ' ')} (needs {t.required_resources})"
+            for t in list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
+            if t.state in ("PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL") and t.required_resources)
+        waiting = [f"{n} x {what}" for what, n in pending.most_common(6)]
+        parts.append("waiting for: " + ("; ".join(waiting) if waiting else "nothing pending that Ray reports"))
+    except Exception as exc:  # the report must not hide the stall
+        parts.append(f"(cluster state unavailable: {exc})")
+    return ". ".join(parts) + ". Its committed units are kept: run again with --resume when the cluster has room."
+
+
+def _finish(run: _Run, started: float, predictor: dict[str, Any]) -> dict[str, Any]:
+    """Add up the units' statistics, check every unit is whole, write ``_run.json`` then ``_SUCCESS``."""
+    config, plan = run.config, run.plan
+    total = run.total
+    broken = [(unit_id(f, a), run.done[unit_id(f, a)][0], b - a) for f, a, b in plan.units
+              if unit_id(f, a) in run.done and not _whole(*run.done[unit_id(f, a)], a, b)]
+    missing = sum(1 for f, a, _ in plan.units if unit_id(f, a) not in run.done)
     wall = time.time() - started
+    rows_out = total.rows
     summary = {
         "run_id": plan.run_id,
         "status": "complete",
-        "output": output,
+        "output": run.output,
         "manifests": plan.files,
         "rows_in": plan.rows_in,
         "rows_out": rows_out,
-        "ok": n_ok,
-        "errors": n_err,
-        "error_rate": n_err / rows_out if rows_out else 0.0,
-        "top_errors": [{"error": e, "count": c} for e, c in errors.most_common(5)],
-        "labels": per_label,
+        "ok": total.ok,
+        "errors": total.errors,
+        "error_rate": total.errors / rows_out if rows_out else 0.0,
+        "top_errors": total.top_errors(),
+        "labels": total.per_label(plan.thresholds),
+        "per_manifest": [{"manifest": uri, "rows": s.rows, "ok": s.ok, "errors": s.errors,
+                          "labels": s.per_label(plan.thresholds)} for uri, s in zip(plan.files, run.file_stats)],
         "model": {"uri": config.model, "name": plan.meta["name"], "version": plan.meta["version"]},
-        "renamed_columns": renames,
-        "files": len(files),
-        "attempts": attempt + 1,
-        "predictor": {"concurrency": concurrency, "num_gpus": num_gpus, "device": device},
+        "renamed_columns": renamed_inputs(plan.schema.names, plan.meta["labels"]),
+        "units": len(plan.units),
+        "files": len(read_markers(run.markers)) if run.attempt else run.files_written,
+        "attempts": run.attempt + 1,
+        "predictor": predictor,
         "wall_seconds": round(wall, 2),
         "rows_per_second": round(rows_out / wall, 2) if wall > 0 else None,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arguments": _arguments(config),
         **config.extra_summary,
     }
-    if rows_out != plan.rows_in:
+    summary_uri = storage.join(run.state, SUMMARY_FILE)
+    if broken or missing or rows_out != plan.rows_in:
         summary["status"] = "failed"
-        storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
-        raise JobError(f"run {plan.run_id}: {plan.rows_in} rows in but {rows_out} rows out; output is incomplete")
+        storage.write_text(summary_uri, json.dumps(summary, indent=2) + "\n")
+        detail = f"; unit {broken[0][0]} has {broken[0][1]} of {broken[0][2]} rows" if broken else ""
+        raise JobError(f"run {plan.run_id}: {plan.rows_in} rows in but {rows_out} rows out, {missing} units "
+                       f"uncommitted{detail}; output is incomplete: run again with --resume")
     if summary["error_rate"] > config.max_error_rate:
         summary["status"] = "failed"
-        storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
+        storage.write_text(summary_uri, json.dumps(summary, indent=2) + "\n")
         top = "; ".join(f"{e['count']} x {e['error']}" for e in summary["top_errors"][:3])
-        raise JobError(f"run {plan.run_id}: {n_err} of {rows_out} rows are errors ({summary['error_rate']:.1%}), "
+        raise JobError(f"run {plan.run_id}: {total.errors} of {rows_out} rows are errors ({summary['error_rate']:.1%}), "
                        f"above --max-error-rate {config.max_error_rate:.1%}. Commonest: {top}")
-    storage.write_text(storage.join(state, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(state, SUCCESS_FILE), "")
-    log.info("run %s complete: %d rows, %d ok, %d errors in %.1fs", plan.run_id, rows_out, n_ok, n_err, wall)
+    storage.write_text(summary_uri, json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(run.state, SUCCESS_FILE), "")
+    log.info("run %s complete: %d rows, %d ok, %d errors in %.1fs", plan.run_id, rows_out, total.ok, total.errors, wall)
     return summary
-
-
-def _read_columns(uri: str, columns: list[str]) -> pa.Table:
-    import pyarrow.parquet as pq
-    fs, path = storage.filesystem(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
-def _mean(values: pa.Array | pa.ChunkedArray) -> float | None:
-    value = pc.mean(values).as_py()
-    return None if value is None else round(float(value), 6)
 
 
 def _arguments(config: LabelConfig) -> dict[str, Any]:

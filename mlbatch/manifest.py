@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from . import images, storage
@@ -46,6 +47,16 @@ def expand(uris: list[str]) -> list[str]:
 def read_schema(uri: str) -> pa.Schema:
     try:
         return storage.read_parquet_schema(uri)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {uri}: not found") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ManifestError(f"manifest {uri}: not a readable Parquet file ({exc})") from None
+
+
+def read_footer(uri: str) -> pq.FileMetaData:
+    """A manifest's Parquet footer: its row count, schema and column statistics, without its rows."""
+    try:
+        return storage.read_parquet_metadata(uri)
     except FileNotFoundError:
         raise ManifestError(f"manifest {uri}: not found") from None
     except (OSError, pa.ArrowInvalid) as exc:

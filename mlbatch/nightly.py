@@ -7,7 +7,7 @@ Layout of the output (``OUT``)::
     OUT/dt=YYYY-MM-DD/<run_id>-a<attempt>-....parquet   the labeled rows: one Hive partition per night
     OUT/dt=YYYY-MM-DD/_run.json                          that night's nightly summary (drift included)
     OUT/_nightly/state.json                              which manifest was labeled by which model version
-    OUT/_nightly/runs/<run_id>/                          one labeling run's _run.json, _SUCCESS, _checkpoints
+    OUT/_nightly/runs/<run_id>/                          one labeling run's _run.json, _SUCCESS, _units/
     OUT/_nightly/runs/YYYY-MM-DD.json                    the nightly summary again, next to the state
 
 Underscore folders and files are never read as data (every Parquet engine and ``mlbatch query``
@@ -19,23 +19,31 @@ How a night goes:
   *fingerprint* is its size and ETag (S3, from the listing; for a multipart upload the ETag is
   not an MD5 but still changes with the content) or, locally, its size and the MD5 of its
   bytes (so touching a file is not a change).
-* One ``mlbatch.job.label`` run per manifest to label, into ``OUT/dt=DATE``. Its run id is
-  ``<file stem>-<digest of (manifest URI, size, ETag, model version)>``: the same manifest
-  content and model always give the same run, so an interrupted run is found again.
-* The state records a manifest only after its run completed. A crashed night is simply run
-  again: completed manifests are skipped; a run that was killed part way (its
-  ``started.json`` exists, the state does not record it) is resumed with ``resume=True`` into
-  the partition it started in, so its rows stay in one partition.
+* All the manifests a night labels go through **one** ``mlbatch.job.label`` run into
+  ``OUT/dt=DATE`` (one per schema, should their columns differ), so a night of 1,000 small
+  manifests pays one pipeline start-up, not 1,000. Its run id is ``night-<date>-<digest of the
+  manifests' URIs and fingerprints and the model version>``. A manifest that cannot be labeled
+  at all (unreadable, no URI column, no rows: seen in its footer) is left out of the run and
+  reported, so it cannot fail the others.
+* The bookkeeping stays per manifest: the job's units never straddle two manifests, so each
+  output file, and each commit marker with its statistics, belongs to one manifest (the
+  ``file_index`` of the run's plan). The job's summary has every manifest's rows, ok, errors and
+  label statistics; each manifest gets its own record in the state.
+* Before a run starts, the state records it as *pending* with its manifests. A crashed night is
+  simply run again: completed manifests are skipped; a pending run whose manifests are unchanged
+  is resumed (``resume=True``: its committed units are kept) into the partition it started in,
+  so its rows stay in one partition; manifests that arrived since go into a new run.
 * A manifest whose fingerprint changed since this model version labeled it is labeled again,
-  and then the files of its previous run (``<old_run_id>-a*``) are deleted: every manifest
-  row is labeled exactly once per model version, in the partition of the night it was
-  (last) labeled.
+  and then its files in its previous run (found by their markers) are deleted, the run's other
+  manifests' files untouched: every manifest row is labeled exactly once per model version, in
+  the partition of the night it was (last) labeled.
 * A new model version labels the manifests older versions labeled only with ``relabel``;
   without it they are counted and left alone. New manifests (and manifests whose content
   changed since an older version labeled them) are labeled by the current version either way.
-* A manifest run that fails for a job-level reason (unreadable manifest, too many error
-  rows) has its files and run state removed, is reported, and is tried again the next
-  night; the other manifests are still labeled. The night then ends with ``NightlyError``.
+* A manifest with more error rows than ``max_error_rate`` has its files removed, is reported,
+  and is tried again the next night; the run failing as a whole (a stall, say) does the same for
+  all its manifests. The other manifests are still recorded. The night then ends with
+  ``NightlyError``.
 
 Drift: for each label, the positive rate and the mean probability of this night's partition
 (all runs of the current model version recorded for ``DATE``, pooled, weighted by their ok
@@ -61,7 +69,7 @@ from typing import Any
 
 from . import manifest as manifest_mod
 from . import storage
-from .job import JobError, LabelConfig, label
+from .job import DEFAULT_STALL_SECONDS, UNITS_DIR, JobError, LabelConfig, label, read_markers
 from .package import PackageError, read_package
 
 log = logging.getLogger(__name__)
@@ -69,7 +77,6 @@ log = logging.getLogger(__name__)
 NIGHTLY_DIR = "_nightly"
 STATE_FILE = "state.json"
 RUNS_DIR = "runs"
-STARTED_FILE = "started.json"
 PARTITION_SUMMARY = "_run.json"
 STATE_FORMAT = "mlbatch-nightly-state"
 STATE_VERSION = 1
@@ -111,6 +118,7 @@ class NightlyConfig:
     thresholds: dict[str, float] = field(default_factory=dict)
     max_error_rate: float = 0.05
     max_pixels: int | None = None      # None: the labeling job's default
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     progress: bool = True
 
 
@@ -210,16 +218,6 @@ def _md5(uri: str) -> str:
     return digest.hexdigest()
 
 
-def run_id_for(m: Manifest, model_version: str) -> str:
-    """``<stem>-<digest>``: deterministic from the manifest URI, its fingerprint and the model version."""
-    text = json.dumps({"manifest": m.uri, "size": m.size, "etag": m.etag, "model": model_version}, sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    stem = m.uri.rstrip("/").rsplit("/", 1)[-1]
-    stem = stem[: -len(".parquet")] if stem.endswith(".parquet") else stem
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-_")[:40].strip("-_")
-    return f"{slug}-{digest}" if slug and slug[0].isalnum() else f"m-{digest}"
-
-
 # ---- the state -----------------------------------------------------------------------------
 
 def state_uri(output: str) -> str:
@@ -277,7 +275,6 @@ def _remove_run(output: str, day: str, run_id: str) -> int:
 @dataclass
 class _Todo:
     manifest: Manifest
-    run_id: str
     reason: str                      # new | changed | relabel
     replaces: dict[str, Any] | None  # the same model version's previous record of this manifest
 
@@ -298,7 +295,7 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
     day = _check_config(config)
     output = config.output.rstrip("/")
     if not storage.is_remote(output) and not output.startswith("file://"):
-        # absolute: Ray Data's checkpoint path (under the run folder) must be a URI or an absolute path
+        # absolute: one spelling of each path, in the state and in the job's plans
         output = os.path.abspath(output)
     try:
         meta, _ = read_package(config.model)
@@ -325,13 +322,13 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
         if mine is not None and version in same:
             unchanged.append(m.uri)
         elif mine is not None:
-            todo.append(_Todo(m, run_id_for(m, version), "changed", mine))
+            todo.append(_Todo(m, "changed", mine))
         elif same and not config.relabel:
             older.append(m.uri)
         elif same:
-            todo.append(_Todo(m, run_id_for(m, version), "relabel", None))
+            todo.append(_Todo(m, "relabel", None))
         else:  # never labeled, or its content changed since an older version labeled it
-            todo.append(_Todo(m, run_id_for(m, version), "new" if not records else "changed", None))
+            todo.append(_Todo(m, "new" if not records else "changed", None))
     present = {m.uri for m in found}
     missing = sorted(u for u in state["manifests"] if u not in present)
     if older:
@@ -340,12 +337,9 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
 
     labeled: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for job in todo:
-        try:
-            labeled.append(_label_one(config, output, day, meta, job, state))
-        except (JobError, manifest_mod.ManifestError) as exc:
-            log.error("nightly %s: %s failed: %s", day, job.manifest.uri, exc)
-            failed.append({"manifest": job.manifest.uri, "run_id": job.run_id, "error": str(exc)})
+    for run_id, run_day, jobs, resume, rows_per_file in _group_runs(config, output, day, version, todo, state, failed):
+        labeled += _label_run(replace(config, rows_per_file=rows_per_file), output, run_day, meta, run_id, jobs,
+                              resume, state, failed)
 
     night = _night(state, day, version)
     drift = _drift(state, day, version, night, config.drift_window, config.drift_bound)
@@ -380,67 +374,149 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
     return summary
 
 
-def _label_one(config: NightlyConfig, output: str, day: str, meta: dict[str, Any], job: _Todo,
-               state: dict[str, Any]) -> dict[str, Any]:
-    """Label one manifest (or resume its interrupted run), then record it; returns what was done."""
-    m, run_id = job.manifest, job.run_id
+def _manifest_problem(m: Manifest, config: NightlyConfig) -> tuple[str | None, Any]:
+    """Why a manifest cannot be labeled, from its footer alone (None if it can), and its schema."""
+    try:
+        footer = manifest_mod.read_footer(m.uri)
+        schema = footer.schema.to_arrow_schema().remove_metadata()
+        manifest_mod.check_uri_column(m.uri, schema, config.uri_column)
+        if config.id_column and config.id_column not in schema.names:
+            raise manifest_mod.ManifestError(f"manifest {m.uri}: no id column {config.id_column!r}")
+        if footer.num_rows == 0:
+            raise manifest_mod.ManifestError(f"manifest {m.uri}: has no rows")
+    except manifest_mod.ManifestError as exc:
+        return str(exc), None
+    return None, schema
+
+
+def night_run_id(day: str, manifests: list[Manifest], model_version: str) -> str:
+    """``night-<date>-<digest>``: deterministic from the night's manifests (URIs, fingerprints) and the model version."""
+    text = json.dumps({"manifests": [[m.uri, m.size, m.etag] for m in manifests], "model": model_version},
+                      sort_keys=True)
+    return f"night-{day}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo: list[_Todo],
+                state: dict[str, Any], failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool, int]]:
+    """The night's labeling runs: first any run a crash left unfinished (resumed with its own manifests, in
+    its own partition and with its own unit size), then one run for everything else (one per schema, if
+    the manifests differ).
+
+    A manifest that cannot be labeled at all (unreadable, no URI column, no rows) is reported failed here,
+    so it cannot fail the others' run.
+    """
+    runs = []
+    left = {job.manifest.uri: job for job in todo}
+    for run_id, pending in list(state.get("pending", {}).items()):
+        if pending["model_version"] != version:
+            continue
+        same = [left[u] for u, fp in pending["manifests"].items()
+                if u in left and left[u].manifest.fingerprint() == fp]
+        if same and len(same) == len(pending["manifests"]):
+            runs.append((run_id, pending["dt"], same, True, pending["rows_per_file"]))
+            for job in same:
+                del left[job.manifest.uri]
+        else:  # its manifests changed or went since: its rows are not wanted
+            _remove_run(output, pending["dt"], run_id)
+            del state["pending"][run_id]
+    by_schema: dict[str, list[_Todo]] = {}
+    for job in left.values():
+        problem, schema = _manifest_problem(job.manifest, config)
+        if problem is not None:
+            log.error("nightly %s: %s cannot be labeled: %s", day, job.manifest.uri, problem)
+            failed.append({"manifest": job.manifest.uri, "run_id": None, "error": problem})
+            continue
+        by_schema.setdefault(schema.to_string(), []).append(job)
+    for jobs in by_schema.values():
+        runs.append((night_run_id(day, [j.manifest for j in jobs], version), day, jobs, False, config.rows_per_file))
+    return runs
+
+
+def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any], run_id: str, jobs: list[_Todo],
+               resume: bool, state: dict[str, Any], failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Label the night's manifests in one run (or resume it), then record each manifest; returns what was done."""
     rdir = run_dir(output, run_id)
-    started_uri = storage.join(rdir, STARTED_FILE)
-    if storage.exists(started_uri):   # started before and not recorded: killed, or done just before a crash
-        started = json.loads(storage.read_text(started_uri))
-        run_day, resume = started["dt"], True
-        log.info("nightly %s: resuming run %s of %s (started %s, partition dt=%s)", day, run_id, m.uri,
-                 started["started_at"], run_day)
-    else:
-        run_day, resume = day, False
-        started = {"run_id": run_id, "manifest": m.uri, **m.fingerprint(), "model_version": meta["version"],
-                   "dt": day, "reason": job.reason, "started_at": _now()}
-        _write_json(started_uri, started)
+    state.setdefault("pending", {})[run_id] = {
+        "dt": day, "model_version": meta["version"], "rows_per_file": config.rows_per_file, "started_at": _now(),
+        "manifests": {j.manifest.uri: j.manifest.fingerprint() for j in jobs}}
+    _write_json(state_uri(output), state)      # a crash from here on is resumed by the next night
+    if resume:
+        log.info("nightly %s: resuming run %s of %d manifests (partition dt=%s)", day, run_id, len(jobs), day)
     base = LabelConfig(
-        manifests=[m.uri], model=config.model, output=partition_uri(output, run_day), uri_column=config.uri_column,
-        id_column=config.id_column, batch_size=config.batch_size, rows_per_file=config.rows_per_file,
-        concurrency=config.concurrency, num_gpus=config.num_gpus, thresholds=dict(config.thresholds),
-        max_error_rate=config.max_error_rate, run_id=run_id, resume=resume, progress=config.progress,
-        state_dir=rdir, extra_summary={"nightly": {"date": run_day, "manifest": m.uri, **m.fingerprint(),
-                                                   "reason": job.reason}},
+        manifests=[j.manifest.uri for j in jobs], model=config.model, output=partition_uri(output, day),
+        uri_column=config.uri_column, id_column=config.id_column, batch_size=config.batch_size,
+        rows_per_file=config.rows_per_file, concurrency=config.concurrency, num_gpus=config.num_gpus,
+        thresholds=dict(config.thresholds), max_error_rate=1.0, run_id=run_id, resume=resume,
+        progress=config.progress, stall_seconds=config.stall_seconds, state_dir=rdir,
+        extra_summary={"nightly": {"date": day, "manifests": [{"manifest": j.manifest.uri, **j.manifest.fingerprint(),
+                                                                "reason": j.reason} for j in jobs]}},
         **({"max_pixels": config.max_pixels} if config.max_pixels is not None else {}))
     try:
-        try:
-            summary = label(base)
-        except JobError as exc:
-            # a run that cannot be resumed (no unique key, checkpoint gone) is started over
-            if not (resume and str(exc).startswith("cannot resume")):
-                raise
-            log.warning("nightly %s: %s; labeling %s again from the start", day, exc, m.uri)
-            summary = label(replace(base, resume=False))
-    except (JobError, manifest_mod.ManifestError):
-        _remove_run(output, run_day, run_id)   # no half output of a failed run; tried afresh next night
-        raise
+        summary = label(base)
+    except (JobError, manifest_mod.ManifestError) as exc:
+        _remove_run(output, day, run_id)   # no half output of a failed run; its manifests are tried afresh next night
+        del state["pending"][run_id]
+        _write_json(state_uri(output), state)
+        for job in jobs:
+            log.error("nightly %s: %s failed: %s", day, job.manifest.uri, exc)
+            failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": str(exc)})
+        return []
 
-    removed = 0
-    if job.replaces is not None and job.replaces["run_id"] != run_id:
-        removed = _remove_run(output, job.replaces["dt"], job.replaces["run_id"])
-        log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", day, m.uri, removed,
-                 job.replaces["run_id"], job.replaces["dt"])
-    labeled_at = summary.get("finished_at") or _now()
-    record = {"run_id": run_id, "manifest": m.uri, "dt": run_day, "reason": job.reason,
-              "model_name": meta["name"], "model_version": meta["version"], **m.fingerprint(),
-              "rows": summary["rows_out"], "ok": summary["ok"], "errors": summary["errors"],
-              "labels": {k: {x: v.get(x) for x in (*METRICS, "threshold")} for k, v in summary["labels"].items()},
-              "attempts": summary.get("attempts", 1), "replaces": job.replaces["run_id"] if job.replaces else None,
-              "finished_at": labeled_at}
-    for old in state["runs"]:
-        if job.replaces is not None and old["run_id"] == job.replaces["run_id"] and not old.get("superseded_by"):
-            old["superseded_by"] = run_id
-    state["runs"].append(record)
-    state["manifests"].setdefault(m.uri, {})[meta["version"]] = {
-        **m.fingerprint(), "mtime_ns": m.mtime_ns, "run_id": run_id, "dt": run_day, "rows": summary["rows_out"],
-        "labeled_at": labeled_at}
+    per_manifest = {m["manifest"]: (i, m) for i, m in enumerate(summary["per_manifest"])}
+    done = []
+    for job in jobs:
+        m = job.manifest
+        index, stats = per_manifest[m.uri]
+        rate = stats["errors"] / stats["rows"] if stats["rows"] else 0.0
+        if rate > config.max_error_rate:  # this manifest's rows go; the others' stay
+            _remove_manifest(output, day, run_id, index)
+            error = (f"{stats['errors']} of {stats['rows']} rows are errors ({rate:.1%}), above --max-error-rate "
+                     f"{config.max_error_rate:.1%}")
+            log.error("nightly %s: %s failed: %s", day, m.uri, error)
+            failed.append({"manifest": m.uri, "run_id": run_id, "error": error})
+            continue
+        removed = 0
+        if job.replaces is not None and job.replaces["run_id"] != run_id:
+            removed = _remove_manifest(output, job.replaces["dt"], job.replaces["run_id"], job.replaces.get("file_index"))
+            log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", day, m.uri, removed,
+                     job.replaces["run_id"], job.replaces["dt"])
+        labeled_at = summary.get("finished_at") or _now()
+        record = {"run_id": run_id, "manifest": m.uri, "file_index": index, "dt": day, "reason": job.reason,
+                  "model_name": meta["name"], "model_version": meta["version"], **m.fingerprint(),
+                  "rows": stats["rows"], "ok": stats["ok"], "errors": stats["errors"],
+                  "labels": {k: {x: v.get(x) for x in (*METRICS, "threshold")} for k, v in stats["labels"].items()},
+                  "attempts": summary.get("attempts", 1), "replaces": job.replaces["run_id"] if job.replaces else None,
+                  "finished_at": labeled_at}
+        for old in state["runs"]:
+            if (job.replaces is not None and old["run_id"] == job.replaces["run_id"] and old["manifest"] == m.uri
+                    and not old.get("superseded_by")):
+                old["superseded_by"] = run_id
+        state["runs"].append(record)
+        state["manifests"].setdefault(m.uri, {})[meta["version"]] = {
+            **m.fingerprint(), "mtime_ns": m.mtime_ns, "run_id": run_id, "file_index": index, "dt": day,
+            "rows": stats["rows"], "labeled_at": labeled_at}
+        done.append({"manifest": m.uri, "run_id": run_id, "dt": day, "reason": job.reason, "resumed": resume,
+                     "attempts": record["attempts"], "rows": record["rows"], "ok": record["ok"],
+                     "errors": record["errors"], "replaced_run": record["replaces"], "removed_files": removed})
+    del state["pending"][run_id]
     state["updated_at"] = _now()
     _write_json(state_uri(output), state)
-    return {"manifest": m.uri, "run_id": run_id, "dt": run_day, "reason": job.reason, "resumed": resume,
-            "attempts": record["attempts"], "rows": record["rows"], "ok": record["ok"], "errors": record["errors"],
-            "replaced_run": record["replaces"], "removed_files": removed}
+    return done
+
+
+def _remove_manifest(output: str, day: str, run_id: str, file_index: int | None) -> int:
+    """Delete one manifest's data files from a run (its units' files, found by their markers); the whole
+    run's folder when nothing of it is left. ``file_index`` None: a run of that manifest alone."""
+    markers = storage.join(run_dir(output, run_id), UNITS_DIR, run_id)
+    if file_index is None:
+        return _remove_run(output, day, run_id)
+    mine = [m for m in read_markers(markers) if m["file_index"] == file_index]
+    for m in mine:   # the marker first: a crash in between leaves a file no marker counts
+        storage.delete(storage.join(markers, m["file"][: -len(".parquet")] + ".json"))
+        storage.delete(storage.join(partition_uri(output, day), m["file"]))
+    if not read_markers(markers):
+        _remove_run(output, day, run_id)
+    return len(mine)
 
 
 # ---- drift ---------------------------------------------------------------------------------

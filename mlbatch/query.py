@@ -6,7 +6,7 @@ everything else) and handed to DuckDB, which scans it with column and filter pus
 machines that cannot download one.
 
 What is read: every ``*.parquet`` file under the output, except anything under a folder or
-file whose name starts with ``_`` or ``.`` (``_nightly/``, ``_checkpoints/``, ``_run.json``),
+file whose name starts with ``_`` or ``.`` (``_nightly/``, ``_units/``, ``_run.json``),
 as every Parquet engine does.
 
 Two views:
@@ -81,7 +81,7 @@ class Output:
     """The Parquet files of an output, their schemas, and the dataset and views made of them."""
 
     def __init__(self, uri: str):
-        files = storage.list_files(uri, suffix=".parquet")  # skips _nightly/, _checkpoints/, .hidden
+        files = storage.list_files(uri, suffix=".parquet")  # skips _nightly/, _units/, .hidden
         if not files:
             raise FileNotFoundError(f"no Parquet files under {uri}")
         self.uri = uri

@@ -182,6 +182,13 @@ def read_parquet_schema(uri: str) -> pa.Schema:
         return pq.read_schema(f)
 
 
+def read_parquet_metadata(uri: str) -> pq.FileMetaData:
+    """The footer of a Parquet file (row counts, schema, statistics): a few KiB, never its columns."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f)
+
+
 def write_parquet(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)

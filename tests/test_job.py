@@ -30,7 +30,7 @@ EXPECTED_ADDED = [
     ("prob_car", pa.float32()), ("prob_bus", pa.float32()), ("prob_pedestrian", pa.float32()),
     ("labels", pa.list_(pa.string())), ("status", pa.string()), ("error", pa.string()),
     ("model_name", pa.string()), ("model_version", pa.string()), ("run_id", pa.string()),
-    ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ("labeled_at", pa.timestamp("us", tz="UTC")), ("source_manifest", pa.string()), ("source_row", pa.int64()),
 ]
 
 
@@ -250,6 +250,50 @@ def test_killed_run_resumes_with_every_row_exactly_once(ray_cluster, tmp_path, s
     # resuming a complete run does nothing
     again = subprocess.run(args + ["--resume"], env=_cli_env(ray_cluster), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and _read_output(str(out)).num_rows == 400
+
+
+def test_repeated_uris_without_ids_killed_and_resumed_every_row_once(ray_cluster, tmp_path, small_model):
+    """Every image listed twice, across two manifests, no id column: each row is labeled once, by its position."""
+    data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=100, seed=23))
+    src = storage.read_parquet(data["test"]).select(["image_uri"])
+    twice = pa.concat_tables([src, src.slice(50), src.slice(0, 50)])
+    (tmp_path / "in").mkdir()
+    pq.write_table(twice.slice(0, 120), tmp_path / "in" / "a.parquet")
+    pq.write_table(twice.slice(120), tmp_path / "in" / "b.parquet")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", str(tmp_path / "in"), "--model", small_model,
+            "--output", str(out), "--batch-size", "8", "--rows-per-file", "16", "--concurrency", "1"]
+    proc = subprocess.Popen(args, env=_cli_env(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(out.glob("*.parquet"))) < 3:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no output files appeared"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0 < _read_output(str(out)).num_rows < 200 and not (out / "_SUCCESS").exists()
+
+    resumed = subprocess.run(args + ["--resume"], env=_cli_env(ray_cluster), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "rows in 200, out 200: 200 ok" in resumed.stdout
+    table = _read_output(str(out))
+    a, b = str(tmp_path / "in" / "a.parquet"), str(tmp_path / "in" / "b.parquet")
+    where = sorted(zip(table.column("source_manifest").to_pylist(), table.column("source_row").to_pylist()))
+    assert where == sorted([(a, i) for i in range(120)] + [(b, i) for i in range(80)])  # every row exactly once
+    # each row carries its own manifest row's URI, and an image listed twice gets the same labels twice
+    by_place = {(r["source_manifest"], r["source_row"]): r for r in table.to_pylist()}
+    listed = twice.column("image_uri").to_pylist()
+    for (m, i), row in by_place.items():
+        assert row["image_uri"] == listed[i if m == a else 120 + i]
+    probs: dict[str, set] = {}
+    for row in by_place.values():
+        probs.setdefault(row["image_uri"], set()).add(round(row["prob_car"], 5))
+    assert len(probs) == 100 and all(len(v) == 1 for v in probs.values())
+    assert json.loads((out / "_run.json").read_text())["attempts"] == 2
 
 
 GPU_SCRIPT = """

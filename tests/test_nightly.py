@@ -59,7 +59,8 @@ def _write_manifest(rows: list[dict], uri: str, schema: pa.Schema) -> list[str]:
 
 
 def _labeled(output: str) -> list[dict]:
-    return query(output, "SELECT CAST(dt AS VARCHAR) AS dt, id, run_id, model_version, status FROM labels").to_pylist()
+    return query(output, "SELECT CAST(dt AS VARCHAR) AS dt, id, run_id, model_version, status, source_manifest "
+                         "FROM labels").to_pylist()
 
 
 def _pool(runs: list[dict], label: str, metric: str) -> float:
@@ -124,8 +125,11 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     by = {x["manifest"]: x for x in s2["labeled"]}
     assert set(by) == {a, c} and by[c]["reason"] == "new"
     assert by[a]["reason"] == "changed" and by[a]["replaced_run"] == old_a_run and by[a]["removed_files"] >= 1
-    assert not [e for e in storage.list_files(out) if e.uri.rsplit("/", 1)[-1].startswith(old_a_run)]
-    assert not storage.exists(f"{out}/_nightly/runs/{old_a_run}")
+    # night 1 was one run of both manifests: cam-a's rows of it are gone, cam-b's stay
+    assert s1["labeled"][0]["run_id"] == s1["labeled"][1]["run_id"] == old_a_run
+    rows_now = _labeled(out)
+    assert not [r for r in rows_now if r["run_id"] == old_a_run and r["source_manifest"] == a]
+    assert len([r for r in rows_now if r["run_id"] == old_a_run and r["source_manifest"] == b]) == 12
     assert s2["drift"]["compared_with"] == [D1] and s2["drift"]["status"] in ("ok", "drift")
 
     # ---- night 3: a run killed part way (one image blocks), resumed by the next attempt ---------
@@ -214,9 +218,8 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     want_dt = {a: D2, b: D1, c: D2, d: D3, e: D3, f: D4}
     got = _labeled(out)
     assert len(got) == sum(len(ids) for ids in expected.values())
-    run_of = {r["run_id"]: r["manifest"] for r in state["runs"]}
     for m, ids in expected.items():
-        mine = [r for r in got if run_of.get(r["run_id"]) == m]
+        mine = [r for r in got if r["source_manifest"] == m]
         assert sorted(r["id"] for r in mine) == sorted(ids), m
         assert {r["dt"] for r in mine} == {want_dt[m]} and {r["model_version"] for r in mine} == {version1}
         rec = state["manifests"][m][version1]
@@ -241,13 +244,12 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
 
     got = _labeled(out)
     state = load_state(out)
-    run_of = {r["run_id"]: r["manifest"] for r in state["runs"]}
     for version, dts in ((version1, want_dt), (version2, {m: D6 for m in expected} | {g: D5})):
         rows_v = [r for r in got if r["model_version"] == version]
         labeled = {m: ids for m, ids in expected.items() if m in dts}
         assert len(rows_v) == sum(len(ids) for ids in labeled.values())
         for m, ids in labeled.items():
-            mine = [r for r in rows_v if run_of[r["run_id"]] == m]
+            mine = [r for r in rows_v if r["source_manifest"] == m]
             assert sorted(r["id"] for r in mine) == sorted(ids) and {r["dt"] for r in mine} == {dts[m]}
     assert all(r["status"] == "ok" for r in got)
 
@@ -301,3 +303,60 @@ def test_good_dates_and_other_arguments(tmp_path):
     for kw, match in (({"drift_window": 0}, "--drift-window"), ({"drift_bound": -0.1}, "--drift-bound")):
         with pytest.raises(ValueError, match=match):
             nightly(NightlyConfig(input=str(tmp_path), model="m", output=str(tmp_path / "o"), **kw))
+
+
+def test_a_night_of_many_manifests_is_one_run_with_exact_bookkeeping(ray_cluster, tmp_path, small_dataset,
+                                                                   small_model):
+    """Twelve manifests, one run; the next night one changed, one broken, one mostly missing images and three
+    new: one run again, each manifest recorded (or failed) on its own, every row once."""
+    rows = storage.read_parquet(small_dataset["test"])
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+    inp.mkdir()
+    want: dict[str, list[str]] = {}
+
+    def put(name: str, part: pa.Table) -> str:
+        uri = str(inp / f"{name}.parquet")
+        storage.write_parquet(part, uri)
+        want[uri] = part.column("id").to_pylist()
+        return uri
+
+    for k in range(12):
+        put(f"cam-{k:02d}", rows.slice(3 * k, 3))
+    s1 = nightly(_config(str(inp), small_model, out, D1))
+    assert len(s1["labeled"]) == 12 and len({x["run_id"] for x in s1["labeled"]}) == 1
+    first_run = s1["labeled"][0]["run_id"]
+    assert [x["rows"] for x in s1["labeled"]] == [3] * 12 and s1["night"]["rows"] == 36
+
+    changed = put("cam-03", rows.slice(40, 4))
+    (inp / "broken.parquet").write_bytes(b"not parquet")
+    missing = rows.slice(50, 4).set_column(rows.schema.get_field_index("image_uri"), "image_uri",
+                                           pa.array([str(tmp_path / f"gone-{i}.jpg") for i in range(4)]))
+    storage.write_parquet(missing, str(inp / "lost.parquet"))
+    new = [put(f"new-{k}", rows.slice(36 + k, 1)) for k in range(3)]
+    with pytest.raises(NightlyError, match="2 of 6 manifests could not be labeled") as raised:
+        nightly(_config(str(inp), small_model, out, D2))
+    s2 = raised.value.summary
+    by = {x["manifest"]: x for x in s2["labeled"]}
+    assert set(by) == {changed, *new} and len({x["run_id"] for x in s2["labeled"]}) == 1
+    assert by[changed]["reason"] == "changed" and by[changed]["replaced_run"] == first_run
+    assert by[changed]["removed_files"] >= 1 and by[changed]["rows"] == 4
+    errors = {Path(f["manifest"]).name: f["error"] for f in s2["failed"]}
+    assert "not a readable Parquet file" in errors["broken.parquet"]
+    assert "4 of 4 rows are errors" in errors["lost.parquet"]
+
+    state = load_state(out)
+    assert sorted(state["manifests"]) == sorted(want)          # neither failed manifest is recorded
+    got = query(out, "SELECT CAST(dt AS VARCHAR) AS dt, id, source_manifest FROM labels").to_pylist()
+    assert len(got) == sum(len(v) for v in want.values())      # the lost manifest's rows were removed
+    for uri, ids in want.items():
+        mine = [r for r in got if r["source_manifest"] == uri]
+        assert sorted(r["id"] for r in mine) == sorted(ids), uri
+        assert {r["dt"] for r in mine} == {D2 if uri in (changed, *new) else D1}
+    assert all(by[u]["rows"] == 1 for u in new) and s2["night"]["rows"] == 7
+
+    # the next night: the failed manifests, now fixed, are labeled; nothing else is
+    (inp / "broken.parquet").unlink()
+    storage.write_parquet(rows.slice(50, 4), str(inp / "lost.parquet"))
+    s3 = nightly(_config(str(inp), small_model, out, D3))
+    assert [Path(x["manifest"]).name for x in s3["labeled"]] == ["lost.parquet"] and s3["status"] == "complete"
+    assert query(out, "SELECT count(*) AS n FROM labels").to_pylist()[0]["n"] == len(got) + 4

@@ -84,7 +84,7 @@ def _no_compute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline was started")
     with monkeypatch.context() as m:
-        m.setattr(ray.data, "read_parquet", refuse)
+        m.setattr(ray.data, "ActorPoolStrategy", refuse)  # the predictors: only the labeling pipeline has them
         yield
 
 
@@ -296,19 +296,20 @@ def test_manifest_level_problems_have_clear_outcomes(ray_cluster, monkeypatch, t
          ManifestError, r"null-id.parquet: row 1: id column 'id' is null"),
         ([write("no-id.parquet", pa.table({"image_uri": uris[:2]}))], {"id_column": "id"},
          ManifestError, r"no-id.parquet: no id column 'id' \(columns: image_uri\)"),
-        ([write("dup-uri.parquet", pa.table({"image_uri": [uris[0], uris[0]]}))], {"resume": True},
-         JobError, r"cannot resume: the rows have no unique key \('image_uri' has nulls or duplicates\)"),
     ]
     for manifests, extra, error, message in failing:
         with _no_compute(monkeypatch), pytest.raises(error, match=message):
             label(_config(manifests=manifests, model=small_model, output=out, **extra))
     assert not list((tmp_path / "out").glob("*.parquet"))  # (the writability probe may leave the folder)
 
-    # duplicate image URIs without an id column: labeled, one output row per input row (not resumable)
-    summary = label(_config(manifests=[str(tmp_path / "dup-uri.parquet")], model=small_model, output=out))
+    # duplicate image URIs without an id column: labeled once per row, each row known by its position;
+    # such a run resumes like any other (it used to refuse: Ray's checkpoint needed a unique key)
+    write("dup-uri.parquet", pa.table({"image_uri": [uris[0], uris[0]]}))
+    summary = label(_config(manifests=[str(tmp_path / "dup-uri.parquet")], model=small_model, output=out, resume=True))
     table = _read_output(out)
     assert summary["rows_out"] == table.num_rows == 2 and summary["ok"] == 2
     assert table.column("image_uri").to_pylist() == [uris[0], uris[0]]
+    assert table.column("source_row").to_pylist() == [0, 1]
     assert table.column("prob_car")[0] == table.column("prob_car")[1]
 
 
@@ -456,29 +457,84 @@ def test_a_killed_predictor_actor_is_replaced_and_no_row_is_lost(ray_cluster, tm
     _assert_same_output(_read_output(str(out)), kill_baseline)
 
 
-def test_a_killed_driver_resumes_to_the_clean_output(ray_cluster, tmp_path, kill_data, kill_baseline, small_model):
+def _markers(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "_units" / "kill").glob("[!_]*.json"))]
+
+
+@pytest.mark.parametrize("point", ["before-the-first-write", "during-writes", "after-the-last-file"])
+def test_a_killed_driver_resumes_to_the_clean_output(ray_cluster, tmp_path, kill_data, kill_baseline, small_model,
+                                                     point):
+    """Killed at each point of a run, with no --id-column (rows are known by position): one --resume, nothing lost
+    or doubled. Writes torn by the kill are planted too: a hidden half-written local file, and a whole data file
+    whose commit marker was never written."""
     out = tmp_path / "out"
     env = {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", kill_data, "--model", small_model,
-            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-file", "16", "--run-id", "kill"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list(out.glob("*.parquet"))) < 3:
-            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no output files appeared"
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = _read_output(str(out)).num_rows
-    assert 0 < partial < KILL_ROWS and not (out / "_SUCCESS").exists()
-
+            "--output", str(out), "--batch-size", "8", "--rows-per-file", "16", "--run-id", "kill"]
+    if point == "after-the-last-file":
+        # every file and marker written, then killed before _run.json and _SUCCESS: the same state as a kill there
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (out / "_SUCCESS").unlink()
+        (out / "_run.json").unlink()
+    else:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not ((out / "_units" / "kill" / "_plan.json").exists() if point == "before-the-first-write"
+                       else len(list(out.glob("*.parquet"))) >= 3):
+                assert proc.poll() is None, f"the run ended before it was killed: {proc.stdout.read().decode()[-2000:]}"
+                assert time.monotonic() < deadline, "the run did not get there"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(2)  # Ray ends the killed driver's workers
+        files = sorted(out.glob("*.parquet"))
+        assert not (out / "_SUCCESS").exists()
+        if point == "before-the-first-write":
+            assert not files and not _markers(out)
+        else:
+            committed = {m["unit"] for m in _markers(out)}
+            assert files and len(committed) < KILL_ROWS // 16
+            free = next(f"f000000-r{k * 16:012d}" for k in range(KILL_ROWS // 16) if f"f000000-r{k * 16:012d}" not in committed)
+            torn = out / f".kill-a000-{free}-r{int(free[-12:]):012d}.parquet.tmp-1"
+            torn.write_bytes(files[0].read_bytes()[:100])      # a local write cut short: no footer, hidden name
+            (out / f"kill-a000-{free}-r{int(free[-12:]):012d}.parquet").write_bytes(files[0].read_bytes())  # no marker
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((out / "_run.json").read_text())
-    assert summary["rows_out"] == KILL_ROWS and summary["attempts"] == 2
-    _assert_same_output(_read_output(str(out)), kill_baseline)
+    assert summary["rows_out"] == KILL_ROWS and summary["attempts"] == 2 and (out / "_SUCCESS").exists()
+    table = _read_output(str(out))
+    assert sorted(table.column("source_row").to_pylist()) == list(range(KILL_ROWS))
+    _assert_same_output(table, kill_baseline)
+    # the summary is the markers added up, and says what the output says
+    assert sum(m["rows"] for m in _markers(out)) == KILL_ROWS
+    assert summary["ok"] == table.filter(pa.compute.equal(table.column("status"), "ok")).num_rows
+    assert summary["labels"]["car"]["positive_rate"] == pytest.approx(
+        pa.compute.mean(pa.compute.cast(table.column("label_car"), pa.float64())).as_py(), abs=1e-6)
+    if point == "after-the-last-file":
+        assert "0 of" not in resumed.stderr and summary["files"] == len(list(out.glob("*.parquet")))
+
+
+def test_a_stalled_run_ends_with_a_message_naming_what_it_waits_for(ray_cluster, tmp_path, kill_data, small_model):
+    """More predictor actors than the cluster has CPUs for, and nothing left for decoding: no row can be
+    committed. The run ends after --stall-seconds, says what it waits for, and a --resume with room finishes it."""
+    out = str(tmp_path / "out")
+    common = dict(manifests=[kill_data], model=small_model, output=out, batch_size=8, rows_per_file=16,
+                  run_id="stall")
+    started = time.monotonic()
+    with pytest.raises(JobError) as raised:
+        label(_config(concurrency=8, stall_seconds=15, **common))
+    message = str(raised.value)
+    print(message)
+    assert time.monotonic() - started < 120
+    assert "no rows committed for 15 s (--stall-seconds); 0 of 400 rows committed" in message, message
+    assert "free on the cluster: CPU" in message and "waiting for:" in message and "--resume" in message
+    assert "Predictor" in message, message
+    summary = label(_config(concurrency=1, resume=True, **common))
+    assert summary["rows_out"] == KILL_ROWS and summary["ok"] == KILL_ROWS
 
 
 def test_an_unwritable_output_fails_before_any_compute(ray_cluster, monkeypatch, bucket, s3_endpoint, tmp_path,
@@ -605,4 +661,6 @@ def test_run_ids_and_label_names_never_become_paths(ray_cluster, monkeypatch, tm
     assert summary["rows_out"] == 60 and set(summary["labels"]) == set(labels)  # names stay data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "work"]
     assert [p.name for p in work.iterdir()] == ["out"]
-    assert all(p.parent == out for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
+    # the run's commit markers live in _units/<run_id>/, named by the run id alone
+    folders = {out, out / "_units", out / "_units" / summary["run_id"]}
+    assert all(p.parent in folders for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
