@@ -479,12 +479,13 @@ def _read_ids(batch: pa.Table, column: str) -> pa.Table:
 def _check_unique_ids(plan: _Plan, column: str) -> None:
     """Every id once: a group-by on the cluster (a shuffle of the ids, never collected in the driver)."""
     from ray.data.aggregate import Count, Max, Min
+    from ray.data.expressions import col
 
     ds = _units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column}, batch_size=1,
                                                               batch_format="pyarrow", num_cpus=DECODE_CPUS)
     groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
                                         Max("pos", alias_name="last"))
-    dups = groups.filter(expr="n > 1").take(1)
+    dups = groups.filter(expr=col("n") > 1).take(1)
     if dups:
         d = dups[0]
         first, second = int(d["first"]), int(d["last"])

@@ -38,8 +38,8 @@ from faultproxy import KINDS, FaultProxy
 from mlbatch import storage
 from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.manifest import ManifestError
-from mlbatch.model import (ModelSpec, MultiLabelNet, load_backbone_weights, load_model, read_state_dict,
-                           save_package)
+from mlbatch.model import (ModelSpec, MultiLabelNet, load_backbone_weights, load_model, read_initial_weights,
+                           read_state_dict, save_package)
 from mlbatch.package import PackageError
 from mlbatch.synth import SynthConfig, make_dataset, render_frame
 
@@ -579,7 +579,7 @@ def test_foreign_checkpoints_are_read_without_unpickling_code(tmp_path):
     (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Exploit()))
     for name in ("evil.pt", "evil.pth"):
         with pytest.raises(PackageError, match=r"refused, not a plain PyTorch state dict \(read with weights_only"):
-            load_backbone_weights(net, str(tmp_path / name))
+            load_backbone_weights(net, read_initial_weights(str(tmp_path / name)))
     # a package whose weights file is a pickle with a matching digest: safetensors never unpickles it
     save_package(net, str(tmp_path / "pkg"), thresholds={x: 0.5 for x in LABELS})
     evil = pickle.dumps(_Exploit())
@@ -597,7 +597,7 @@ def test_foreign_checkpoints_are_read_without_unpickling_code(tmp_path):
     # a plain PyTorch state dict of the backbone is accepted (.pt), as is safetensors
     other = MultiLabelNet(ModelSpec(labels=LABELS, image_size=32))
     torch.save(other.backbone.state_dict(), tmp_path / "backbone.pt")
-    load_backbone_weights(net, str(tmp_path / "backbone.pt"))
+    load_backbone_weights(net, read_initial_weights(str(tmp_path / "backbone.pt")))
     for k, v in other.backbone.state_dict().items():
         assert torch.equal(net.backbone.state_dict()[k], v)
     assert set(read_state_dict(str(tmp_path / "backbone.pt"))) == set(other.backbone.state_dict())
