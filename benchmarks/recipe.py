@@ -94,7 +94,8 @@ def table(rows: list[dict]) -> str:
         line = [kind, f"{size:,}"]
         for mode in MODES:
             r = cells.get((kind, size, mode))
-            line.append(f"**{r['test_macro_f1']:.3f}** in {r['train_seconds']:.0f} s ({r['epochs']} ep.)" if r else "")
+            mark = "" if r is None or r.get("cpu", "quiet") == "quiet" else " *"
+            line.append(f"**{r['test_macro_f1']:.3f}** in {r['train_seconds']:.0f} s ({r['epochs']} ep.){mark}" if r else "")
         out.append("| " + " | ".join(line) + " |")
     return "\n".join(out)
 
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--workdir", default="/tmp/mlbatch-recipe")
     parser.add_argument("--out", default=None, help="append results here (JSON lines)")
+    parser.add_argument("--cpu", choices=["quiet", "shared"], default="quiet",
+                        help="whether the CPU was shared with other work during the runs (recorded, and marked * in the table)")
     parser.add_argument("--table", default=None, metavar="JSONL", help="print the README's table of these results")
     args = parser.parse_args()
     if args.table:
@@ -129,7 +132,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps({**row, "cpu": args.cpu}) + "\n")
 
 
 if __name__ == "__main__":
