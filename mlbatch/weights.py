@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from . import storage
-from .backbones import create_backbone
 from .model import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -85,9 +84,9 @@ def convert(state: dict[str, torch.Tensor], backbone: str = EFFICIENTNET_LITE0) 
     tensor must be covered; otherwise ``ConversionError`` names the tensors.
     """
     import timm
-    arch = backbone.split(":", 1)[1]
-    target = timm.create_model(arch, pretrained=False).state_dict()
-    names = efficientnet_lite_names(list(state), [len(stage) for stage in timm.create_model(arch).blocks])
+    network = timm.create_model(backbone.split(":", 1)[1], pretrained=False)
+    target = network.state_dict()
+    names = efficientnet_lite_names(list(state), [len(stage) for stage in network.blocks])
     unknown = sorted(v for v in names.values() if v not in target)
     uncovered = sorted(set(target) - set(names.values()))
     misshapen = [f"{k} -> {v}: {tuple(state[k].shape)} != {tuple(target[v].shape)}"
@@ -103,12 +102,12 @@ def convert_weights(output: str, source: str | None = None, backbone: str = EFFI
     """Convert ``source`` (default: the installed EfficientNet-Lite0 weights) into a safetensors
     backbone file at ``output`` (local or s3://); returns the metadata written in its header."""
     source = source or default_source()
-    converted = convert(read_state_dict(source), backbone)
-    head = tuple(create_backbone(backbone).head_keys)
-    tensors = {k: v for k, v in converted.items() if not any(k.startswith(h + ".") for h in head)}
+    data = storage.read_bytes(source)
+    converted = convert(read_state_dict(source, data), backbone)
+    # the classifier stays behind: mlbatch puts its own hidden layer and heads in its place
+    tensors = {k: v for k, v in converted.items() if not k.startswith("classifier.")}
     metadata = {"backbone": backbone, "mean": json.dumps(LITE_MEAN), "std": json.dumps(LITE_STD),
-                "source": source.rsplit("/", 1)[-1],
-                "source_sha256": hashlib.sha256(storage.read_bytes(source)).hexdigest(),
+                "source": source.rsplit("/", 1)[-1], "source_sha256": hashlib.sha256(data).hexdigest(),
                 "license": "Apache-2.0 (EfficientNet-Lite, TensorFlow TPU models)"}
     storage.write_bytes(output, save_safetensors(tensors, metadata=metadata))
     log.info("converted %d tensors of %s into %s for %s", len(tensors), source, output, backbone)
