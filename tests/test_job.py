@@ -22,6 +22,7 @@ from mlbatch import storage
 from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.manifest import ManifestError
 from mlbatch.synth import SynthConfig, make_dataset
+from procs import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["car", "bus", "pedestrian"]
@@ -263,17 +264,7 @@ def test_repeated_uris_without_ids_killed_and_resumed_every_row_once(ray_cluster
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", str(tmp_path / "in"), "--model", small_model,
             "--output", str(out), "--batch-size", "8", "--rows-per-file", "16", "--concurrency", "1"]
-    proc = subprocess.Popen(args, env=_cli_env(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list(out.glob("*.parquet"))) < 3:
-            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no output files appeared"
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(args, _cli_env(ray_cluster), lambda: len(list(out.glob("*.parquet"))) >= 3)
     assert 0 < _read_output(str(out)).num_rows < 200 and not (out / "_SUCCESS").exists()
 
     resumed = subprocess.run(args + ["--resume"], env=_cli_env(ray_cluster), capture_output=True, text=True,

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 
 import mlbatch
 from faultproxy import KINDS, FaultProxy
+from procs import kill_when
 from mlbatch import storage
 from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.manifest import ManifestError
@@ -478,18 +479,8 @@ def test_a_killed_driver_resumes_to_the_clean_output(ray_cluster, tmp_path, kill
         (out / "_SUCCESS").unlink()
         (out / "_run.json").unlink()
     else:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not ((out / "_units" / "kill" / "_plan.json").exists() if point == "before-the-first-write"
-                       else len(list(out.glob("*.parquet"))) >= 3):
-                assert proc.poll() is None, f"the run ended before it was killed: {proc.stdout.read().decode()[-2000:]}"
-                assert time.monotonic() < deadline, "the run did not get there"
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_when(args, env, lambda: (out / "_units" / "kill" / "_plan.json").exists()
+                  if point == "before-the-first-write" else len(list(out.glob("*.parquet"))) >= 3, poll=0.05)
         time.sleep(2)  # Ray ends the killed driver's workers
         files = sorted(out.glob("*.parquet"))
         assert not (out / "_SUCCESS").exists()
