@@ -7,9 +7,10 @@
 plan     the driver's planning (``job._plan``: footers, units, package) over manifests of N rows in
          100 files, in a fresh process: its wall time and the peak PSS of that process alone.
          ``--rows-per-file 100`` at 10M rows plans 100,000 units: as many as 1 billion rows at 10,000.
-run      ``mlbatch label`` end to end on N rows of small images (the demo's 128x96 frames, cycled),
-         on a Ray instance already running: the wall time and the peak PSS of the driver process alone
-         (Ray's workers are not the driver; ``throughput.py`` measures the whole tree).
+run      ``mlbatch label`` end to end on N rows of tiny images (32x24 JPEG frames, cycled, a 16-pixel
+         model: the driver is what is measured, not the images), on a Ray instance already running:
+         the wall time and the peak PSS of the driver process alone, overall and up to each tenth of
+         the run (Ray's workers are not the driver; ``throughput.py`` measures the whole tree).
 nightly  ``mlbatch nightly`` over M manifests of K rows against one manifest of M x K rows: wall time.
 
 Each prints one JSON line per measurement; benchmarks/NOTES.md keeps the figures.
@@ -117,28 +118,34 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _driver(cmd: list[str], address: str) -> tuple[float, float, str]:
-    """Run a CLI command as a driver of the running instance: wall seconds, the driver's own peak PSS, output."""
+def _driver(cmd: list[str], address: str) -> tuple[float, float, str, list[float]]:
+    """Run a CLI command as a driver of the running instance: wall seconds, the driver's own peak PSS,
+    its output, and its PSS at each tenth of the run (is it still growing at the end?)."""
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    with PeakPSS(proc.pid) as mem:      # a tree of one: the driver starts no processes on a running instance
+    samples: list[tuple[float, float]] = []
+    with PeakPSS(proc.pid, samples) as mem:   # a tree of one: the driver starts no processes on a running instance
         output, _ = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode not in (0,):
         raise RuntimeError(f"{cmd[3]} failed:\n{output.decode()[-3000:]}")
-    return seconds, mem.peak, output.decode()
+    tenths = [max((m for t, m in samples if t <= seconds * k / 10), default=0.0) for k in range(1, 11)]
+    return seconds, mem.peak, output.decode(), [round(m, 1) for m in tenths]
 
 
 def bench_run(work: str, rows: int, model: str, address: str) -> dict:
-    manifest = make_frames(os.path.join(work, "frames"), rows, 128, 96)
+    """``mlbatch label`` on ``rows`` tiny frames with a 16-pixel model: what is measured is the driver,
+    so the images are made cheap to decode and predict (a 200,000-row run takes ~3 minutes here)."""
+    manifest = make_frames(os.path.join(work, "tiny-frames"), rows, 32, 24)
     out = os.path.join(work, f"run-{rows}")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model, "--output", out]
-    seconds, peak, _ = _driver(cmd, address)
+    seconds, peak, _, tenths = _driver(cmd, address)
     summary = json.load(open(os.path.join(out, "_run.json")))
     return {"measure": "run", "rows": summary["rows_out"], "wall_seconds": round(seconds, 1),
-            "driver_peak_pss_mib": round(peak, 1), "units": summary["units"], "files": summary["files"]}
+            "driver_peak_pss_mib": round(peak, 1), "driver_peak_pss_by_tenth_mib": tenths,
+            "units": summary["units"], "files": summary["files"]}
 
 
 def bench_nightly(work: str, manifests: int, rows_each: int, single: int, model: str, address: str) -> list[dict]:
@@ -155,7 +162,7 @@ def bench_nightly(work: str, manifests: int, rows_each: int, single: int, model:
             pq.write_table(table.slice(k * each, each), os.path.join(inp, f"cam-{k:04d}.parquet"))
         cmd = [sys.executable, "-m", "mlbatch.cli", "nightly", "--input", inp, "--model", model, "--output", out,
                "--date", "2026-11-24"]
-        seconds, peak, _ = _driver(cmd, address)
+        seconds, peak, _, _ = _driver(cmd, address)
         summary = json.load(open(os.path.join(out, "_nightly", "runs", "2026-11-24.json")))
         results.append({"measure": "nightly", "manifests": parts, "rows": summary["night"]["rows"],
                         "runs": len({x["run_id"] for x in summary["labeled"]}), "wall_seconds": round(seconds, 1),
@@ -181,8 +188,9 @@ def main() -> None:
         return
     with RayHead() as address:
         if args.what == "run":
+            tiny = make_package(os.path.join(args.workdir, "model-16px"), ["car", "bus", "pedestrian"], image_size=16)
             for rows in args.rows or [20_000, 200_000]:
-                print(json.dumps(bench_run(args.workdir, rows, model, address)), flush=True)
+                print(json.dumps(bench_run(args.workdir, rows, tiny, address)), flush=True)
         else:
             for r in bench_nightly(args.workdir, args.manifests, args.rows_each, args.single, model, address):
                 print(json.dumps(r), flush=True)

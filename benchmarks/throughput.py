@@ -83,15 +83,20 @@ def _tree(pid: int) -> list[int]:
 class PeakPSS:
     """Samples the PSS of a process tree every 100 ms and keeps the largest sum (MiB)."""
 
-    def __init__(self, pid: int | None = None):
+    def __init__(self, pid: int | None = None, samples: list[tuple[float, float]] | None = None):
         self.pid = pid or os.getpid()
         self.peak = 0.0
+        self.samples = samples   # (seconds since start, MiB) of every sample, when a list is given
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        start = time.perf_counter()
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(_pss_kib(p) for p in _tree(self.pid)) / 1024)
+            now = sum(_pss_kib(p) for p in _tree(self.pid)) / 1024
+            self.peak = max(self.peak, now)
+            if self.samples is not None:
+                self.samples.append((time.perf_counter() - start, now))
             self._stop.wait(0.1)
 
     def __enter__(self) -> "PeakPSS":

@@ -788,7 +788,24 @@ def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[p
         if isinstance(item, BaseException):
             raise item
         last = time.monotonic()
+        for executor in executors:
+            _forget_block_stats(executor)
         yield item
+
+
+def _forget_block_stats(executor: Any) -> None:
+    """Drop the per-block statistics Ray Data keeps in the driver, so the driver stays flat.
+
+    Each map operator keeps a ``BlockStats`` (~0.5 KiB) for every block it has output, for
+    ``Dataset.stats()``: at 256-row blocks a billion rows would hold several GB in the driver. A
+    labeling run keeps its own statistics per unit, so these are dropped as results come in (the
+    executor's final ``stats()`` then covers only the last blocks). Private fields: should a
+    later Ray rename them, nothing is dropped and nothing else changes.
+    """
+    for op in getattr(executor, "_topology", None) or {}:
+        kept = getattr(op, "_output_blocks_stats", None)
+        if isinstance(kept, list):
+            kept.clear()
 
 
 def _stall_message(run: _Run, stall_seconds: float) -> str:

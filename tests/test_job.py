@@ -319,3 +319,29 @@ def test_gpu_actors_without_cuda_run_on_cpu_with_one_warning(tmp_path, small_dat
     warnings = [line for line in result.stderr.splitlines() if "no CUDA device is visible" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
     assert _read_output(str(tmp_path / "out")).num_rows == 60
+
+
+def test_the_driver_keeps_no_per_block_statistics(ray_cluster, tmp_path, small_dataset, small_model, monkeypatch):
+    """Ray Data keeps a BlockStats per output block per operator in the driver (several GB at a
+    billion rows); the job drops them as results come in, so the count stays flat as the run goes."""
+    import gc
+
+    from ray.data.block import BlockStats
+
+    from mlbatch import job
+
+    alive, stream = [], job._stream
+
+    def counting(ds, stall_seconds, run):
+        for item in stream(ds, stall_seconds, run):
+            yield item
+            gc.collect()
+            alive.append(sum(isinstance(o, BlockStats) for o in gc.get_objects()))
+
+    monkeypatch.setattr(job, "_stream", counting)
+    # 2-row batches make 8-row blocks: each stage outputs 30 blocks, 5 per unit of 40 rows
+    summary = label(LabelConfig(manifests=[small_dataset["train"]], model=small_model, output=str(tmp_path / "out"),
+                                batch_size=2, rows_per_file=40, progress=False))
+    assert summary["units"] == 6 and len(alive) >= 3   # one count per block of commits the write stage returns
+    # kept, the count grows with every unit (to 3-4 stages x 30 blocks); dropped, it does not
+    assert alive[-1] <= alive[1] and alive[-1] < 30, alive

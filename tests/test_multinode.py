@@ -14,13 +14,14 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import pytest
 import ray
 
 from mlbatch import storage
-from mlbatch.job import LabelConfig, label
+from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.synth import SynthConfig, make_dataset
 
 ROWS = 480
@@ -30,6 +31,15 @@ ROWS = 480
 class Node:
     proc: subprocess.Popen
     node_id: str = ""
+
+
+@dataclass
+class Cluster:
+    nodes: dict[str, Node]
+    add_worker: Callable[[str, int], Node]   # (name, cpus): joins, and is waited for, before it returns
+
+    def alive_workers(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if n != "head" and node.proc.poll() is None]
 
 
 def _free_port() -> int:
@@ -98,9 +108,14 @@ def three_nodes(s3_endpoint, tmp_path_factory):
         start("head", ["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true",
                        f"--dashboard-port={_free_port()}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"])
         _wait_for_nodes(address, 1, nodes["head"])
+        def add_worker(name: str, cpus: int) -> Node:
+            alive = sum(node.proc.poll() is None for node in nodes.values())
+            start(name, [f"--address={address}", f"--num-cpus={cpus}", "--num-gpus=0"])
+            _wait_for_nodes(address, alive + 1, nodes[name])
+            return nodes[name]
+
         for name in ("worker-1", "worker-2"):   # one at a time: each joins before the next starts
-            start(name, [f"--address={address}", "--num-cpus=2", "--num-gpus=0"])
-            _wait_for_nodes(address, len(nodes), nodes[name])
+            add_worker(name, 2)
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         by_cpus = {}
@@ -108,7 +123,7 @@ def three_nodes(s3_endpoint, tmp_path_factory):
             if n["Alive"]:
                 by_cpus.setdefault(n["Resources"].get("CPU", 0), []).append(n["NodeID"])
         nodes["head"].node_id = by_cpus[1.0][0]
-        yield nodes
+        yield Cluster(nodes, add_worker)
     finally:
         ray.shutdown()
         for name in reversed(list(nodes)):
@@ -138,6 +153,13 @@ def _wait_for_nodes(address: str, count: int, node: Node) -> None:
             return
         assert time.monotonic() < deadline, f"{count} nodes did not come up: {out.stderr[-2000:]}"
         time.sleep(1)
+
+
+def _wait_until_ray_sees(alive: int) -> None:
+    deadline = time.monotonic() + 60
+    while sum(n["Alive"] for n in ray.nodes()) != alive:
+        assert time.monotonic() < deadline, f"Ray does not see {alive} live nodes: {ray.nodes()}"
+        time.sleep(0.5)
 
 
 def _read_output(uri: str) -> pa.Table:
@@ -187,10 +209,10 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
         time.sleep(5)
         pids = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
                 if "Predictor" in a.class_name}
-        name = next((n for n in ("worker-1", "worker-2") if pids & set(_children_of([three_nodes[n].proc.pid]))),
-                    "worker-2")
+        name = next((n for n in ("worker-1", "worker-2")
+                     if pids & set(_children_of([three_nodes.nodes[n].proc.pid]))), "worker-2")
         print(f"losing {name} (predictor actors at pids {sorted(pids)})")
-        _kill_node(three_nodes[name])
+        _kill_node(three_nodes.nodes[name])
         killed.set()
 
     threading.Thread(target=lose_worker, daemon=True).start()
@@ -206,3 +228,45 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
     print(f"node lost mid-run: {'one --resume' if resumed else 'absorbed by Ray'}; attempts {summary['attempts']}")
     assert summary["rows_out"] == ROWS and summary["attempts"] == (2 if resumed else 1)
     _same(_read_output(out), _read_output(str(tmp_path / "clean")))
+
+
+def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_finishes(three_nodes, tmp_path,
+                                                                                    small_model):
+    """A head (1 CPU) and one worker (2 CPUs); the worker goes mid-run. What is left cannot hold a predictor
+    actor and a decode task at once, so Ray waits for room forever: the stall limit ends the run with a
+    message naming what it waits for, committed units are kept, and once a new node joins, one --resume
+    finishes the run: every row exactly once, identical to a clean run."""
+    data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=ROWS, seed=31))["test"]
+    common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_file=16, concurrency=2,
+                  run_id="needed", progress=False)
+    clean = str(tmp_path / "clean")
+    label(LabelConfig(output=clean, **common))
+    for name in three_nodes.alive_workers()[1:]:       # one worker left (the test before may have lost one)
+        _kill_node(three_nodes.nodes[name])
+    (worker,) = three_nodes.alive_workers()
+    _wait_until_ray_sees(alive=2)                        # else Ray may still place work on the dead node
+    out = str(tmp_path / "lost")
+    markers = os.path.join(out, "_units", "needed")
+
+    def lose_worker_after_first_commit() -> None:
+        deadline = time.monotonic() + 120
+        while not (os.path.isdir(markers) and [f for f in os.listdir(markers) if not f.startswith("_")]) \
+                and time.monotonic() < deadline:   # a commit marker (not the plan, _plan.json)
+            time.sleep(0.2)
+        _kill_node(three_nodes.nodes[worker])
+
+    threading.Thread(target=lose_worker_after_first_commit, daemon=True).start()
+    with pytest.raises(JobError) as stalled:
+        label(LabelConfig(output=out, stall_seconds=20, **common))
+    message = str(stalled.value)
+    print(message)
+    assert "run needed: no rows committed for 20 s (--stall-seconds)" in message
+    assert "1 live node" in message and "waiting for:" in message
+    assert "run again with --resume" in message
+    committed = int(message.split("; ")[1].split(" of ")[0])
+    assert 0 < committed < ROWS
+
+    three_nodes.add_worker("worker-3", 2)
+    summary = label(LabelConfig(output=out, resume=True, stall_seconds=60, **common))
+    assert summary["rows_out"] == ROWS and summary["attempts"] == 2
+    _same(_read_output(out), _read_output(clean))
