@@ -152,19 +152,24 @@ def make_package(uri: str, labels: list[str], image_size: int = 64) -> str:
 # ---- the five measurements ------------------------------------------------------------------
 
 def bench_forward(model_uri: str, n: int, batch: int = 64) -> Result:
-    model = mlbatch.load_model(model_uri)
+    """The model alone on resized pixels, as the predictor is fed (on CUDA when there is one and
+    --num-gpus asked for it: then the pixels' copy to the device is included)."""
+    device = "cuda" if JOB_ARGS and torch.cuda.is_available() else "cpu"
+    model = mlbatch.load_model(model_uri, device=device)
     size = model.spec.image_size
     pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     x = images.normalise(pixels, model.spec.mean, model.spec.std)
-    model.predict_arrays(x)  # warm up
+    forward = (lambda: model.predict_pixels(pixels)) if device == "cuda" else (lambda: model.predict_arrays(x))
+    forward()  # warm up
     with PeakPSS() as mem:
         start = time.perf_counter()
         done = 0
         while done < n:
-            model.predict_arrays(x)
+            forward()
             done += batch
         seconds = time.perf_counter() - start
-    return Result("a  forward pass alone", done, seconds, mem.peak, f"batch {batch}, {torch.get_num_threads()} threads")
+    threads = f"{torch.get_num_threads()} threads" if device == "cpu" else "CUDA"
+    return Result("a  forward pass alone", done, seconds, mem.peak, f"batch {batch}, {threads}")
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> int:
@@ -204,15 +209,18 @@ def bench_hand_loop(manifest: str, model_uri: str, n: int, models: list | None =
     return Result(name or "c  hand-written loop", len(uris), seconds, mem.peak, "1 process")
 
 
+JOB_ARGS: list[str] = []   # extra `mlbatch label` flags for every d run (--num-gpus F from the command line)
+
+
 def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None = None, name: str = "",
-              memory: bool = False) -> Result:
+              memory: bool = False, args: tuple[str, ...] = ()) -> Result:
     """`mlbatch label` as a user runs it: a fresh process, a fresh local Ray instance.
 
     Either timed or measured for memory, never both: one PSS sample of Ray's ~20 processes costs
     ~56 ms of CPU, so sampling every 100 ms would take a third of a core from the job it times.
     """
     cmd = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model_uri,
-           "--output", out, "--id-column", "id"]
+           "--output", out, "--id-column", "id", *JOB_ARGS, *args]
     run_env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
                **(env or {})}
     start = time.perf_counter()
@@ -287,23 +295,32 @@ def s3_copy(manifest: str, model_uri: str, bucket: str) -> tuple[str, str]:
 
 # ---- the run --------------------------------------------------------------------------------
 
-def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, label_counts=(3, 10)) -> dict:
+def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, label_counts=(3, 10),
+        job_only: bool = False) -> dict:
     manifest = make_frames(workdir, n, width, height)
     model3 = make_package(os.path.join(workdir, "model-3"), ["car", "bus", "pedestrian"])
     size = mlbatch.load_model(model3).spec.image_size
     results: dict[str, Result] = {}
-    results["a"] = bench_forward(model3, max(n, 2048))
-    results["b"] = bench_decode(manifest, size, n, os.cpu_count() or 1)
-    results["c"] = bench_hand_loop(manifest, model3, n)
-    results["c_lazy"] = bench_hand_loop(manifest, model3, n, name="c' hand loop, reduced-scale decode", lazy=True)
+    sample = make_frames(workdir, min(n, 20_000), width, height) if job_only else manifest
+    results["a"] = bench_forward(model3, max(min(n, 20_000), 2048))
+    results["b"] = bench_decode(sample, size, min(n, 20_000), os.cpu_count() or 1)
+    if not job_only:
+        results["c"] = bench_hand_loop(manifest, model3, n)
+        results["c_lazy"] = bench_hand_loop(manifest, model3, n, name="c' hand loop, reduced-scale decode", lazy=True)
     results["d"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n)
     results["d_memory"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n, memory=True)
-    results["d_warm"] = bench_job_on_running_cluster(manifest, model3, os.path.join(workdir, "out-local"), n)
-    # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
     small = max(n // 10, 64)
-    results["d_small"] = bench_job(make_frames(workdir, small, width, height), model3,
-                                   os.path.join(workdir, "out-small"), small, name=f"d  mlbatch label, {small} rows")
-    if with_s3:
+    small_manifest = make_frames(workdir, small, width, height)
+    results["d_memory_small"] = bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
+                                          memory=True, name=f"d  peak memory, {small} rows")
+    if not job_only:
+        results["d_warm"] = bench_job_on_running_cluster(manifest, model3, os.path.join(workdir, "out-local"), n)
+        results["d_split"] = bench_job(manifest, model3, os.path.join(workdir, "out-split"), n,
+                                       name="d  mlbatch label --layout split", args=("--layout", "split"))
+    # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
+    results["d_small"] = bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
+                                   name=f"d  mlbatch label, {small} rows")
+    if with_s3 and not job_only:
         from moto.server import ThreadedMotoServer
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
@@ -318,7 +335,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         finally:
             server.stop()
     shared_vs_separate = {}
-    for k in label_counts:
+    for k in () if job_only else label_counts:
         labels = [f"label{i}" for i in range(k)]
         shared = make_package(os.path.join(workdir, f"model-{k}"), labels)
         singles = [mlbatch.load_model(make_package(os.path.join(workdir, f"single-{k}-{i}"), [x]))
@@ -345,9 +362,12 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         "h_images_per_second": round(h, 2),
         "d_streaming_images_per_second": streaming and round(streaming, 2),
         "d_start_up_seconds": start_up and round(start_up, 2),
-        "ratios": {"d/c": round(d.rate / results["c"].rate, 3), "d/c'": round(d.rate / results["c_lazy"].rate, 3),
+        "ratios": {**({"d/c": round(d.rate / results["c"].rate, 3), "d/c'": round(d.rate / results["c_lazy"].rate, 3),
+                      "d (Ray running)/h": round(results["d_warm"].rate / h, 3),
+                      "d split/d": round(results["d_split"].rate / d.rate, 3)} if not job_only else {}),
                    "d/h": round(d.rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3),
-                   "d (Ray running)/h": round(results["d_warm"].rate / h, 3),
+                   "d memory / d memory on 1/10": round(results["d_memory"].peak_mib
+                                                        / results["d_memory_small"].peak_mib, 3),
                    **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
     }
 
@@ -377,9 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="keep frames and outputs here (default: a temporary folder)")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 (moto) run of d")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    p.add_argument("--job-only", action="store_true",
+                   help="only the ceilings (a, b on up to 20,000 rows) and the job (d, its memory, d on a tenth): "
+                        "for large --images, where the hand loops would take as long again")
+    p.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                   help="pass --num-gpus F to every job run, and run the forward pass (a) on CUDA when there is "
+                        "one: the same benchmark on a GPU node")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-bench-")
-    report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3)
+    if args.num_gpus is not None:
+        JOB_ARGS.extend(["--num-gpus", str(args.num_gpus)])
+    report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3, job_only=args.job_only)
     print(table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,12 @@
 """The labeling job: manifests in, the same manifests with multi-hot label columns out, on Ray Data.
 
-    units of work -> read rows -> fetch + decode (CPU tasks) -> Predictor (actor pool) -> write + commit
+    fused (CPU):  units of work -> UnitLabeler actors [read rows -> fetch + decode -> predict] -> write + commit
+    split (GPU):  units of work -> read rows -> fetch + decode (CPU tasks) -> Predictor actors -> write + commit
+
+The *layout* follows the cluster (``choose_layout``, ``--layout`` forces one): where predictors
+hold GPUs, separate decode tasks keep the GPUs fed; on CPU, one actor per unit reads, fetches,
+decodes and predicts, so pixels never cross a process boundary and reading never runs ahead of
+decoding. Both use the same functions, so their output is the same, row for row.
 
 Every input row leaves as exactly one output row: a row whose image cannot be fetched or
 decoded becomes an *error row* (``status = 'error'`` and the reason) instead of stopping the
@@ -74,6 +80,9 @@ DECODE_CPUS = 0.5
 WRITE_CPUS = 0.5
 TOP_ERRORS_KEPT = 20          # distinct error messages kept per file's marker (and 5x that per run)
 DEFAULT_STALL_SECONDS = 900.0
+LAYOUTS = ("auto", "fused", "split")
+FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
+ONE_TASK_ID_CHECK_ROWS = 10_000_000   # --id-column: checked by one task up to here, a cluster group-by beyond
 
 # Ray Data settings for the run, put back afterwards (settings this Ray lacks are skipped).
 RUN_SETTINGS: dict[str, Any] = {
@@ -102,6 +111,7 @@ class LabelConfig:
     rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
+    layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
     max_error_rate: float = 0.05
     max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
@@ -317,6 +327,41 @@ class Predictor:
 
 
 
+class UnitLabeler(Predictor):
+    """The CPU layout: one actor reads a unit's rows, fetches and decodes them, and predicts.
+
+    No pixels cross a process boundary: fetching and decoding run on threads (PIL and the fetches
+    release the GIL), and the next batch decodes while this one is predicted, so decoding and the
+    forward pass share the actor's cores as the best hand-written loop does. Reading a unit only
+    when a labeler is free also keeps Ray from reading every unit ahead of the decoders. Each
+    batch is yielded as it is done, so the write stage streams. Same functions as the split layout
+    (``read_units``, ``decode_batch``, ``Predictor.__call__``), so the same output, row for row.
+    """
+
+    def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
+                 schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
+                 max_pixels: int, threads: int = FUSED_THREADS):
+        import torch
+
+        super().__init__(model_uri, thresholds, run_id, schema_metadata)
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        self.renames, self.uri_column, self.batch_size, self.max_pixels = renames, uri_column, batch_size, max_pixels
+        self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
+
+    def _decode(self, rows: pa.Table) -> pa.Table:
+        return decode_batch(rows, self.uri_column, self.size, max_pixels=self.max_pixels)
+
+    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        rows = read_units(units, self.renames)
+        batches = [rows.slice(i, self.batch_size) for i in range(0, rows.num_rows, self.batch_size)]
+        pending = self.ahead.submit(self._decode, batches[0]) if batches else None
+        for i in range(len(batches)):
+            decoded = pending.result()
+            pending = self.ahead.submit(self._decode, batches[i + 1]) if i + 1 < len(batches) else None
+            yield Predictor.__call__(self, decoded)
+
+
 def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,
                 columns: list[str], labels: list[str], metadata: dict[bytes, bytes]) -> pa.Table:
     """Write one data file per unit this batch holds rows of, then its commit marker; return the markers.
@@ -477,22 +522,45 @@ def _read_ids(batch: pa.Table, column: str) -> pa.Table:
 
 
 def _check_unique_ids(plan: _Plan, column: str) -> None:
-    """Every id once: a group-by on the cluster (a shuffle of the ids, never collected in the driver)."""
-    from ray.data.aggregate import Count, Max, Min
-    from ray.data.expressions import col
+    """Every id once, checked on the cluster, never collected in the driver.
 
-    ds = _units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column}, batch_size=1,
-                                                              batch_format="pyarrow", num_cpus=DECODE_CPUS)
-    groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
-                                        Max("pos", alias_name="last"))
-    dups = groups.filter(expr=col("n") > 1).take(1)
-    if dups:
-        d = dups[0]
-        first, second = int(d["first"]), int(d["last"])
+    Up to ``ONE_TASK_ID_CHECK_ROWS`` rows it is one task (Arrow's hash group-by over the ids: about a
+    second, where Ray Data's distributed group-by pays ~10-20 s of shuffle start-up); beyond, a
+    group-by on the cluster, a shuffle of the ids.
+    """
+    if plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
+        dup = ray.get(_duplicate_id_task.remote(plan.units, plan.files, column))
+    else:
+        from ray.data.aggregate import Count, Max, Min
+        from ray.data.expressions import col
+
+        ds = _units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column},
+                                                                  batch_size=1, batch_format="pyarrow",
+                                                                  num_cpus=DECODE_CPUS)
+        groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
+                                            Max("pos", alias_name="last"))
+        dup = next(iter(groups.filter(expr=col("n") > 1).take(1)), None)
+    if dup:
+        first, second = int(dup["first"]), int(dup["last"])
         mask = (1 << 40) - 1
-        raise manifest.ManifestError(f"manifest {plan.files[second >> 40]}: row {second & mask}: id {d['id']!r} "
+        raise manifest.ManifestError(f"manifest {plan.files[second >> 40]}: row {second & mask}: id {dup['id']!r} "
                                      f"already appears at {plan.files[first >> 40]} row {first & mask}; "
                                      "ids must be unique")
+
+
+def _duplicate_id(units: list[tuple[int, int, int]], files: list[str], column: str) -> dict[str, Any] | None:
+    """The first repeated id of the units (its first and last position), or None: Arrow's group-by."""
+    items = pa.Table.from_pylist([{"file": f, "uri": files[f], "start": a, "stop": b} for f, a, b in units])
+    ids = _read_ids(items, column)
+    groups = ids.group_by("id").aggregate([("pos", "count"), ("pos", "min"), ("pos", "max")])
+    groups = groups.filter(pc.greater(groups.column("pos_count"), 1))
+    if not groups.num_rows:
+        return None
+    first = groups.sort_by("pos_max").slice(0, 1).to_pylist()[0]
+    return {"id": first["id"], "first": first["pos_min"], "last": first["pos_max"]}
+
+
+_duplicate_id_task = ray.remote(num_cpus=DECODE_CPUS)(_duplicate_id)
 
 
 def _units_dataset(units: list[tuple[int, int, int]], files: list[str]) -> ray.data.Dataset:
@@ -684,15 +752,35 @@ def label(config: LabelConfig) -> dict[str, Any]:
         if config.id_column:
             _check_ids(plan, config.id_column)
         run = _prepare(config, plan)
-        predictor = _run_pipeline(run) if run.todo else {"concurrency": None, "num_gpus": None, "device": None}
+        predictor = _run_pipeline(run) if run.todo else {"layout": None, "concurrency": None, "num_gpus": None,
+                                                                  "device": None}
     return _finish(run, started, predictor)
 
 
+def choose_layout(requested: str, num_gpus: float) -> str:
+    """``split`` where predictors hold GPUs (decode tasks keep the GPU fed), ``fused`` on CPU.
+
+    On CPU, a separate decode stage costs each image's pixels two process boundaries (decode task ->
+    object store -> predictor) and the stages compete for the same cores; one actor that fetches,
+    decodes and predicts does the same work with neither (benchmarks/NOTES.md).
+    """
+    if requested not in LAYOUTS:
+        raise JobError(f"--layout {requested!r}: choose one of {', '.join(LAYOUTS)}")
+    if requested != "auto":
+        return requested
+    return "split" if num_gpus > 0 else "fused"
+
+
 def _run_pipeline(run: _Run) -> dict[str, Any]:
-    """units -> read -> fetch + decode -> predict -> write + commit, streaming; returns the predictor's set-up."""
+    """units -> [read -> fetch + decode -> predict] -> write + commit, streaming; returns the predictor's set-up.
+
+    ``split``: read, fetch + decode (CPU tasks) and predict (actors, GPUs) are stages of their own;
+    ``fused``: one actor does all three per unit of work (the CPU layout, ``UnitLabeler``).
+    """
     config, plan = run.config, run.plan
     cpus, gpus = _cluster_resources()
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    layout = choose_layout(config.layout, num_gpus)
     if config.concurrency is not None:
         concurrency = config.concurrency
     elif num_gpus > 0:
@@ -709,27 +797,36 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
                                         "run_id": plan.run_id}).encode()}
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
     columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
-    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s predictor actors, device %s)",
-             sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files), run.output, plan.run_id,
-             concurrency, device)
+    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s layout, %s predictor actors, "
+             "device %s)", sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files), run.output,
+             plan.run_id, layout, concurrency, device)
 
-    ds = _units_dataset(run.todo, plan.files)
-    ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=DECODE_CPUS)
-    # Blocks of a few batches: a unit is read as one block, so without this a single task would
-    # fetch every image of it. Small blocks spread the fetching over the cluster.
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
     uri_col = renames.get(config.uri_column, config.uri_column)
-    # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
-    # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
-    ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
-                                                   "max_pixels": config.max_pixels},
-                        batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": config.model, "thresholds": plan.thresholds,
-                                                          "run_id": plan.run_id, "schema_metadata": metadata},
-                        batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
-                        num_cpus=1 if not num_gpus else None,
-                        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+    predictor_args = {"model_uri": config.model, "thresholds": plan.thresholds, "run_id": plan.run_id,
+                      "schema_metadata": metadata}
+    ds = _units_dataset(run.todo, plan.files)
+    if layout == "fused":
+        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={
+                                **predictor_args, "renames": renames, "uri_column": uri_col,
+                                "batch_size": config.batch_size, "max_pixels": config.max_pixels},
+                            batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
+                            num_cpus=1 if not num_gpus else None,
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+    else:
+        ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
+                            num_cpus=DECODE_CPUS)
+        # Blocks of a few batches: a unit is read as one block, so without this a single task would
+        # fetch every image of it. Small blocks spread the fetching over the cluster.
+        ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
+        # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
+        # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
+        ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
+                                                       "max_pixels": config.max_pixels},
+                            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs=predictor_args,
+                            batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
+                            num_cpus=1 if not num_gpus else None,
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
     # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
     # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
     ds = ds.map_batches(write_units, fn_kwargs={"output": run.output, "markers": run.markers, "run_id": plan.run_id,
@@ -744,7 +841,7 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
             run.file_stats[file_index].add(stats)
             run.total.add(stats)
             run.files_written += 1
-    return {"concurrency": concurrency, "num_gpus": num_gpus, "device": device}
+    return {"layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device}
 
 
 def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[pa.Table]:
@@ -904,7 +1001,7 @@ def summary_table(summary: dict[str, Any]) -> str:
              f"rows in {summary['rows_in']}, out {summary['rows_out']}: {summary['ok']} ok, {summary['errors']} errors "
              f"({summary['error_rate']:.2%})   {summary['wall_seconds']}s, {summary['rows_per_second']} rows/s",
              f"model {summary['model']['name']} {summary['model']['version']}   "
-             f"predictor device: {summary['predictor']['device']}",
+             f"predictor device: {summary['predictor']['device']}, layout: {summary['predictor'].get('layout')}",
              f"{'label':<16}{'threshold':>10}{'positive rate':>15}{'mean prob':>11}"]
     for name, s in summary["labels"].items():
         rate = "n/a" if s["positive_rate"] is None else f"{s['positive_rate']:.3f}"

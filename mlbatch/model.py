@@ -164,8 +164,19 @@ class LoadedModel:
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels)."""
-        return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
+        """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels).
+
+        On a GPU the uint8 pixels are what crosses to the device (a quarter of float32's bytes), from
+        pinned host memory without blocking, and are normalised there (``to_input``). Not measured
+        here: this machine has no GPU.
+        """
+        if not self.device.startswith("cuda") or len(pixels) == 0:
+            return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
+        host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).pin_memory()
+        x = to_input(host.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = self.net(x)
+        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.
@@ -179,6 +190,14 @@ class LoadedModel:
         if not rgb:
             return self.predict_arrays(np.zeros((0, 3, size, size), np.float32))
         return self.predict_pixels(np.stack([images.resize(p, size) for p in rgb]))
+
+
+def to_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (n, S, S, 3) on any device -> float32 (n, 3, S, S): ``images.normalise`` in torch, on that device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return ((x - m) / s).contiguous()
 
 
 def load_model(uri: str, device: str = "cpu") -> LoadedModel:

@@ -66,6 +66,7 @@ def test_label_on_s3_end_to_end(ray_cluster, bucket, small_model):
     assert [(f.name, f.type) for f in out.schema] == [(f.name, f.type) for f in source.schema] + EXPECTED_ADDED
     assert out.num_rows == source.num_rows == summary["rows_in"] == summary["rows_out"] == 40
     assert summary["ok"] == 40 and summary["errors"] == 0
+    assert summary["predictor"]["layout"] == "fused"      # a cluster without GPUs: one actor fetches, decodes, predicts
     out = out.sort_by("id")
     assert out.select(source.column_names).equals(source.sort_by("id").select(source.column_names))
 
@@ -176,6 +177,24 @@ def test_job_level_faults_are_clear_errors(ray_cluster, tmp_path, small_dataset,
     pq.write_table(pa.table({"image_uri": ["a.jpg", "b.jpg"], "id": ["x", "x"]}), tmp_path / "dup.parquet")
     with pytest.raises(ManifestError, match="row 1: id 'x' already appears at .* row 0"):
         label(_config(manifests=[str(tmp_path / "dup.parquet")], model=small_model, output=out, id_column="id"))
+
+
+@pytest.mark.parametrize("where", ["one task", "cluster group-by"])
+def test_a_repeated_id_across_files_names_both_rows(ray_cluster, tmp_path, small_model, monkeypatch, where):
+    """Up to ONE_TASK_ID_CHECK_ROWS the ids are checked by one task, beyond by a group-by on the cluster:
+    both name the same two rows, and neither reads an id into the driver."""
+    from mlbatch import job
+
+    if where == "cluster group-by":
+        monkeypatch.setattr(job, "ONE_TASK_ID_CHECK_ROWS", 0)
+    ids = [f"id-{i}" for i in range(300)]
+    pq.write_table(pa.table({"id": ids, "image_uri": ["a.jpg"] * 300}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["new-1", "id-123", "new-2"], "image_uri": ["b.jpg"] * 3}), tmp_path / "b.parquet")
+    with pytest.raises(ManifestError, match=r"b.parquet: row 1: id 'id-123' already appears at .*a.parquet row 123; "
+                                            "ids must be unique"):
+        label(_config(manifests=[str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], model=small_model,
+                      output=str(tmp_path / "out"), id_column="id", rows_per_file=100))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_unwritable_s3_output_fails_before_compute(ray_cluster, small_dataset, small_model, s3_endpoint):
@@ -306,7 +325,8 @@ print("SUMMARY " + json.dumps(summary["predictor"]))
 
 
 def test_gpu_actors_without_cuda_run_on_cpu_with_one_warning(tmp_path, small_dataset, small_model):
-    """A separate local Ray instance that declares two logical GPUs (the session cluster has none)."""
+    """A separate local Ray instance that declares two logical GPUs (the session cluster has none): the
+    layout chosen is split (decode tasks feed predictors that hold GPUs); without GPUs it is fused."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     result = subprocess.run([sys.executable, "-c", GPU_SCRIPT, small_dataset["test"], small_model,
@@ -315,7 +335,7 @@ def test_gpu_actors_without_cuda_run_on_cpu_with_one_warning(tmp_path, small_dat
     actors = json.loads(result.stdout.split("ACTORS ", 1)[1].splitlines()[0])
     assert len(actors) == 2 and all(a.get("GPU") == 1.0 for a in actors)
     predictor = json.loads(result.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
-    assert predictor["num_gpus"] == 1 and predictor["device"].startswith("cpu")
+    assert predictor["num_gpus"] == 1 and predictor["device"].startswith("cpu") and predictor["layout"] == "split"
     warnings = [line for line in result.stderr.splitlines() if "no CUDA device is visible" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
     assert _read_output(str(tmp_path / "out")).num_rows == 60

@@ -266,3 +266,16 @@ def test_the_job_driver_and_decode_tasks_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert callable(mlbatch.load_model)  # still there, imported on first use
+
+
+def test_the_gpu_input_path_normalises_exactly_as_the_cpu_path():
+    """On a GPU, uint8 pixels cross to the device and are normalised there (``to_input``); the same
+    function on CPU tensors must give ``images.normalise``'s arrays, so both paths feed the net alike."""
+    from mlbatch import images
+    from mlbatch.model import to_input
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    got = to_input(torch.from_numpy(pixels), mean, std).numpy()
+    np.testing.assert_allclose(got, images.normalise(pixels, mean, std), atol=1e-6)
+    assert got.shape == (5, 3, 16, 16)

@@ -187,18 +187,17 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
     common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_file=16, concurrency=2,
                   run_id="nodes", progress=False)
 
-    # a clean run: Ray's own state says where the decode tasks and the predictor actors ran
+    # a clean run: Ray's own state says where units were fetched, decoded and predicted (the fused
+    # layout on CPU: each call of a UnitLabeler actor does all three for one unit)
     job = ray.get_runtime_context().get_job_id()
     clean = label(LabelConfig(output=str(tmp_path / "clean"), **common))
-    assert clean["rows_out"] == ROWS
-    decode_tasks = [t.node_id for t in list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000)
-                    if "decode_batch" in t.name and t.node_id]
-    decode_nodes = set(decode_tasks)
-    print("decode tasks per node:", {n[:8]: decode_tasks.count(n) for n in decode_nodes})
-    predictor_nodes = {a.node_id for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000)
-                       if "Predictor" in a.class_name and a.node_id}
-    assert len(decode_nodes) >= 2, decode_nodes
-    assert len(predictor_nodes) == 2, predictor_nodes
+    assert clean["rows_out"] == ROWS and clean["predictor"]["layout"] == "fused"
+    calls = [t.node_id for t in list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000)
+             if "UnitLabeler" in t.name and t.node_id and "__init__" not in t.name]
+    print("units labeled per node:", {n[:8]: calls.count(n) for n in set(calls)})
+    labeler_nodes = {a.node_id for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000)
+                     if "UnitLabeler" in a.class_name and a.node_id}
+    assert len(set(calls)) == 2 and len(labeler_nodes) == 2, (set(calls), labeler_nodes)
 
     # worker-2 is lost 5 s into a run: Ray absorbs it, or one --resume finishes the run
     out = str(tmp_path / "lost")
@@ -208,7 +207,7 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
         # 5 s in, the worker node that runs a predictor actor (worker-2 if neither does) goes, all its processes
         time.sleep(5)
         pids = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-                if "Predictor" in a.class_name}
+                if "UnitLabeler" in a.class_name}
         name = next((n for n in ("worker-1", "worker-2")
                      if pids & set(_children_of([three_nodes.nodes[n].proc.pid]))), "worker-2")
         print(f"losing {name} (predictor actors at pids {sorted(pids)})")
@@ -237,8 +236,9 @@ def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_fini
     message naming what it waits for, committed units are kept, and once a new node joins, one --resume
     finishes the run: every row exactly once, identical to a clean run."""
     data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=ROWS, seed=31))["test"]
+    # the split layout: it needs the most room (a predictor actor, a repartition task and a decode task)
     common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_file=16, concurrency=2,
-                  run_id="needed", progress=False)
+                  run_id="needed", progress=False, layout="split")
     clean = str(tmp_path / "clean")
     label(LabelConfig(output=clean, **common))
     for name in three_nodes.alive_workers()[1:]:       # one worker left (the test before may have lost one)
@@ -270,3 +270,4 @@ def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_fini
     summary = label(LabelConfig(output=out, resume=True, stall_seconds=60, **common))
     assert summary["rows_out"] == ROWS and summary["attempts"] == 2
     _same(_read_output(out), _read_output(clean))
+

@@ -237,15 +237,19 @@ def scene_from(data: bytes, size: int) -> Image.Image:
     return img.convert("RGB")
 
 
+@pytest.mark.parametrize("layout", ["fused", "split"])
 def test_bad_input_becomes_error_rows_and_odd_images_are_labeled(ray_cluster, bucket, tmp_path, small_dataset,
-                                                                 small_model):
+                                                                 small_model, layout):
+    """Both layouts (fused: one actor fetches, decodes and predicts; split: decode tasks feed predictor
+    actors) turn the same bad inputs into the same error rows and give `predict`'s probabilities."""
     good = storage.read_parquet(small_dataset["test"]).slice(0, 10).select(["id", "image_uri"])
     cases, errors, pictures = _bad_input_cases(tmp_path / "img", bucket, load_model(small_model).spec.image_size)
     rows = good.to_pylist() + cases
     storage.write_parquet(pa.Table.from_pylist(rows, schema=good.schema), f"{bucket}/manifests/bad.parquet")
 
     summary = label(_config(manifests=[f"{bucket}/manifests/bad.parquet"], model=small_model, output=f"{bucket}/out",
-                            id_column="id", batch_size=8, max_error_rate=1.0, max_pixels=50_000))
+                            id_column="id", batch_size=8, max_error_rate=1.0, max_pixels=50_000, layout=layout))
+    assert summary["predictor"]["layout"] == layout
     out = _read_output(f"{bucket}/out")
     ids = out.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(rows) == summary["rows_in"] == summary["rows_out"]
@@ -432,7 +436,7 @@ def test_a_killed_predictor_actor_is_replaced_and_no_row_is_lost(ray_cluster, tm
         while not done.is_set() and time.monotonic() < deadline:
             actors = [a for a in list_actors(address=ray_cluster.dashboard_url, detail=True, limit=1000,
                                              filters=[("state", "=", "ALIVE")])
-                      if "Predictor" in a.class_name and a.job_id == job_id]
+                      if ("Predictor" in a.class_name or "UnitLabeler" in a.class_name) and a.job_id == job_id]
             if actors:
                 alive_since = alive_since or time.monotonic()
                 files = list(out.glob("*.parquet"))
@@ -513,8 +517,9 @@ def test_a_stalled_run_ends_with_a_message_naming_what_it_waits_for(ray_cluster,
     """More predictor actors than the cluster has CPUs for, and nothing left for decoding: no row can be
     committed. The run ends after --stall-seconds, says what it waits for, and a --resume with room finishes it."""
     out = str(tmp_path / "out")
+    # the split layout: its decode tasks are what the predictors leave no room for
     common = dict(manifests=[kill_data], model=small_model, output=out, batch_size=8, rows_per_file=16,
-                  run_id="stall")
+                  run_id="stall", layout="split")
     started = time.monotonic()
     with pytest.raises(JobError) as raised:
         label(_config(concurrency=8, stall_seconds=15, **common))
