@@ -130,6 +130,8 @@ def _check_export(config: ExportConfig) -> None:
         raise ReviewError(f"--format {config.format!r}: use one of {', '.join(FORMATS)}")
     if config.s3_images not in ("presign", "s3"):
         raise ReviewError(f"--s3-images {config.s3_images!r}: use presign or s3")
+    if not 1 <= config.expires <= 7 * 24 * 3600:
+        raise ReviewError(f"--expires {config.expires}: presigned URLs live 1 s to 7 days (604800 s)")
 
 
 def select_rows(config: ExportConfig) -> tuple[pa.Table, list[str], int]:
@@ -166,9 +168,7 @@ def select_rows(config: ExportConfig) -> tuple[pa.Table, list[str], int]:
 def image_url(uri: str, config: ExportConfig) -> str:
     """What an annotation tool can open: a presigned HTTPS URL for an S3 object (or its s3:// URI), else the URI."""
     if storage.is_s3(uri) and config.s3_images == "presign":
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        return storage.s3_client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                          ExpiresIn=config.expires)
+        return storage.presign(uri, config.expires)
     return uri
 
 

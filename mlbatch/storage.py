@@ -298,6 +298,16 @@ def s3_client(policy: FetchPolicy = FetchPolicy()):
     return _BOTO_CLIENTS[key]
 
 
+def presign(uri: str, expires: int) -> str:
+    """An HTTPS URL that reads the S3 object ``uri`` for ``expires`` seconds (SigV4: at most 7 days)."""
+    import boto3
+    from botocore.config import Config
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    client = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
+
+
 def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """The bytes of one image object, or ``FetchError`` saying why not."""
     if uri is None or not uri.strip():
