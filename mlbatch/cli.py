@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
@@ -231,10 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50, help="rows printed as a table (default: %(default)s)")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
-                       description="make-dataset, train, evaluate, label the test split on a local Ray instance, "
-                                   "and query the output. Needs no credentials and downloads nothing.")
+                       description="make-dataset, train, evaluate, register the model as champion, label a night's "
+                                   "arrivals on a local Ray instance (nightly on REGISTRY/NAME@champion) and query "
+                                   "them, export the least certain rows for review, answer them from the generator's "
+                                   "truth (through Label Studio's API with --label-studio, else as a file in its "
+                                   "export format), import the answers, retrain from the champion with them, promote "
+                                   "or refuse, and label the next night on the champion. Needs no credentials and "
+                                   "downloads nothing.")
     p.add_argument("--workdir", default="mlbatch-demo", help="where to write everything (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a small dataset and 3 epochs: a smoke test, not a model")
+    p.add_argument("--label-studio", default=None, metavar="URL",
+                   help="answer the review through this Label Studio server (e.g. http://127.0.0.1:8080)")
+    p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"), metavar="TOKEN",
+                   help="its legacy API token (default: $LABEL_STUDIO_API_KEY)")
 
     p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
                        description="Stream manifests' images through a pool of Ray actors holding the model and "
@@ -557,17 +567,32 @@ def _encode(table, fmt: str) -> bytes:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .job import summary_table
+    from .demo import DemoConfig, run_demo
+    from .nightly import nightly_table
     from .query import format_table
     from .synth import SynthConfig
 
-    synth = SynthConfig(train=400, val=120, test=120) if args.quick else SynthConfig()
-    result = run_demo(args.workdir, synth, epochs=3 if args.quick else TrainConfig.epochs)
-    print(f"\n== model {result.model['name']} {result.model['version']} -> {args.workdir}/model")
-    print(f"\n== evaluation on the test split ({args.workdir}/report)\n{result.report.table()}")
-    print(f"\n== labeling run\n{summary_table(result.summary)}")
-    print(f"\n== mlbatch query {args.workdir}/labels \"{result.sql}\"\n{format_table(result.answer)}")
+    quick = dict(synth=SynthConfig(train=400, val=120, test=120), epochs=3, night_images=100, review_rows=30,
+                 retrain_epochs=2) if args.quick else {}
+    result = run_demo(args.workdir, DemoConfig(label_studio=args.label_studio,
+                                               label_studio_token=args.label_studio_token, **quick))
+    w = args.workdir
+    print(f"\n== model {result.model['name']} {result.model['version']} -> {w}/model, the champion of {w}/registry")
+    print(f"\n== evaluation on the test split ({w}/report)\n{result.report.table()}")
+    print(f"\n== night 1: mlbatch nightly --model {w}/registry/{result.model['name']}@champion\n"
+          f"{nightly_table(result.summary)}")
+    print(f"\n== mlbatch query {w}/labels \"{result.sql}\"\n{format_table(result.answer)}")
+    r, i = result.review, result.reviewed
+    print(f"\n== review: the {r.tasks} least certain of {r.rows_considered} rows -> {r.files['tasks']} "
+          f"(Label Studio config {r.files['config']})")
+    print(f"answered {'in Label Studio at ' + args.label_studio if args.label_studio else 'from the generator'}; "
+          f"imported {i.rows} reviewed rows -> {i.output}")
+    t = result.retrained["training"]
+    print(f"\n== retrained from the champion with them: {result.retrained['version']} in {t['seconds']}s "
+          f"({t['epochs']} epochs, {t['stopped']})")
+    d = result.decision
+    print(f"{'promoted' if d.promoted else 'not promoted'}: {d.reason}  (reports: {d.reports})")
+    print(f"\n== night 2 on the champion\n{nightly_table(result.night2)}")
     return 0
 
 
