@@ -81,9 +81,12 @@ def read_alias(registry: str, name: str, alias: str = CHAMPION) -> tuple[dict[st
 
 
 def resolve(uri: str) -> str:
-    """The package URI a model URI names: a reference is looked up, anything else is returned as it is."""
+    """The package URI a model URI names: a reference is looked up, anything else is returned as it is.
+
+    A package folder whose own name happens to contain an ``@`` stays a package folder.
+    """
     ref = parse_ref(uri)
-    if ref is None:
+    if ref is None or storage.exists(storage.join(uri, META_FILE)):
         return uri
     version = ref.ref
     if ref.ref == CHAMPION:
