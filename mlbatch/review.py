@@ -369,8 +369,7 @@ def import_reviews(export: str, output: str, labels: list[str] | None = None) ->
                "source_manifest": r.data.get("source_manifest"), "source_row": r.data.get("source_row"),
                "review_task": r.task, "review_annotations": len(r.votes)}
         id_column = r.data.get(ID_COLUMN_KEY)
-        if id_column:
-            row["id_column"] = (id_column, r.data.get(id_column))
+        row["ids"] = {id_column: r.data.get(id_column)} if id_column else {}
         rows.append(row)
     skipped = len(reviewed) - len(rows)
     if not rows:
@@ -388,10 +387,9 @@ def _manifest_table(rows: list[dict[str, Any]], labels: list[str]) -> pa.Table:
         columns[label] = pa.array([r[label] for r in rows], pa.bool_())
     columns["source_manifest"] = pa.array([r["source_manifest"] for r in rows], pa.string())
     columns["source_row"] = pa.array([r["source_row"] for r in rows], pa.int64())
-    id_names = {r["id_column"][0] for r in rows if "id_column" in r}
-    for name in sorted(id_names):
-        columns[name] = pa.array([str(r["id_column"][1]) if r.get("id_column", ("",))[0] == name else None
-                                  for r in rows], pa.string())
+    for name in sorted({name for r in rows for name in r["ids"]}):   # ids as strings: JSON may have changed their type
+        values = [r["ids"].get(name) for r in rows]
+        columns[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
     columns["review_task"] = pa.array([r["review_task"] for r in rows], pa.int64())
     columns["review_annotations"] = pa.array([r["review_annotations"] for r in rows], pa.int64())
     return pa.table(columns)
