@@ -148,15 +148,16 @@ def select_rows(config: ExportConfig) -> tuple[pa.Table, list[str], int]:
     unknown = [label for label in labels if label not in known]
     if unknown:
         raise ReviewError(f"--labels: {', '.join(unknown)} not among the output's labels ({', '.join(known)})")
+    dataset = out.dataset()
+    for column in [config.uri_column, *IDENTITY, *([config.id_column] if config.id_column else [])]:
+        if column not in dataset.schema.names:
+            raise ReviewError(f"{config.output}: no column {column!r} in the labeled output")
     con = duckdb.connect()
     try:
-        con.register(VIEW, out.dataset())
+        con.register(VIEW, dataset)
         con.register(THRESHOLDS_VIEW, thresholds)
-        for column in [config.uri_column, *IDENTITY, *([config.id_column] if config.id_column else [])]:
-            if column not in out.dataset().schema.names:
-                raise ReviewError(f"{config.output}: no column {column!r} in the labeled output")
-        considered = con.execute(f"SELECT count(*) FROM {VIEW} AS l WHERE l.status = 'ok'"
-                             + (f" AND ({config.where})" if config.where else "")).fetchall()[0][0]
+        where = f" AND ({config.where})" if config.where else ""
+        considered = con.execute(f"SELECT count(*) FROM {VIEW} AS l WHERE l.status = 'ok'{where}").fetchall()[0][0]
         rows = con.sql(selection_sql(labels, config)).to_arrow_table()
     except duckdb.Error as exc:
         raise ReviewError(f"selecting rows: {exc}") from None

@@ -300,12 +300,15 @@ def s3_client(policy: FetchPolicy = FetchPolicy()):
 
 def presign(uri: str, expires: int) -> str:
     """An HTTPS URL that reads the S3 object ``uri`` for ``expires`` seconds (SigV4: at most 7 days)."""
-    import boto3
     from botocore.config import Config
 
     bucket, _, key = uri[len("s3://"):].partition("/")
-    client = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
-    return client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires)
+    cache_key = ("presign", os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if cache_key not in _BOTO_CLIENTS:   # one signing client per process: presigning is local, no request is made
+        import boto3
+        _BOTO_CLIENTS[cache_key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    return _BOTO_CLIENTS[cache_key].generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                      ExpiresIn=expires)
 
 
 def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
