@@ -10,8 +10,10 @@ its process group, never by name.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,13 +43,15 @@ def label_studio_python() -> str:
     venv = cache / f"label-studio-{VERSION}"
     python = venv / "bin" / "python"
     done = venv / ".installed"
-    if not done.exists():   # absent, or a previous install was interrupted: start again
-        subprocess.run(["rm", "-rf", str(venv)], check=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        f"label-studio=={VERSION}"], check=True, timeout=1800)
-        done.write_text(VERSION + "\n")
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"label-studio-{VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # two test sessions at once: one installs, the other waits
+        if not done.exists():   # absent, or a previous install was interrupted: start again
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                            f"label-studio=={VERSION}"], check=True, timeout=1800)
+            done.write_text(VERSION + "\n")
     return str(python)
 
 
