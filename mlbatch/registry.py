@@ -22,7 +22,7 @@ import json
 import logging
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -164,16 +164,15 @@ class Decision:
     alias: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
         return asdict(self)
 
 
 def decide(candidate, champion, config: PromoteConfig) -> tuple[bool, str, dict[str, dict[str, float | None]]]:
     """The promotion rule on two evaluation reports of the same manifests.
 
-    Promote when there is no champion yet, or when candidate - champion on ``metric`` is at least
-    ``min_gain`` and above zero and no label both models have lost more than ``max_label_drop``
-    of F1. Returns (promote?, why, per-label F1 of both).
+    Promote when there is no champion yet, or when the candidate has every label of the
+    champion, candidate - champion on ``metric`` is above zero and at least ``min_gain``, and no
+    label has lost more than ``max_label_drop`` of F1. Returns (promote?, why, per-label F1 of both).
     """
     cand_f1 = {m.label: m.f1 for m in candidate.per_label}
     champ_f1 = {m.label: m.f1 for m in champion.per_label} if champion else {}
@@ -182,6 +181,9 @@ def decide(candidate, champion, config: PromoteConfig) -> tuple[bool, str, dict[
                  for label, f1 in cand_f1.items()}
     if champion is None:
         return True, "no champion yet", per_label
+    lost = [label for label in champ_f1 if label not in cand_f1]
+    if lost:
+        return False, f"the candidate lacks the champion's label(s) {', '.join(lost)}", per_label
     score, best = getattr(candidate, config.metric), getattr(champion, config.metric)
     gain = score - best
     dropped = {label: -v["change"] for label, v in per_label.items()
@@ -190,9 +192,11 @@ def decide(candidate, champion, config: PromoteConfig) -> tuple[bool, str, dict[
         worst = max(dropped, key=dropped.get)
         return False, (f"label {worst!r} F1 fell by {dropped[worst]:.3f} (> --max-label-drop "
                        f"{config.max_label_drop})"), per_label
-    if gain <= 0 or gain < config.min_gain:
-        return False, f"{config.metric} {score:.4f} vs champion {best:.4f}: gain {gain:+.4f} below {config.min_gain}" \
-            if gain > 0 else f"{config.metric} {score:.4f} does not beat champion {best:.4f} ({gain:+.4f})", per_label
+    if not gain > 0:   # NaN (a metric undefined on these manifests) never promotes
+        return False, f"{config.metric} {score:.4f} does not beat champion {best:.4f} ({gain:+.4f})", per_label
+    if gain < config.min_gain:
+        return False, (f"{config.metric} {score:.4f} vs champion {best:.4f}: gain {gain:+.4f} below --min-gain "
+                       f"{config.min_gain}"), per_label
     return True, f"{config.metric} {score:.4f} vs champion {best:.4f}: gain {gain:+.4f}", per_label
 
 

@@ -199,3 +199,24 @@ def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_data
     assert run["model"]["version"] == v["good"] and run["model"]["resolved_uri"].endswith(f"versions/{v['good']}")
     part = pq.read_table(str(tmp_path / "night" / "dt=2026-11-24"))
     assert part.num_rows == 60 and set(part.column("model_version").to_pylist()) == {v["good"]}
+
+
+def _report(macro: float, f1: dict[str, float]):
+    from mlbatch.evaluate import LabelMetrics, Report
+
+    per_label = [LabelMetrics(label, 0.5, 0, 0, value, 0, 1, 1, 0) for label, value in f1.items()]
+    return Report(per_label, macro, macro, macro, 0, 0, 10)
+
+
+@pytest.mark.parametrize("candidate, champion, promoted, why", [
+    ((0.80, {"car": 0.8, "bus": 0.8}), (0.70, {"car": 0.7, "bus": 0.7}), True, "gain +0.1000"),
+    ((0.70, {"car": 0.7, "bus": 0.7}), (0.70, {"car": 0.7, "bus": 0.7}), False, "does not beat"),
+    ((0.705, {"car": 0.7, "bus": 0.71}), (0.70, {"car": 0.7, "bus": 0.7}), False, "below --min-gain 0.01"),
+    ((0.80, {"car": 0.99, "bus": 0.61}), (0.70, {"car": 0.7, "bus": 0.7}), False, "'bus' F1 fell by 0.090"),
+    ((0.90, {"car": 0.9}), (0.70, {"car": 0.7, "bus": 0.7}), False, "lacks the champion's label(s) bus"),
+    ((float("nan"), {"car": 0.9, "bus": 0.9}), (0.70, {"car": 0.7, "bus": 0.7}), False, "does not beat"),
+])
+def test_the_promotion_rule(candidate, champion, promoted, why):
+    config = registry.PromoteConfig("x@1", "reg", [], min_gain=0.01, max_label_drop=0.05)
+    ok, reason, _ = registry.decide(_report(*candidate), _report(*champion), config)
+    assert (ok, why in reason) == (promoted, True), reason
