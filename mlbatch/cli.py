@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,6 +18,8 @@ from .config import DEFAULT_AUGMENT, DEFAULT_BACKBONE, TrainConfig
 if TYPE_CHECKING:
     from .job import LabelConfig
 
+MODEL_HELP = ("model package folder (local or s3://), or a registry reference REGISTRY/NAME@champion or "
+              "REGISTRY/NAME@VERSION (resolved once; the run records the version)")
 EPILOG = "Storage: local paths, file:// and s3:// URIs. S3 settings come from the standard AWS environment " \
     "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)."
 
@@ -57,7 +60,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``mlbatch label`` (shared with ``jobs/label_images.py``)."""
     p.add_argument("--manifest", action="append", required=True, metavar="URI",
                    help="Parquet manifest: a file, a folder/prefix or a glob, local or s3://. Repeat for more.")
-    p.add_argument("--model", required=True, metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
     p.add_argument("--output", required=True, metavar="OUT_URI", help="output folder (local or s3://)")
     _add_job_tuning(p)
     p.add_argument("--run-id", default=None,
@@ -99,7 +102,7 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
 def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``mlbatch nightly`` (shared with ``jobs/nightly.py``)."""
     p.add_argument("--input", required=True, metavar="URI", help="prefix where new manifests arrive")
-    p.add_argument("--model", required=True, metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
     p.add_argument("--output", required=True, metavar="OUT_URI", help="output table root; partitions dt=YYYY-MM-DD")
     p.add_argument("--date", default=None, metavar="YYYY-MM-DD", help="partition date (default: today, UTC)")
     p.add_argument("--relabel", action="store_true",
@@ -174,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default is the backbone the weights record")
     p.add_argument("--backbone-weights", default=None, metavar="URI",
                    help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "
-                        "state dict (.pt/.pth, read with weights_only=True) or an mlbatch model package")
+                        "state dict (.pt/.pth, read with weights_only=True), an mlbatch model package or a registry "
+                        "reference (REGISTRY/NAME@champion)")
     p.add_argument("--pretrained", action="store_true",
                    help="start a timm:/torchvision: backbone from its library's pretrained weights (needs its hub)")
     p.add_argument("--freeze-backbone", action="store_true",
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a model package on labeled data", epilog=EPILOG,
                        description="Per-label precision, recall, F1, average precision, support and predicted-positive "
                                    "rate at the package's thresholds; micro/macro F1, mAP, subset accuracy, Hamming loss.")
-    p.add_argument("--model", required=True, metavar="MODEL_URI")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
     p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled manifest; repeatable")
     p.add_argument("--report", default=None, metavar="DIR", help="write metrics.json and pr_curves.png here")
 
@@ -232,10 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50, help="rows printed as a table (default: %(default)s)")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
-                       description="make-dataset, train, evaluate, label the test split on a local Ray instance, "
-                                   "and query the output. Needs no credentials and downloads nothing.")
+                       description="make-dataset, train, evaluate, register the model as champion, label a night's "
+                                   "arrivals on a local Ray instance (nightly on REGISTRY/NAME@champion) and query "
+                                   "them, export the least certain rows for review, answer them from the generator's "
+                                   "truth (through Label Studio's API with --label-studio, else as a file in its "
+                                   "export format), import the answers, retrain from the champion with them, promote "
+                                   "or refuse, and label the next night on the champion. Needs no credentials and "
+                                   "downloads nothing.")
     p.add_argument("--workdir", default="mlbatch-demo", help="where to write everything (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a small dataset and 3 epochs: a smoke test, not a model")
+    p.add_argument("--label-studio", default=None, metavar="URL",
+                   help="answer the review through this Label Studio server (e.g. http://127.0.0.1:8080)")
+    p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"), metavar="TOKEN",
+                   help="its legacy API token (default: $LABEL_STUDIO_API_KEY)")
 
     p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
                        description="Stream manifests' images through a pool of Ray actors holding the model and "
@@ -246,7 +259,109 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Find manifests under --input that the current model version has not labeled "
                                    "yet, label them into OUT/dt=YYYY-MM-DD/, and watch for drift.")
     add_nightly_arguments(p)
+    _add_review_parsers(sub)
+    _add_models_parsers(sub)
     return parser
+
+
+def _labels(text: str) -> list[str]:
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"expected label names separated by commas, got {text!r}")
+    return labels
+
+
+def _add_review_parsers(sub) -> None:
+    review = sub.add_parser("review", help="send unsure rows to annotators (Label Studio) and take their answers back",
+                            description="export: rows of labeled output the model is unsure about -> Label Studio "
+                                        "tasks and labeling config (or CSV/Parquet). import: Label Studio's JSON "
+                                        "export (or a 0/1 CSV) -> a training manifest.", epilog=EPILOG)
+    rsub = review.add_subparsers(dest="review_command", required=True, metavar="SUBCOMMAND")
+    p = rsub.add_parser(
+        "export", help="write the rows the model is unsure about as Label Studio tasks", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pick rows of labeled output (mlbatch label / nightly) and write DEST/tasks.json (Label Studio's "
+                    "import format:\ndata.image, data.image_uri, source_manifest, source_row, the id column; one "
+                    "prediction with the model's\npositive labels, its version and score = the row's confidence), "
+                    "DEST/config.xml (a Choices with\nchoice=\"multiple\": create the project with it) and "
+                    "DEST/export.json (what was selected).\n\n"
+                    "Confidence of a label: (p - t) / (1 - t) when p >= t, else (t - p) / t, for probability p and "
+                    "threshold t;\na row's confidence is the least over the labels reviewed, its margin the least "
+                    "|p - t|.")
+    p.add_argument("output", metavar="OUT_URI", help="labeled output folder (local or s3://; all dt= partitions)")
+    p.add_argument("--to", required=True, metavar="DEST", help="folder to write the tasks and config into")
+    pick = p.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--near-threshold", type=float, metavar="D",
+                      help="rows where some reviewed label's probability is within D of its threshold")
+    pick.add_argument("--most-uncertain", type=int, metavar="N", help="the N least confident rows")
+    p.add_argument("--labels", type=_labels, default=None, metavar="A,B",
+                   help="labels to review (default: all of the output's); the others stay unknown on import")
+    p.add_argument("--where", default=None, metavar="SQL",
+                   help="a condition on the 'labels' view, e.g. \"dt = DATE '2026-11-24' AND camera = 'cam-1'\"")
+    p.add_argument("--format", choices=["labelstudio", "csv", "parquet"], default="labelstudio",
+                   help="labelstudio: tasks.json; csv/parquet: one row per image with an empty column per label to "
+                        "fill with 0/1 (default: %(default)s)")
+    p.add_argument("--id-column", default=None, help="a manifest column to carry into each task (e.g. id)")
+    p.add_argument("--uri-column", default="image_uri", help="column holding image URIs (default: %(default)s)")
+    p.add_argument("--s3-images", choices=["presign", "s3"], default="presign",
+                   help="S3 images as presigned HTTPS URLs, or as s3:// URIs for a tool that reads the bucket itself "
+                        "(default: %(default)s)")
+    p.add_argument("--expires", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+                   help="how long presigned URLs stay valid (default: %(default)s, 7 days, the most S3 allows)")
+
+    p = rsub.add_parser(
+        "import", help="turn Label Studio's export into a training manifest", epilog=EPILOG,
+        description="Read Label Studio's JSON export (or a CSV with one 0/1 column per label) and write a manifest for "
+                    "mlbatch train: image_uri, one boolean column per label (true: chosen; false: asked and not "
+                    "chosen; null: not asked), source_manifest, source_row, the id column, review_task, "
+                    "review_annotations. Skipped (cancelled) annotations do not count; a task with none left is "
+                    "left out. Annotators who disagree: majority per label, a tie is null; every disagreement is "
+                    "reported. A label outside the label set (another project's export) is an error and nothing is "
+                    "written.")
+    p.add_argument("export", metavar="EXPORT", help="Label Studio JSON export, or a .csv (local or s3://)")
+    p.add_argument("--output", required=True, metavar="MANIFEST", help="the Parquet manifest to write")
+    p.add_argument("--labels", type=_labels, default=None, metavar="A,B",
+                   help="the label set (default: the one the exported tasks carry, data.mlbatch_labels)")
+
+
+def _add_models_parsers(sub) -> None:
+    models = sub.add_parser("models", help="a model registry in object storage: register, promote, resolve",
+                            epilog=EPILOG,
+                            description="REGISTRY/NAME/versions/VERSION/ holds packages; REGISTRY/NAME/aliases/"
+                                        "champion.json names the champion. REGISTRY/NAME@champion and "
+                                        "REGISTRY/NAME@VERSION work wherever a model URI does.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    p = msub.add_parser("register", help="store a model package in the registry under its name and version",
+                        epilog=EPILOG, description="Copy a model package (checked) to REGISTRY/NAME/versions/VERSION/. "
+                                                   "Registering the same version again changes nothing.")
+    p.add_argument("model", metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
+    p.add_argument("--name", default=None, help="name in the registry (default: the package's name)")
+
+    p = msub.add_parser(
+        "promote", help="make a version the champion if it beats the current one", epilog=EPILOG,
+        description="Evaluate NAME@VERSION and the current champion on the same --eval manifests and move the champion "
+                    "alias only if the candidate's --metric is higher by at least --min-gain and no label's F1 "
+                    "falls by more than --max-label-drop (the first promotion has nothing to beat). Both reports "
+                    "and the decision go to REGISTRY/NAME/aliases/champion/<time>-<VERSION>/. The alias moves by "
+                    "compare-and-swap: two promotions at once leave one champion, compared with the other. "
+                    "Exit codes: 0 promoted (or already champion), 3 refused, 2 bad input (nothing changed).")
+    p.add_argument("candidate", metavar="NAME@VERSION")
+    p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
+    p.add_argument("--eval", action="append", required=True, metavar="MANIFEST",
+                   help="labeled evaluation manifest with every label's truth; repeatable")
+    p.add_argument("--metric", default="macro_f1",
+                   choices=["macro_f1", "micro_f1", "mean_average_precision", "subset_accuracy"],
+                   help="what the candidate must improve (default: %(default)s)")
+    p.add_argument("--min-gain", type=float, default=0.0, metavar="G",
+                   help="the least improvement that promotes; the gain must also be above 0 (default: %(default)s)")
+    p.add_argument("--max-label-drop", type=float, default=0.05, metavar="D",
+                   help="refuse if any label's F1 falls by more than this (default: %(default)s)")
+
+    p = msub.add_parser("resolve", help="print the package a model URI or registry reference names", epilog=EPILOG,
+                        description="Resolve REGISTRY/NAME@champion or REGISTRY/NAME@VERSION to its package URI "
+                                    "and version, as label, nightly and evaluate do.")
+    p.add_argument("model", metavar="MODEL_URI")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -389,6 +504,56 @@ def _nightly(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    from . import review
+
+    if args.review_command == "export":
+        result = review.export_review(review.ExportConfig(
+            output=args.output, to=args.to, near_threshold=args.near_threshold, most_uncertain=args.most_uncertain,
+            labels=args.labels, where=args.where, format=args.format, uri_column=args.uri_column,
+            id_column=args.id_column, s3_images=args.s3_images, expires=args.expires))
+        print(f"{result.tasks} of {result.rows_considered} rows ({result.selection}; labels "
+              f"{', '.join(result.labels)})")
+        for what, uri in result.files.items():
+            print(f"{what:<8} {uri}")
+        return 0
+    result = review.import_reviews(args.export, args.output, args.labels)
+    print(f"{result.rows} reviewed rows of {result.tasks} tasks ({result.skipped} skipped or not annotated) "
+          f"-> {result.output}")
+    print(f"labels: {', '.join(result.labels)}")
+    for d in result.disagreements:
+        outcome = "unknown (tie)" if d["outcome"] is None else str(d["outcome"]).lower()
+        print(f"disagreement: task {d['task']} {d['image_uri']} {d['label']}: {d['yes']} yes, {d['no']} no "
+              f"-> {outcome}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import registry
+
+    if args.models_command == "register":
+        result = registry.register(args.model, args.registry, args.name)
+        print(f"{result['ref']} -> {result['uri']}{'' if result['created'] else ' (already registered)'}")
+        return 0
+    if args.models_command == "resolve":
+        from .package import read_package
+
+        uri = registry.resolve(args.model)
+        meta, _ = read_package(uri)
+        print(f"{uri}  {meta['name']} {meta['version']}")
+        return 0
+    decision = registry.promote(registry.PromoteConfig(
+        candidate=args.candidate, registry=args.registry, manifests=args.eval, metric=args.metric,
+        min_gain=args.min_gain, max_label_drop=args.max_label_drop))
+    print(f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
+    for label, f1 in decision.label_f1.items():
+        champion = "-" if f1["champion"] is None else f"{f1['champion']:.3f}"
+        print(f"  {label:<16} F1 candidate {f1['candidate']:.3f}  champion {champion}")
+    if decision.reports:
+        print(f"reports: {decision.reports}")
+    return 0 if decision.promoted or decision.candidate == decision.champion else 3
+
+
 def _encode(table, fmt: str) -> bytes:
     import io
 
@@ -406,22 +571,38 @@ def _encode(table, fmt: str) -> bytes:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .job import summary_table
+    from .demo import DemoConfig, run_demo
+    from .nightly import nightly_table
     from .query import format_table
     from .synth import SynthConfig
 
-    synth = SynthConfig(train=400, val=120, test=120) if args.quick else SynthConfig()
-    result = run_demo(args.workdir, synth, epochs=3 if args.quick else TrainConfig.epochs)
-    print(f"\n== model {result.model['name']} {result.model['version']} -> {args.workdir}/model")
-    print(f"\n== evaluation on the test split ({args.workdir}/report)\n{result.report.table()}")
-    print(f"\n== labeling run\n{summary_table(result.summary)}")
-    print(f"\n== mlbatch query {args.workdir}/labels \"{result.sql}\"\n{format_table(result.answer)}")
+    quick = dict(synth=SynthConfig(train=400, val=120, test=120), epochs=3, night_images=100, review_rows=30,
+                 retrain_epochs=2) if args.quick else {}
+    result = run_demo(args.workdir, DemoConfig(label_studio=args.label_studio,
+                                               label_studio_token=args.label_studio_token, **quick))
+    w = args.workdir
+    print(f"\n== model {result.model['name']} {result.model['version']} -> {w}/model, the champion of {w}/registry")
+    print(f"\n== evaluation on the test split ({w}/report)\n{result.report.table()}")
+    print(f"\n== night 1: mlbatch nightly --model {w}/registry/{result.model['name']}@champion\n"
+          f"{nightly_table(result.summary)}")
+    print(f"\n== mlbatch query {w}/labels \"{result.sql}\"\n{format_table(result.answer)}")
+    r, i = result.review, result.reviewed
+    print(f"\n== review: the {r.tasks} least certain of {r.rows_considered} rows -> {r.files['tasks']} "
+          f"(Label Studio config {r.files['config']})")
+    print(f"answered {'in Label Studio at ' + args.label_studio if args.label_studio else 'from the generator'}; "
+          f"imported {i.rows} reviewed rows -> {i.output}")
+    t = result.retrained["training"]
+    print(f"\n== retrained from the champion with them: {result.retrained['version']} in {t['seconds']}s "
+          f"({t['epochs']} epochs, {t['stopped']})")
+    d = result.decision
+    print(f"{'promoted' if d.promoted else 'not promoted'}: {d.reason}  (reports: {d.reports})")
+    print(f"\n== night 2 on the champion\n{nightly_table(result.night2)}")
     return 0
 
 
 COMMANDS = {"make-dataset": _make_dataset, "train": _train, "evaluate": _evaluate, "label": _label,
-            "query": _query, "demo": _demo, "nightly": _nightly, "convert-weights": _convert_weights}
+            "query": _query, "demo": _demo, "nightly": _nightly, "convert-weights": _convert_weights,
+            "review": _review, "models": _models}
 
 
 if __name__ == "__main__":

@@ -204,11 +204,14 @@ def evaluate(model_uri: str, manifests: list[str], report_dir: str | None = None
     """Score a model package on labeled manifests with its own thresholds; write a report if asked."""
     from .model import load_model
 
-    model = load_model(model_uri)
+    from .registry import resolve
+
+    resolved = resolve(model_uri)
+    model = load_model(resolved)
     data = manifest.read_labeled(manifests, model.labels)
     scores = predict_labeled(model, data)
     report = compute_metrics(model.labels, data.targets, scores, model.thresholds)
-    report.model = {"uri": model_uri, "name": model.name, "version": model.version}
+    report.model = {"uri": model_uri, "resolved_uri": resolved, "name": model.name, "version": model.version}
     report.data = manifest.expand(manifests)
     if report_dir:
         storage.write_text(storage.join(report_dir, "metrics.json"), json.dumps(report.to_dict(), indent=2) + "\n")

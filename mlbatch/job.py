@@ -67,6 +67,7 @@ import ray
 
 from . import images, manifest, storage
 from .package import PackageError, column_name, read_package
+from .registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +416,7 @@ class _Plan:
     schema: pa.Schema
     units: list[tuple[int, int, int]]   # (file index, start, stop)
     meta: dict[str, Any]
+    model_uri: str                  # the package itself: a registry reference resolved once, for every actor
     thresholds: dict[str, float]
     run_id: str
     null_id_files: list[int]        # files whose footers do not rule out a null id
@@ -457,7 +459,8 @@ def _plan(config: LabelConfig) -> _Plan:
     step = config.rows_per_file
     units = [(i, start, min(start + step, n)) for i, n in enumerate(rows) for start in range(0, n, step)]
     try:
-        meta, _ = read_package(config.model)
+        model_uri = resolve(config.model)
+        meta, _ = read_package(model_uri)
     except PackageError as exc:
         raise JobError(str(exc)) from None
     thresholds = dict(meta["thresholds"])
@@ -469,7 +472,7 @@ def _plan(config: LabelConfig) -> _Plan:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
-    return _Plan(files, rows, schema, units, meta, thresholds, run_id, null_id_files)
+    return _Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_files)
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
@@ -802,7 +805,7 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
              plan.run_id, layout, concurrency, device)
 
     uri_col = renames.get(config.uri_column, config.uri_column)
-    predictor_args = {"model_uri": config.model, "thresholds": plan.thresholds, "run_id": plan.run_id,
+    predictor_args = {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
                       "schema_metadata": metadata}
     ds = _units_dataset(run.todo, plan.files)
     if layout == "fused":
@@ -956,7 +959,8 @@ def _finish(run: _Run, started: float, predictor: dict[str, Any]) -> dict[str, A
         "labels": total.per_label(plan.thresholds),
         "per_manifest": [{"manifest": uri, "rows": s.rows, "ok": s.ok, "errors": s.errors,
                           "labels": s.per_label(plan.thresholds)} for uri, s in zip(plan.files, run.file_stats)],
-        "model": {"uri": config.model, "name": plan.meta["name"], "version": plan.meta["version"]},
+        "model": {"uri": config.model, "resolved_uri": plan.model_uri, "name": plan.meta["name"],
+                  "version": plan.meta["version"]},
         "renamed_columns": renamed_inputs(plan.schema.names, plan.meta["labels"]),
         "units": len(plan.units),
         "files": len(read_markers(run.markers)) if run.attempt else run.files_written,

@@ -251,7 +251,11 @@ class InitialWeights:
 def read_initial_weights(uri: str) -> InitialWeights:
     """Backbone weights from a safetensors file (``mlbatch convert-weights`` records the backbone
     and normalisation in its header), a plain PyTorch state dict, or an mlbatch model package
-    (its backbone and normalisation: to add labels to a model or retrain its heads)."""
+    (its backbone and normalisation: to add labels to a model or retrain its heads), by URI or by
+    registry reference (``REGISTRY/NAME@champion``)."""
+    from .registry import resolve
+
+    uri = resolve(uri)
     if storage.exists(storage.join(uri, META_FILE)):
         meta, weights = read_package(uri)
         tensors = load_safetensors(weights)

@@ -71,6 +71,7 @@ from . import manifest as manifest_mod
 from . import storage
 from .job import DEFAULT_STALL_SECONDS, UNITS_DIR, JobError, LabelConfig, label, read_markers
 from .package import PackageError, read_package
+from .registry import resolve
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,8 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
         # absolute: one spelling of each path, in the state and in the job's plans
         output = os.path.abspath(output)
     try:
-        meta, _ = read_package(config.model)
+        model_uri = resolve(config.model)   # once: every run of the night labels with this version
+        meta, _ = read_package(model_uri)
     except PackageError as exc:
         raise JobError(str(exc)) from None
     version = meta["version"]
@@ -339,8 +341,8 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
     labeled: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for run_id, run_day, jobs, resume, rows_per_file in _group_runs(config, output, day, version, todo, state, failed):
-        labeled += _label_run(replace(config, rows_per_file=rows_per_file), output, run_day, meta, run_id, jobs,
-                              resume, state, failed)
+        labeled += _label_run(replace(config, model=model_uri, rows_per_file=rows_per_file), output, run_day, meta,
+                              run_id, jobs, resume, state, failed)
 
     night = _night(state, day, version)
     drift = _drift(state, day, version, night, config.drift_window, config.drift_bound)
@@ -351,7 +353,7 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
         "input": config.input,
         "output": output,
         "partition": partition_uri(output, day),
-        "model": {"uri": config.model, "name": meta["name"], "version": version},
+        "model": {"uri": config.model, "resolved_uri": model_uri, "name": meta["name"], "version": version},
         "manifests_found": len(found),
         "labeled": labeled,
         "failed": failed,

@@ -68,7 +68,13 @@ def _read_package_file(uri: str, name: str) -> bytes:
 
 
 def read_package(uri: str) -> tuple[dict[str, Any], bytes]:
-    """Read and check a package: metadata and the weight bytes whose digest it records."""
+    """Read and check a package: metadata and the weight bytes whose digest it records.
+
+    ``uri`` may be a registry reference (``REGISTRY/NAME@champion``, ``@VERSION``): see ``registry.resolve``.
+    """
+    from .registry import resolve  # the registry reads packages: imported here, not at the top
+
+    uri = resolve(uri)
     raw = _read_package_file(uri, META_FILE)
     try:
         meta = json.loads(raw)

@@ -8,11 +8,13 @@ S3, MinIO or a test server without knowing which.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import logging
 import os
 import posixpath
 import random
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
@@ -195,6 +197,73 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     write_bytes(uri, buf.getvalue())
 
 
+# ---- compare-and-swap: one small object that several writers may race to replace ----------
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The bytes of a small object and a token for ``write_if`` (None, None when it is absent).
+
+    The token is the object's ETag on S3 and the sha256 of the bytes on a local disk.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        try:
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise OSError(f"cannot read {uri}: {exc}") from None
+        return answer["Body"].read(), answer["ETag"]
+    try:
+        with open(os.path.abspath(local_path(uri)), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if(uri: str, data: bytes, token: str | None) -> bool:
+    """Replace ``uri`` with ``data`` only if it is still the version ``token`` names (absent for None).
+
+    Returns False, writing nothing, when another writer got there first. On S3 this is a
+    conditional PutObject (``If-Match: <etag>``, or ``If-None-Match: *`` to create), which AWS S3
+    and MinIO decide atomically on the server; locally the check and an atomic rename happen
+    under an exclusive ``flock`` on ``<uri>.lock``.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the condition failed; 409: a concurrent conditional write won; 404: deleted meanwhile
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+                return False
+            raise OSError(f"cannot write {uri}: {exc}") from None
+        return True
+    import fcntl
+
+    path = os.path.abspath(local_path(uri))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, even if this process dies
+        _, current = read_versioned(path)
+        if current != token:
+            return False
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return True
+
+
 # ---- fetching many objects: the labeling job's reads ----------------------------------------
 
 class FetchError(Exception):
@@ -227,6 +296,19 @@ def s3_client(policy: FetchPolicy = FetchPolicy()):
                         max_pool_connections=max(10, policy.threads))
         _BOTO_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
     return _BOTO_CLIENTS[key]
+
+
+def presign(uri: str, expires: int) -> str:
+    """An HTTPS URL that reads the S3 object ``uri`` for ``expires`` seconds (SigV4: at most 7 days)."""
+    from botocore.config import Config
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    cache_key = ("presign", os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if cache_key not in _BOTO_CLIENTS:   # one signing client per process: presigning is local, no request is made
+        import boto3
+        _BOTO_CLIENTS[cache_key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    return _BOTO_CLIENTS[cache_key].generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                      ExpiresIn=expires)
 
 
 def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:

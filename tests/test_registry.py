@@ -1,0 +1,222 @@
+"""The model registry: references, the promotion rule, bad input, the promotion race, and runs on an alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from mlbatch import registry, storage
+from mlbatch.cli import main
+from mlbatch.job import LabelConfig, label
+from mlbatch.manifest import ManifestError
+from mlbatch.nightly import NightlyConfig, nightly
+from mlbatch.package import read_package
+from reviewdata import changed_copy
+
+NAME = "mlbatch-multilabel"   # the session model's name (TrainConfig's default)
+
+
+@pytest.fixture(scope="module")
+def versions(small_model, tmp_path_factory) -> dict[str, str]:
+    """Three packages of one network: good (the session model), nudged (its twin), broken (predicts nothing)."""
+    base = tmp_path_factory.mktemp("versions")
+    return {"good": small_model, "nudged": changed_copy(small_model, str(base / "nudged"), 1e-4),
+            "broken": changed_copy(small_model, str(base / "broken"), -20.0)}
+
+
+def _register(reg: str, versions: dict[str, str], *which: str) -> dict[str, str]:
+    return {w: registry.register(versions[w], reg)["version"] for w in which}
+
+
+def _alias(reg: str) -> dict:
+    doc, _ = registry.read_alias(reg, NAME)
+    return doc
+
+
+def _tree(root: str) -> dict[str, int]:
+    return {e.uri: e.size for e in storage.list_files(root)} if storage.exists(root) else {}
+
+
+def test_register_and_resolve(versions, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good")["good"]
+    assert registry.register(versions["good"], reg)["created"] is False           # again: nothing changes
+    assert registry.resolve(f"{reg}/{NAME}@{v}") == registry.version_uri(reg, NAME, v)
+    assert read_package(f"{reg}/{NAME}@{v}")[0]["version"] == v                   # wherever a model URI goes
+    assert registry.resolve(versions["good"]) == versions["good"]                  # a folder is itself
+    with pytest.raises(registry.RegistryError, match=f"has no champion yet \\(versions: {v}\\)"):
+        registry.resolve(f"{reg}/{NAME}@champion")
+    with pytest.raises(registry.RegistryError, match=f"has no version 'abc' \\(versions: {v}\\)"):
+        registry.resolve(f"{reg}/{NAME}@abc")
+    assert main(["evaluate", "--model", f"{reg}/street@champion", "--manifest", "x.parquet"]) == 2
+    assert f"the registry {reg} has no model 'street'" in capsys.readouterr().err
+    assert main(["models", "resolve", f"{reg}/{NAME}@{v}"]) == 0
+    assert capsys.readouterr().out.strip() == f"{registry.version_uri(reg, NAME, v)}  {NAME} {v}"
+
+
+def test_promotion_rule_better_promoted_damaged_refused(versions, small_dataset, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good", "broken")
+    first = registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
+    assert first.promoted and first.reason == "no champion yet" and first.champion is None
+    assert main(["models", "promote", f"{NAME}@{v['good']}", "--registry", reg, "--eval", small_dataset["test"]]) == 0
+    assert capsys.readouterr().out.startswith("promoted: macro_f1")
+    assert _alias(reg)["version"] == v["good"] and _alias(reg)["previous"] == v["broken"]
+    # the damaged one again, now against the good champion: refused, alias unchanged, evidence written
+    assert main(["models", "promote", f"{NAME}@{v['broken']}", "--registry", reg, "--eval", small_dataset["test"]]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("not promoted: label ") and "F1 fell by" in out
+    alias = _alias(reg)
+    assert (alias["version"], alias["generation"]) == (v["good"], 2)
+    decisions = [json.loads(storage.read_text(e.uri)) for e in storage.list_files(f"{reg}/{NAME}/aliases/champion")
+                 if e.uri.endswith("decision.json")]
+    assert sorted((d["candidate"], d["promoted"]) for d in decisions) == sorted(
+        [(v["broken"], True), (v["good"], True), (v["broken"], False)])
+    refused = next(d for d in decisions if not d["promoted"])
+    assert refused["champion"] == v["good"] and refused["candidate_score"] < refused["champion_score"]
+    for side in ("candidate", "champion"):   # both reports next to the alias
+        report = json.loads(storage.read_text(storage.join(refused["reports"], side, "metrics.json")))
+        assert report["rows"] == 60 and [m["label"] for m in report["per_label"]] == ["car", "bus", "pedestrian"]
+    # the same version again: nothing to do
+    assert registry.promote(registry.PromoteConfig(f"{NAME}@{v['good']}", reg, [small_dataset["test"]])).reason == \
+        f"{v['good']} is already the champion"
+
+
+def test_bad_input_changes_nothing(versions, small_dataset, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good")["good"]
+    partial = str(tmp_path / "partial.parquet")
+    table = pq.read_table(small_dataset["test"]).drop_columns(["bus", "pedestrian"])
+    pq.write_table(table, partial)
+    before = _tree(reg)
+    with pytest.raises(ManifestError, match=r"missing label columns \['bus', 'pedestrian'\]"):
+        registry.promote(registry.PromoteConfig(f"{NAME}@{v}", reg, [partial]))
+    assert main(["models", "promote", f"{NAME}@nope", "--registry", reg, "--eval", small_dataset["test"]]) == 2
+    assert f"has no version 'nope' (versions: {v})" in capsys.readouterr().err
+    assert main(["models", "promote", f"street@{v}", "--registry", reg, "--eval", small_dataset["test"]]) == 2
+    assert "has no model 'street'" in capsys.readouterr().err
+    assert main(["models", "promote", f"{NAME}@{v}", "--registry", str(tmp_path / "empty"),
+                 "--eval", small_dataset["test"]]) == 2
+    assert _tree(reg) == before and not os.path.exists(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_if_is_a_compare_and_swap(where, tmp_path, request):
+    root = request.getfixturevalue("bucket") if where == "s3" else str(tmp_path)
+    uri = storage.join(root, "alias.json")
+    wins = []
+    barrier = threading.Barrier(6)
+
+    def create(i: int) -> None:
+        barrier.wait()
+        if storage.write_if(uri, f"writer {i}".encode(), None):
+            wins.append(i)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    data, token = storage.read_versioned(uri)
+    assert data == f"writer {wins[0]}".encode()
+    assert storage.write_if(uri, b"next", token) is True
+    assert storage.write_if(uri, b"stale", token) is False          # the token named the version just replaced
+    assert storage.read_versioned(uri)[0] == b"next"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_promotions_at_once_leave_one_champion(where, versions, small_dataset, tmp_path, request, monkeypatch):
+    reg = storage.join(request.getfixturevalue("bucket"), "reg") if where == "s3" else str(tmp_path / "reg")
+    v = _register(reg, versions, "broken", "good", "nudged")
+    registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
+    # Both promotions read the alias (champion: broken) before either writes: a real race for the swap.
+    barrier = threading.Barrier(2)
+    first_read = threading.local()
+    read_alias = registry.read_alias
+
+    def racing_read(*args, **kwargs):
+        result = read_alias(*args, **kwargs)
+        if not getattr(first_read, "done", False):
+            first_read.done = True
+            barrier.wait(timeout=60)
+        return result
+
+    monkeypatch.setattr(registry, "read_alias", racing_read)
+    decisions: dict[str, registry.Decision] = {}
+
+    def run(which: str) -> None:
+        decisions[which] = registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in ("good", "nudged")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    alias = _alias(reg)
+    assert alias["version"] in (v["good"], v["nudged"])
+    winner = next(w for w in ("good", "nudged") if v[w] == alias["version"])
+    loser = "nudged" if winner == "good" else "good"
+    # Exactly one promotion won against the broken champion; the other lost the swap, compared itself with the
+    # winner, and was promoted over it only if it beat it (then the alias is two generations on).
+    promoted_over_broken = [w for w, d in decisions.items() if d.promoted and d.champion == v["broken"]]
+    assert len(promoted_over_broken) == 1
+    assert decisions[loser].champion == v[promoted_over_broken[0]] or decisions[loser].champion == v["broken"] and \
+        not decisions[loser].promoted
+    assert alias["generation"] == 2 + sum(d.promoted and d.champion != v["broken"] for d in decisions.values())
+    assert alias["previous"] == decisions[winner].champion
+
+
+def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_dataset, tmp_path):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "broken", "good")
+    ref = f"{reg}/{NAME}@champion"
+    registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
+    out = str(tmp_path / "labels")
+    summary = label(LabelConfig(manifests=[small_dataset["test"]], model=ref, output=out, batch_size=16,
+                                concurrency=1, progress=False))
+    recorded = json.loads(storage.read_text(storage.join(out, "_run.json")))["model"]
+    assert recorded == summary["model"] == {"uri": ref, "resolved_uri": registry.version_uri(reg, NAME, v["broken"]),
+                                            "name": NAME, "version": v["broken"]}
+    table = pq.read_table(out)
+    assert set(table.column("model_version").to_pylist()) == {v["broken"]}
+    assert table.column("labels").to_pylist() == [[]] * 60                   # the broken model sees nothing
+
+    assert registry.promote(registry.PromoteConfig(f"{NAME}@{v['good']}", reg, [small_dataset["test"]])).promoted
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    storage.write_bytes(str(incoming / "m.parquet"), storage.read_bytes(small_dataset["test"]))
+    night = nightly(NightlyConfig(input=str(incoming), model=ref, output=str(tmp_path / "night"),
+                                  date="2026-11-24", batch_size=16, concurrency=1, progress=False))
+    assert night["model"]["version"] == v["good"] and night["model"]["uri"] == ref
+    run = json.loads(storage.read_text(storage.join(str(tmp_path / "night"), "_nightly", "runs",
+                                                    night["labeled"][0]["run_id"], "_run.json")))
+    assert run["model"]["version"] == v["good"] and run["model"]["resolved_uri"].endswith(f"versions/{v['good']}")
+    part = pq.read_table(str(tmp_path / "night" / "dt=2026-11-24"))
+    assert part.num_rows == 60 and set(part.column("model_version").to_pylist()) == {v["good"]}
+
+
+def _report(macro: float, f1: dict[str, float]):
+    from mlbatch.evaluate import LabelMetrics, Report
+
+    per_label = [LabelMetrics(label, 0.5, 0, 0, value, 0, 1, 1, 0) for label, value in f1.items()]
+    return Report(per_label, macro, macro, macro, 0, 0, 10)
+
+
+@pytest.mark.parametrize("candidate, champion, promoted, why", [
+    ((0.80, {"car": 0.8, "bus": 0.8}), (0.70, {"car": 0.7, "bus": 0.7}), True, "gain +0.1000"),
+    ((0.70, {"car": 0.7, "bus": 0.7}), (0.70, {"car": 0.7, "bus": 0.7}), False, "does not beat"),
+    ((0.705, {"car": 0.7, "bus": 0.71}), (0.70, {"car": 0.7, "bus": 0.7}), False, "below --min-gain 0.01"),
+    ((0.80, {"car": 0.99, "bus": 0.61}), (0.70, {"car": 0.7, "bus": 0.7}), False, "'bus' F1 fell by 0.090"),
+    ((0.90, {"car": 0.9}), (0.70, {"car": 0.7, "bus": 0.7}), False, "lacks the champion's label(s) bus"),
+    ((float("nan"), {"car": 0.9, "bus": 0.9}), (0.70, {"car": 0.7, "bus": 0.7}), False, "does not beat"),
+])
+def test_the_promotion_rule(candidate, champion, promoted, why):
+    config = registry.PromoteConfig("x@1", "reg", [], min_gain=0.01, max_label_drop=0.05)
+    ok, reason, _ = registry.decide(_report(*candidate), _report(*champion), config)
+    assert (ok, why in reason) == (promoted, True), reason
