@@ -340,9 +340,9 @@ class UnitLabeler(Predictor):
     """The CPU layout: one actor reads a unit's rows, fetches and decodes them, and predicts.
 
     Nothing goes through the object store between reading and writing. Fetching and decoding run
-    in ``FUSED_THREADS`` helper processes of the actor (in threads of one process the GIL's share of
-    each decode held it to ~1,100 img/s on 2 cores, against ~1,400 in two processes; NOTES), while
-    the actor predicts the batch before on torch's threads. Reading a unit only when a labeler is
+    in ``FUSED_THREADS`` helper processes of the actor (``decoder``: in threads of one process the
+    GIL's share of each decode held it to ~1,100 img/s on 2 cores, against ~1,400 in two processes;
+    NOTES), while the actor predicts the batch before on torch's threads. Reading a unit only when a labeler is
     free keeps Ray from reading every unit ahead of the decoders. Each batch is yielded as it is
     done, so the write stage streams. Same functions as the split layout (``read_units``,
     ``decode_uris``, ``Predictor.__call__``), so the same output, row for row.
@@ -351,26 +351,27 @@ class UnitLabeler(Predictor):
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
                  max_pixels: int, threads: int = FUSED_THREADS):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         import torch
+
+        from .decoder import HelperPool
 
         super().__init__(model_uri, thresholds, run_id, schema_metadata)
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size, self.max_pixels = renames, uri_column, batch_size, max_pixels
-        self.workers = threads
-        # spawned, not forked: the actor has threads (Ray's, torch's) that a fork would copy mid-flight
-        self.decoders = ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("spawn"))
+        self.decoders = HelperPool(threads)
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
 
     def _decode(self, rows: pa.Table) -> pa.Table:
-        uris = rows.column(self.uri_column).to_pylist()
-        step = -(-len(uris) // self.workers) or 1
-        parts = [self.decoders.submit(decode_uris, uris[i:i + step], self.size, self.max_pixels, 8)
-                 for i in range(0, len(uris), step)]
-        return _with_pixels(rows, [r for part in parts for r in part.result()])
+        return _with_pixels(rows, self.decoders.decode(rows.column(self.uri_column).to_pylist(), self.size,
+                                                       self.max_pixels))
+
+    def __del__(self) -> None:
+        # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it (a
+        # killed actor's helpers see their stdin close and end too)
+        decoders = getattr(self, "decoders", None)
+        if decoders is not None:
+            decoders.close()
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         rows = read_units(units, self.renames)

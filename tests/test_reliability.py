@@ -660,3 +660,28 @@ def test_run_ids_and_label_names_never_become_paths(ray_cluster, monkeypatch, tm
     # the run's commit markers live in _units/<run_id>/, named by the run id alone
     folders = {out, out / "_units", out / "_units" / summary["run_id"]}
     assert all(p.parent in folders for p in out.rglob("*")), sorted(str(p) for p in out.rglob("*"))
+
+
+def test_a_dead_decode_helper_costs_speed_never_rows(small_dataset, caplog):
+    """The fused layout's decode helpers (plain child processes, no pickle): the same pixels and errors
+    as decoding in-process, and a helper that dies is replaced while its share is decoded in threads."""
+    from mlbatch.decoder import HelperPool
+    from mlbatch.job import decode_uris
+
+    uris = storage.read_parquet(small_dataset["test"]).column("image_uri").to_pylist()[:12]
+    uris += ["/no/such/file.jpg", None]
+    want = decode_uris(uris, 32, 50_000)
+    assert sum(p is None for p, _ in want) == 2
+    pool = HelperPool(2)
+    try:
+        assert pool.decode(uris, 32, 50_000) == want
+        dead = pool.helpers[1].proc
+        dead.kill()
+        dead.wait()
+        with caplog.at_level("WARNING", logger="mlbatch.decoder"):
+            assert pool.decode(uris, 32, 50_000) == want
+        assert f"decode helper {dead.pid} failed" in caplog.text
+        assert pool.helpers[1].proc.pid != dead.pid and pool.decode(uris, 32, 50_000) == want
+    finally:
+        pool.close()
+    assert all(h.proc.poll() is not None for h in pool.helpers)
