@@ -317,6 +317,10 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         results["d_warm"] = bench_job_on_running_cluster(manifest, model3, os.path.join(workdir, "out-local"), n)
         results["d_split"] = bench_job(manifest, model3, os.path.join(workdir, "out-split"), n,
                                        name="d  mlbatch label --layout split", args=("--layout", "split"))
+        # the predictor decodes JPEGs itself: nvJPEG on a GPU node (--num-gpus), torchvision's libjpeg here
+        results["d_torchvision"] = bench_job(manifest, model3, os.path.join(workdir, "out-torchvision"), n,
+                                             name="d  mlbatch label --decode torchvision",
+                                             args=("--decode", "torchvision"))
     # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
     results["d_small"] = bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
                                    name=f"d  mlbatch label, {small} rows")

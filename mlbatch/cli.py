@@ -88,6 +88,11 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="fused: each predictor actor reads, fetches, decodes and predicts its units (no pixels "
                         "cross processes; best on CPU); split: decode tasks feed predictor actors (keeps GPUs "
                         "fed); auto: split when predictors hold GPUs, else fused (default: %(default)s)")
+    p.add_argument("--decode", choices=["pil", "torchvision"], default="pil",
+                   help="pil: decode on CPU (JPEGs at reduced scale), the pixels training and `predict` use; "
+                        "torchvision: the predictor decodes JPEGs on its own device (nvJPEG on a GPU: for GPU "
+                        "nodes whose CPUs cannot keep up; PIL for anything else), probabilities move slightly "
+                        "(default: %(default)s)")
     p.add_argument("--threshold", type=_threshold, action="append", default=[], metavar="NAME=VALUE",
                    help="override one label's decision threshold from the model package; repeatable")
     p.add_argument("--max-pixels", type=int, default=64_000_000, metavar="N",
@@ -436,7 +441,7 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
                        concurrency=args.concurrency,
                        num_gpus=args.num_gpus, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
                        run_id=args.run_id, resume=args.resume, stall_seconds=args.stall_seconds,
-                       max_pixels=args.max_pixels, layout=args.layout)
+                       max_pixels=args.max_pixels, layout=args.layout, decode=args.decode)
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -489,7 +494,7 @@ def _nightly(args: argparse.Namespace) -> int:
         drift_window=args.drift_window, drift_bound=args.drift_bound, fail_on_drift=args.fail_on_drift,
         uri_column=args.uri_column, id_column=args.id_column, batch_size=args.batch_size,
         rows_per_file=args.rows_per_file, concurrency=args.concurrency, num_gpus=args.num_gpus,
-        layout=args.layout, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
+        layout=args.layout, decode=args.decode, thresholds=dict(args.threshold), max_error_rate=args.max_error_rate,
         max_pixels=args.max_pixels, stall_seconds=args.stall_seconds)
     try:
         summary = nightly(config)

@@ -5,8 +5,9 @@ A fused labeler (``job.UnitLabeler``) decodes in threads of its own process at ~
 labeler starts a few of these helpers, plain child processes that speak a minimal protocol over
 their stdin and a private copy of their stdout:
 
-    request   one JSON line: {"uris": [...], "size": S, "max_pixels": N}
-    reply     per URI, in order: b"P" + 4-byte length + resized RGB pixels, or b"E" + length + reason
+    request   one JSON line: {"uris": [...], "size": S, "max_pixels": N, "fetch_only": false}
+    reply     per URI, in order: b"P" + 4-byte length + resized RGB pixels (or the object's bytes with
+              fetch_only, for ``--decode torchvision``), or b"E" + length + reason
 
 JSON and raw bytes, never pickle; no multiprocessing, whose semaphore tracker dies inside Ray's
 actors and then prints tracebacks into every run. A helper that dies is restarted and its batch
@@ -34,9 +35,10 @@ class Helper:
         self.proc = subprocess.Popen([sys.executable, "-m", "mlbatch.decoder"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
 
-    def send(self, uris: list[str | None], size: int, max_pixels: int) -> None:
+    def send(self, uris: list[str | None], size: int, max_pixels: int, fetch_only: bool = False) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"uris": uris, "size": size, "max_pixels": max_pixels}).encode() + b"\n")
+        request = {"uris": uris, "size": size, "max_pixels": max_pixels, "fetch_only": fetch_only}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
         self.proc.stdin.flush()
 
     def receive(self, n: int) -> list[Result]:
@@ -70,7 +72,7 @@ class HelperPool:
     def __init__(self, processes: int) -> None:
         self.helpers = [Helper() for _ in range(processes)]
 
-    def decode(self, uris: list[str | None], size: int, max_pixels: int) -> list[Result]:
+    def decode(self, uris: list[str | None], size: int, max_pixels: int, fetch_only: bool = False) -> list[Result]:
         from .job import decode_uris
 
         step = -(-len(uris) // len(self.helpers)) or 1
@@ -78,7 +80,7 @@ class HelperPool:
         sent = []
         for helper, part in zip(self.helpers, parts):
             try:
-                helper.send(part, size, max_pixels)
+                helper.send(part, size, max_pixels, fetch_only)
                 sent.append(True)
             except OSError:
                 sent.append(False)
@@ -94,7 +96,7 @@ class HelperPool:
                             helper.proc.pid, exc, len(part))
                 helper.proc.kill()
                 self.helpers[k] = Helper()
-                results += decode_uris(part, size, max_pixels)
+                results += decode_uris(part, size, max_pixels, fetch_only=fetch_only)
         return results
 
     def close(self) -> None:
@@ -110,7 +112,8 @@ def serve() -> None:
     os.dup2(2, 1)
     for line in sys.stdin.buffer:
         req = json.loads(line)
-        for pixels, error in decode_uris(req["uris"], req["size"], req["max_pixels"], threads=8):
+        for pixels, error in decode_uris(req["uris"], req["size"], req["max_pixels"], threads=8,
+                                         fetch_only=req.get("fetch_only", False)):
             body = pixels if pixels is not None else (error or "").encode()
             out.write((b"P" if pixels is not None else b"E") + len(body).to_bytes(4, "little") + body)
         out.flush()

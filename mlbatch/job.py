@@ -83,6 +83,7 @@ WRITE_CPUS = 0.5
 TOP_ERRORS_KEPT = 20          # distinct error messages kept per file's marker (and 5x that per run)
 DEFAULT_STALL_SECONDS = 900.0
 LAYOUTS = ("auto", "fused", "split")
+DECODERS = ("pil", "torchvision")  # who decodes: PIL on CPU before predicting, or the predictor (``jpeg``)
 FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
 ONE_TASK_ID_CHECK_ROWS = 10_000_000   # --id-column: checked by one task up to here, a cluster group-by beyond
 
@@ -114,6 +115,7 @@ class LabelConfig:
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
     layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
+    decode: str = "pil"                                # pil | torchvision (JPEGs decoded on the predictor's device)
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
     max_error_rate: float = 0.05
     max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
@@ -255,15 +257,19 @@ def read_units(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
 
 
 def decode_uris(uris: list[str | None], size: int, max_pixels: int = images.DEFAULT_MAX_PIXELS,
-                threads: int = 16) -> list[tuple[bytes | None, str | None]]:
+                threads: int = 16, fetch_only: bool = False) -> list[tuple[bytes | None, str | None]]:
     """Fetch and decode images to resized uint8 pixels, or the reason one could not be read.
 
     Fetches run in a thread pool (I/O bound). The split layout's decode tasks and the fused
-    layout's helper processes (``decoder``) both call this.
+    layout's helper processes (``decoder``) both call this. ``fetch_only``: the objects' bytes as
+    they are, for a predictor that decodes them itself (``--decode torchvision``).
     """
     def one(uri: str | None) -> tuple[bytes | None, str | None]:
         try:
-            pic = images.decode(storage.fetch(uri), max_pixels=max_pixels, draft_size=size)
+            data = storage.fetch(uri)
+            if fetch_only:
+                return data, None
+            pic = images.decode(data, max_pixels=max_pixels, draft_size=size)
             return images.resize(pic, size).tobytes(), None
         except (storage.FetchError, images.ImageError) as exc:
             return None, str(exc)
@@ -280,16 +286,22 @@ def _with_pixels(batch: pa.Table, results: list[tuple[bytes | None, str | None]]
 
 
 def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
-                 max_pixels: int = images.DEFAULT_MAX_PIXELS) -> pa.Table:
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, fetch_only: bool = False) -> pa.Table:
     """Fetch and decode a batch of images (the split layout's CPU tasks): a row that cannot be
     fetched or decoded gets its reason in the error column instead of pixels."""
-    return _with_pixels(batch, decode_uris(batch.column(uri_column).to_pylist(), size, max_pixels, threads))
+    return _with_pixels(batch, decode_uris(batch.column(uri_column).to_pylist(), size, max_pixels, threads,
+                                           fetch_only))
 
 
 class Predictor:
-    """Loads the model once per actor; predicts a batch of pixels and writes the label columns."""
+    """Loads the model once per actor; predicts a batch of pixels and writes the label columns.
 
-    def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes]):
+    ``decode="torchvision"``: the batch holds the objects' encoded bytes, decoded here on the
+    predictor's device (``jpeg``; PIL on the CPU for what that will not decode).
+    """
+
+    def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes],
+                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS):
         import torch  # here, not at the top: the driver and the decode tasks never need torch
 
         from .model import load_model
@@ -307,15 +319,25 @@ class Predictor:
         self.metadata = schema_metadata
         self.size = self.model.spec.image_size
         self.types = _predicted_columns(self.labels)
+        self.decode, self.max_pixels = decode, max_pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         raw = batch.column(PIXELS).to_pylist()
         errors = batch.column(ERROR).to_pylist()
-        ok = np.asarray([p is not None for p in raw], bool)
+        pixels: Any = None
+        if self.decode == "torchvision":
+            from .jpeg import decode_resize
+
+            pixels, errors = decode_resize(raw, errors, self.size, self.model.device, self.max_pixels)
+            ok = np.asarray([e is None for e in errors], bool)
+        else:
+            ok = np.asarray([p is not None for p in raw], bool)
+            if ok.any():
+                pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.size, self.size, 3)
+                                   for p in raw if p is not None])
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         if ok.any():
-            pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.size, self.size, 3) for p in raw if p is not None])
             probs[ok] = self.model.predict_pixels(pixels)
         hits = probs >= self.thresholds
         columns: list[Any] = []
@@ -352,21 +374,21 @@ class UnitLabeler(Predictor):
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
-                 max_pixels: int, threads: int = FUSED_THREADS):
+                 max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS):
         import torch
 
         from .decoder import HelperPool
 
-        super().__init__(model_uri, thresholds, run_id, schema_metadata)
+        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels)
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        self.renames, self.uri_column, self.batch_size, self.max_pixels = renames, uri_column, batch_size, max_pixels
+        self.renames, self.uri_column, self.batch_size = renames, uri_column, batch_size
         self.decoders = HelperPool(threads)
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
 
     def _decode(self, rows: pa.Table) -> pa.Table:
         return _with_pixels(rows, self.decoders.decode(rows.column(self.uri_column).to_pylist(), self.size,
-                                                       self.max_pixels))
+                                                       self.max_pixels, fetch_only=self.decode != "pil"))
 
     def __del__(self) -> None:
         # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it (a
@@ -778,7 +800,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
             _check_ids(plan, config.id_column)
         run = _prepare(config, plan)
         predictor = _run_pipeline(run) if run.todo else {"layout": None, "concurrency": None, "num_gpus": None,
-                                                                  "device": None}
+                                                                  "device": None, "decode": None}
     return _finish(run, started, predictor)
 
 
@@ -806,6 +828,8 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
     cpus, gpus = _cluster_resources()
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
     layout = choose_layout(config.layout, num_gpus)
+    if config.decode not in DECODERS:
+        raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
     if config.concurrency is not None:
         concurrency = config.concurrency
     elif num_gpus > 0:
@@ -823,17 +847,17 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
     columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s layout, %s predictor actors, "
-             "device %s)", sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files), run.output,
-             plan.run_id, layout, concurrency, device)
+             "device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files),
+             run.output, plan.run_id, layout, concurrency, device, config.decode)
 
     uri_col = renames.get(config.uri_column, config.uri_column)
     predictor_args = {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
-                      "schema_metadata": metadata}
+                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels}
     ds = _units_dataset(run.todo, plan.files)
     if layout == "fused":
         ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={
                                 **predictor_args, "renames": renames, "uri_column": uri_col,
-                                "batch_size": config.batch_size, "max_pixels": config.max_pixels},
+                                "batch_size": config.batch_size},
                             batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
                             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
@@ -846,7 +870,8 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
         # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
         # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
         ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
-                                                       "max_pixels": config.max_pixels},
+                                                       "max_pixels": config.max_pixels,
+                                                       "fetch_only": config.decode != "pil"},
                             batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs=predictor_args,
                             batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
@@ -866,7 +891,8 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
             run.file_stats[file_index].add(stats)
             run.total.add(stats)
             run.files_written += 1
-    return {"layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device}
+    return {"layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
+            "decode": config.decode}
 
 
 def _stream(ds: ray.data.Dataset, stall_seconds: float, run: _Run) -> Iterator[pa.Table]:

@@ -151,11 +151,12 @@ class LoadedModel:
         return images.to_array(img, self.spec.image_size, self.spec.mean, self.spec.std)
 
     @torch.inference_mode()
-    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+    def predict_arrays(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Preprocessed batch (n, 3, S, S) -> probabilities float32 (n, n_labels)."""
         if len(batch) == 0:
             return np.zeros((0, len(self.labels)), np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = x.to(self.device, non_blocking=True)
         if self.device.startswith("cuda"):
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.net(x)
@@ -163,20 +164,20 @@ class LoadedModel:
             logits = self.net(x)
         return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
 
-    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    @torch.inference_mode()
+    def predict_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels).
 
         On a GPU the uint8 pixels are what crosses to the device (a quarter of float32's bytes), from
         pinned host memory without blocking, and are normalised there (``to_input``). Not measured
-        here: this machine has no GPU.
+        here: this machine has no GPU. A tensor is taken where it is (``jpeg`` decodes on the device).
         """
-        if not self.device.startswith("cuda") or len(pixels) == 0:
-            return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
-        host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).pin_memory()
-        x = to_input(host.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
-        with torch.autocast("cuda", dtype=torch.float16):
-            logits = self.net(x)
-        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+        if not isinstance(pixels, torch.Tensor):
+            if not self.device.startswith("cuda") or len(pixels) == 0:
+                return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
+            host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).pin_memory()
+            pixels = host.to(self.device, non_blocking=True)
+        return self.predict_arrays(to_input(pixels.to(self.device), self.spec.mean, self.spec.std))
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.

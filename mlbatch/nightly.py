@@ -117,6 +117,7 @@ class NightlyConfig:
     concurrency: int | tuple[int, int] | None = None
     num_gpus: float | None = None
     layout: str = "auto"
+    decode: str = "pil"
     thresholds: dict[str, float] = field(default_factory=dict)
     max_error_rate: float = 0.05
     max_pixels: int | None = None      # None: the labeling job's default
@@ -449,7 +450,7 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
         manifests=[j.manifest.uri for j in jobs], model=config.model, output=partition_uri(output, day),
         uri_column=config.uri_column, id_column=config.id_column, batch_size=config.batch_size,
         rows_per_file=config.rows_per_file, concurrency=config.concurrency, num_gpus=config.num_gpus,
-        layout=config.layout,
+        layout=config.layout, decode=config.decode,
         thresholds=dict(config.thresholds), max_error_rate=1.0, run_id=run_id, resume=resume,
         progress=config.progress, stall_seconds=config.stall_seconds, state_dir=rdir,
         extra_summary={"nightly": {"date": day, "manifests": [{"manifest": j.manifest.uri, **j.manifest.fingerprint(),
