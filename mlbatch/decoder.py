@@ -21,11 +21,38 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
+
+from . import images, storage
 
 log = logging.getLogger(__name__)
 
 Result = tuple[bytes | None, str | None]
+
+
+def decode_uris(uris: list[str | None], size: int, max_pixels: int = images.DEFAULT_MAX_PIXELS,
+                threads: int = 16, fetch_only: bool = False) -> list[Result]:
+    """Fetch and decode images to resized uint8 pixels, or the reason one could not be read.
+
+    Fetches run in a thread pool (I/O bound). The split layout's decode tasks and the fused
+    layout's helper processes both call this (here, so that a helper starts without importing Ray). ``fetch_only``: the objects' bytes as
+    they are, for a predictor that decodes them itself (``--decode torchvision``).
+    """
+    def one(uri: str | None) -> Result:
+        try:
+            data = storage.fetch(uri)
+            if fetch_only:
+                return data, None
+            pic = images.decode(data, max_pixels=max_pixels, draft_size=size)
+            return images.resize(pic, size).tobytes(), None
+        except (storage.FetchError, images.ImageError) as exc:
+            return None, str(exc)
+        except Exception as exc:  # never let one object kill the job; say what happened
+            return None, f"unexpected {type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        return list(pool.map(one, uris))
 
 
 class Helper:
@@ -73,8 +100,6 @@ class HelperPool:
         self.helpers = [Helper() for _ in range(processes)]
 
     def decode(self, uris: list[str | None], size: int, max_pixels: int, fetch_only: bool = False) -> list[Result]:
-        from .job import decode_uris
-
         step = -(-len(uris) // len(self.helpers)) or 1
         parts = [uris[i:i + step] for i in range(0, len(uris), step)]
         sent = []
@@ -106,8 +131,6 @@ class HelperPool:
 
 def serve() -> None:
     """The helper's loop: requests on stdin, replies on a private copy of stdout (print goes to stderr)."""
-    from .job import decode_uris
-
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     for line in sys.stdin.buffer:

@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 import ray
 
 from . import images, manifest, storage
+from .decoder import decode_uris
 from .package import PackageError, column_name, read_package
 from .registry import resolve
 
@@ -256,30 +257,6 @@ def read_units(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def decode_uris(uris: list[str | None], size: int, max_pixels: int = images.DEFAULT_MAX_PIXELS,
-                threads: int = 16, fetch_only: bool = False) -> list[tuple[bytes | None, str | None]]:
-    """Fetch and decode images to resized uint8 pixels, or the reason one could not be read.
-
-    Fetches run in a thread pool (I/O bound). The split layout's decode tasks and the fused
-    layout's helper processes (``decoder``) both call this. ``fetch_only``: the objects' bytes as
-    they are, for a predictor that decodes them itself (``--decode torchvision``).
-    """
-    def one(uri: str | None) -> tuple[bytes | None, str | None]:
-        try:
-            data = storage.fetch(uri)
-            if fetch_only:
-                return data, None
-            pic = images.decode(data, max_pixels=max_pixels, draft_size=size)
-            return images.resize(pic, size).tobytes(), None
-        except (storage.FetchError, images.ImageError) as exc:
-            return None, str(exc)
-        except Exception as exc:  # never let one object kill the job; say what happened
-            return None, f"unexpected {type(exc).__name__}: {exc}"
-
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        return list(pool.map(one, uris))
-
-
 def _with_pixels(batch: pa.Table, results: list[tuple[bytes | None, str | None]]) -> pa.Table:
     batch = batch.append_column(PIXELS, pa.array([r[0] for r in results], pa.binary()))
     return batch.append_column(ERROR, pa.array([r[1] for r in results], pa.string()))
@@ -375,15 +352,16 @@ class UnitLabeler(Predictor):
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
                  max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS):
-        import torch
-
         from .decoder import HelperPool
+
+        # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
+        self.decoders = HelperPool(threads)
+        import torch
 
         super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels)
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size = renames, uri_column, batch_size
-        self.decoders = HelperPool(threads)
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
 
     def _decode(self, rows: pa.Table) -> pa.Table:

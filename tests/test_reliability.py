@@ -682,7 +682,7 @@ def test_a_dead_decode_helper_costs_speed_never_rows(small_dataset, caplog):
     """The fused layout's decode helpers (plain child processes, no pickle): the same pixels and errors
     as decoding in-process, and a helper that dies is replaced while its share is decoded in threads."""
     from mlbatch.decoder import HelperPool
-    from mlbatch.job import decode_uris
+    from mlbatch.decoder import decode_uris
 
     uris = storage.read_parquet(small_dataset["test"]).column("image_uri").to_pylist()[:12]
     uris += ["/no/such/file.jpg", None]
