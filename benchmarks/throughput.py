@@ -6,7 +6,8 @@ On the same images and the same model package it measures images/s and peak memo
   a  the forward pass alone on decoded, preprocessed tensors (the compute ceiling),
   b  fetch + decode + preprocess alone, as the job does it, on every core (the input ceiling),
   c  a hand-written single-process loop: read the manifest, PIL.open each image, predict in 64s
-     (c' the same loop handing predict the files unopened, so it decodes at reduced scale too),
+     (c' the same loop handing predict the files unopened, so it decodes at reduced scale too;
+     and c' once more as a script, a fresh process writing its probabilities to Parquet),
   d  `mlbatch label` end to end, wall time including start-up, from local files and from S3 (moto),
      and again on a tenth of the rows: the difference is the streaming rate without start-up,
      and once more on a Ray instance already running (what `ray job submit` pays),
@@ -209,6 +210,31 @@ def bench_hand_loop(manifest: str, model_uri: str, n: int, models: list | None =
     return Result(name or "c  hand-written loop", len(uris), seconds, mem.peak, "1 process")
 
 
+HAND_LOOP_SCRIPT = """
+import sys
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+import mlbatch
+manifest, model_uri, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = mlbatch.load_model(model_uri)
+table = pq.read_table(manifest).slice(0, n)
+uris = table.column("image_uri").to_pylist()
+probs = np.concatenate([model.predict([Image.open(u) for u in uris[i:i + 64]]) for i in range(0, len(uris), 64)])
+for j, label in enumerate(model.labels):
+    table = table.append_column(f"prob_{label}", pa.array(probs[:, j]))
+pq.write_table(table, out)
+"""
+
+
+def bench_hand_loop_script(manifest: str, model_uri: str, n: int, out: str) -> Result:
+    """c' as a user runs it: a fresh Python process (imports torch, loads the model) that writes its
+    probabilities to Parquet, the same end-to-end terms as d, which is a fresh process too."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", HAND_LOOP_SCRIPT, manifest, model_uri, str(n), out], check=True)
+    return Result("c' as a script (new process, Parquet)", n, time.perf_counter() - start, float("nan"),
+                  "1 process, wall time incl. start-up")
+
+
 JOB_ARGS: list[str] = []   # extra `mlbatch label` flags for every d run (--num-gpus F from the command line)
 
 
@@ -295,22 +321,65 @@ def s3_copy(manifest: str, model_uri: str, bucket: str) -> tuple[str, str]:
 
 # ---- the run --------------------------------------------------------------------------------
 
+def _median(runs: list[Result]) -> Result:
+    """The run of median time, its note saying how far the others were."""
+    mid = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    if len(runs) == 1:
+        return mid
+    rates = [r.rate for r in runs]
+    return Result(mid.name, mid.images, mid.seconds, mid.peak_mib,
+                  f"{mid.note}; median of {len(runs)}, {min(rates):.0f}-{max(rates):.0f} img/s")
+
+
+def _streaming(d: Result, d_small: Result) -> float | None:
+    """The job's rate without its start-up: d minus d on a tenth of the rows (None when start-up
+    varies more than labeling takes, at a few thousand rows)."""
+    extra = d.seconds - d_small.seconds
+    return (d.images - d_small.images) / extra if extra > 0.1 * d.seconds else None
+
+
+def _round_ratios(r: dict[str, Result]) -> dict[str, float | None]:
+    h = 1 / (1 / r["a"].rate + 1 / r["b"].rate)
+    streaming = _streaming(r["d"], r["d_small"])
+    out = {"h": round(h, 1), "d": round(r["d"].rate, 1), "d streaming": streaming and round(streaming, 1),
+           "d/h": round(r["d"].rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3)}
+    if "c_lazy" in r:
+        out["d/c'"] = round(r["d"].rate / r["c_lazy"].rate, 3)
+        out["d/c' script"] = round(r["d"].rate / r["c_script"].rate, 3)
+    return out
+
+
 def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, label_counts=(3, 10),
-        job_only: bool = False) -> dict:
+        job_only: bool = False, rounds: int = 1) -> dict:
     manifest = make_frames(workdir, n, width, height)
     model3 = make_package(os.path.join(workdir, "model-3"), ["car", "bus", "pedestrian"])
     size = mlbatch.load_model(model3).spec.image_size
-    results: dict[str, Result] = {}
     sample = make_frames(workdir, min(n, 20_000), width, height) if job_only else manifest
-    results["a"] = bench_forward(model3, max(min(n, 20_000), 2048))
-    results["b"] = bench_decode(sample, size, min(n, 20_000), os.cpu_count() or 1)
-    if not job_only:
-        results["c"] = bench_hand_loop(manifest, model3, n)
-        results["c_lazy"] = bench_hand_loop(manifest, model3, n, name="c' hand loop, reduced-scale decode", lazy=True)
-    results["d"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n)
-    results["d_memory"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n, memory=True)
     small = max(n // 10, 64)
     small_manifest = make_frames(workdir, small, width, height)
+    # The figures the ratios are made of, measured `rounds` times in turn: this VM's speed drifts by
+    # 10-25% between minutes, so each round's ratios compare runs made minutes apart, and the report
+    # gives each round's and the median ones.
+    core = {
+        "a": lambda: bench_forward(model3, max(min(n, 20_000), 2048)),
+        "b": lambda: bench_decode(sample, size, min(n, 20_000), os.cpu_count() or 1),
+        **({} if job_only else {"c_lazy": lambda: bench_hand_loop(manifest, model3, n, lazy=True,
+                                                                  name="c' hand loop, reduced-scale decode"),
+                                 "c_script": lambda: bench_hand_loop_script(manifest, model3, n,
+                                                                            os.path.join(workdir, "c-out.parquet"))}),
+        "d": lambda: bench_job(manifest, model3, os.path.join(workdir, "out-local"), n),
+        "d_small": lambda: bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
+                                     name=f"d  mlbatch label, {small} rows"),
+    }
+    measured: dict[str, list[Result]] = {k: [] for k in core}
+    for _ in range(rounds):
+        for k, measure in core.items():
+            measured[k].append(measure())
+    per_round = [_round_ratios({k: v[i] for k, v in measured.items()}) for i in range(rounds)]
+    results: dict[str, Result] = {k: _median(v) for k, v in measured.items()}
+    if not job_only:
+        results["c"] = bench_hand_loop(manifest, model3, n)
+    results["d_memory"] = bench_job(manifest, model3, os.path.join(workdir, "out-local"), n, memory=True)
     results["d_memory_small"] = bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
                                           memory=True, name=f"d  peak memory, {small} rows")
     if not job_only:
@@ -321,9 +390,6 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         results["d_torchvision"] = bench_job(manifest, model3, os.path.join(workdir, "out-torchvision"), n,
                                              name="d  mlbatch label --decode torchvision",
                                              args=("--decode", "torchvision"))
-    # d on a tenth of the rows: the difference is the job's streaming rate without its start-up
-    results["d_small"] = bench_job(small_manifest, model3, os.path.join(workdir, "out-small"), small,
-                                   name=f"d  mlbatch label, {small} rows")
     if with_s3 and not job_only:
         from moto.server import ThreadedMotoServer
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -353,9 +419,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         shared_vs_separate[k] = e.rate / d_k.rate
     h = 1 / (1 / results["a"].rate + 1 / results["b"].rate)
     d, d_small = results["d"], results["d_small"]
-    # at a few thousand rows start-up varies by more than the labeling takes: then no estimate
-    extra = d.seconds - d_small.seconds
-    streaming = (d.images - d_small.images) / extra if extra > 0.1 * d.seconds else None
+    streaming = _streaming(d, d_small)
     start_up = d.seconds - d.images / streaming if streaming else None
     return {
         "images": n, "width": width, "height": height, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -367,13 +431,21 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         "d_streaming_images_per_second": streaming and round(streaming, 2),
         "d_start_up_seconds": start_up and round(start_up, 2),
         "ratios": {**({"d/c": round(d.rate / results["c"].rate, 3), "d/c'": round(d.rate / results["c_lazy"].rate, 3),
+                      "d/c' script": round(d.rate / results["c_script"].rate, 3),
                       "d (Ray running)/h": round(results["d_warm"].rate / h, 3),
                       "d split/d": round(results["d_split"].rate / d.rate, 3)} if not job_only else {}),
                    "d/h": round(d.rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3),
                    "d memory / d memory on 1/10": round(results["d_memory"].peak_mib
                                                         / results["d_memory_small"].peak_mib, 3),
                    **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
+        "rounds": per_round,
+        "median_of_rounds": {k: _median_value([r[k] for r in per_round]) for k in per_round[0]},
     }
+
+
+def _median_value(values: list[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
 
 
 def table(report: dict) -> str:
@@ -389,6 +461,10 @@ def table(report: dict) -> str:
     else:
         lines.append("d  streaming rate: not measurable here, start-up varies more than labeling takes")
     lines.append("ratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()))
+    if len(report["rounds"]) > 1:
+        for i, r in enumerate(report["rounds"], 1):
+            lines.append(f"round {i}: " + ", ".join(f"{k} = {v}" for k, v in r.items()))
+        lines.append("median of rounds: " + ", ".join(f"{k} = {v}" for k, v in report["median_of_rounds"].items()))
     return "\n".join(lines)
 
 
@@ -407,11 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-gpus", type=float, default=None, metavar="F",
                    help="pass --num-gpus F to every job run, and run the forward pass (a) on CUDA when there is "
                         "one: the same benchmark on a GPU node")
+    p.add_argument("--rounds", type=int, default=1, metavar="K",
+                   help="measure a, b, c' and d (and d on a tenth) K times in turn and report the median run and "
+                        "each round's ratios: this VM's speed drifts between minutes (default: %(default)s)")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-bench-")
     if args.num_gpus is not None:
         JOB_ARGS.extend(["--num-gpus", str(args.num_gpus)])
-    report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3, job_only=args.job_only)
+    report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3, job_only=args.job_only,
+                 rounds=args.rounds)
     print(table(report))
     if args.json:
         with open(args.json, "w") as f:
