@@ -674,7 +674,9 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
     markers = storage.join(state, UNITS_DIR, plan.run_id)
     for name in (SUCCESS_FILE, SUMMARY_FILE):
         storage.delete(storage.join(state, name))
-    plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file}
+    # what a resumed run must share with the units it keeps (the decoder: --decode torchvision's pixels differ)
+    plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file,
+                   "decode": config.decode}
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
     done: dict[str, tuple[int, int]] = {}
@@ -683,9 +685,11 @@ def _prepare(config: LabelConfig, plan: _Plan) -> _Run:
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
         before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
+        if before is not None:
+            before.setdefault("decode", "pil")  # runs started before --decode existed
         if before is None or {k: v for k, v in before.items() if k != "attempt"} != plan_record:
-            raise JobError(f"cannot resume run {plan.run_id}: its manifests or --rows-per-file are not those it "
-                           f"started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
+            raise JobError(f"cannot resume run {plan.run_id}: its manifests, --rows-per-file or --decode are not "
+                           f"those it started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
                            "run again without --resume")
         committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for m in read_markers(markers):
@@ -762,6 +766,8 @@ def label(config: LabelConfig) -> dict[str, Any]:
     plan (footers) -> check ids (cluster) -> prepare (resume) -> pipeline (stream of commits) -> add up
     """
     started = time.time()
+    if config.decode not in DECODERS:  # before anything is planned or removed
+        raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
     plan = _plan(config)
     output = _absolute(config.output)
     state = _absolute(config.state_dir) if config.state_dir else output
@@ -806,8 +812,6 @@ def _run_pipeline(run: _Run) -> dict[str, Any]:
     cpus, gpus = _cluster_resources()
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
     layout = choose_layout(config.layout, num_gpus)
-    if config.decode not in DECODERS:
-        raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
     if config.concurrency is not None:
         concurrency = config.concurrency
     elif num_gpus > 0:
@@ -1031,7 +1035,8 @@ def summary_table(summary: dict[str, Any]) -> str:
              f"rows in {summary['rows_in']}, out {summary['rows_out']}: {summary['ok']} ok, {summary['errors']} errors "
              f"({summary['error_rate']:.2%})   {summary['wall_seconds']}s, {summary['rows_per_second']} rows/s",
              f"model {summary['model']['name']} {summary['model']['version']}   "
-             f"predictor device: {summary['predictor']['device']}, layout: {summary['predictor'].get('layout')}",
+             f"predictor device: {summary['predictor']['device']}, layout: {summary['predictor'].get('layout')}, "
+             f"decode: {summary['predictor'].get('decode')}",
              f"{'label':<16}{'threshold':>10}{'positive rate':>15}{'mean prob':>11}"]
     for name, s in summary["labels"].items():
         rate = "n/a" if s["positive_rate"] is None else f"{s['positive_rate']:.3f}"

@@ -249,6 +249,11 @@ def test_killed_run_resumes_with_every_row_exactly_once(ray_cluster, tmp_path, s
     proc.wait()
     partial = _read_output(str(out)).num_rows
     assert 0 < partial < 400 and not (out / "_SUCCESS").exists()
+    # its committed units were decoded by PIL: a resume that would decode the rest otherwise is refused, keeping them
+    other = subprocess.run(args + ["--resume", "--decode", "torchvision"], env=_cli_env(ray_cluster),
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1 and "--rows-per-file or --decode are not those it started with" in other.stderr
+    assert _read_output(str(out)).num_rows == partial
 
     resumed = subprocess.run(args + ["--resume"], env=_cli_env(ray_cluster), capture_output=True, text=True,
                              timeout=300)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mlbatch import images, jpeg
+from mlbatch.job import JobError, LabelConfig, label
 from mlbatch.synth import render_frame
 
 
@@ -101,3 +102,61 @@ def test_a_failing_device_decoder_falls_back_per_image(monkeypatch):
     assert calls == ["list", "Tensor", "Tensor", "Tensor", "Tensor"]
     np.testing.assert_array_equal(pixels[2].numpy(), _pil_path(frames[2], 48))  # PIL's pixels for the one rejected
     assert not np.array_equal(pixels[1].numpy(), _pil_path(frames[1], 48))  # torchvision's for the others
+
+
+def test_grayscale_jpegs_decode_on_the_device_as_rgb():
+    gray = Image.open(io.BytesIO(render_frame(6, 0, 320, 240))).convert("L")
+    data = _encode(gray, "JPEG", quality=90)
+    pixels, errors = jpeg.decode_resize([data], [None], 48, "cpu")
+    assert errors == [None] and jpeg._device_can_decode(data, 10**8) == 320 * 240
+    p = pixels[0].numpy().astype(int)
+    assert (p[..., 0] == p[..., 1]).all() and (p[..., 1] == p[..., 2]).all()  # gray as RGB, as PIL converts it
+    assert np.abs(p - _pil_path(data, 48).astype(int)).mean() < 1.5
+
+
+def test_a_jpeg_without_its_end_marker_is_pils_to_judge_whatever_the_device_decoder_says(monkeypatch):
+    """A GPU decoder may return pixels for a truncated file where PIL refuses it: such files never reach it."""
+    frame = render_frame(7, 0, 320, 240)
+    truncated = frame[: len(frame) * 2 // 3]
+    padded = frame + b"\0" * 16  # padding after the end marker is still a whole file
+    monkeypatch.setattr(jpeg, "decode_jpeg", lambda data, **kw: [torch.zeros((3, 240, 320), dtype=torch.uint8)
+                                                                 for _ in data] if isinstance(data, list)
+                        else torch.zeros((3, 240, 320), dtype=torch.uint8))
+    pixels, errors = jpeg.decode_resize([truncated, padded], [None, None], 32, "cpu")
+    assert errors == [_pil_error(truncated, 32), None]
+    assert errors[0].startswith("corrupt or truncated image (JPEG)")
+    assert int(pixels[0].sum()) == 0  # the padded one went to the (fake) device decoder
+
+
+def test_a_failed_resize_falls_back_to_pil_and_large_batches_decode_in_chunks(monkeypatch):
+    frames = [render_frame(8, i, 320, 240) for i in range(6)]
+    whole, _ = jpeg.decode_resize(frames, [None] * 6, 40, "cpu")
+    real_resize, real_decode, batches = jpeg._resize, jpeg.decode_jpeg, []
+
+    def failing_resize(picture, size):
+        if len(batches) == 2:  # the second chunk's first image: as if the device ran out of memory
+            batches.append("failed")
+            raise RuntimeError("CUDA out of memory")
+        return real_resize(picture, size)
+
+    def counting_decode(data, **kw):
+        batches.append(len(data))
+        return real_decode(data, **kw)
+
+    monkeypatch.setattr(jpeg, "CHUNK_PIXELS", 3 * 320 * 240)  # three frames at a time
+    monkeypatch.setattr(jpeg, "_resize", failing_resize)
+    monkeypatch.setattr(jpeg, "decode_jpeg", counting_decode)
+    pixels, errors = jpeg.decode_resize(frames, [None] * 6, 40, "cpu")
+    assert errors == [None] * 6 and batches == [3, 3, "failed"]
+    np.testing.assert_array_equal(pixels[3].numpy(), _pil_path(frames[3], 40))  # PIL's pixels for that one
+    for k in (0, 1, 2, 4, 5):
+        np.testing.assert_array_equal(pixels[k].numpy(), whole[k].numpy())
+
+
+def test_an_unknown_decoder_is_refused_before_anything_is_touched(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.parquet").write_bytes(b"a previous run's file")
+    with pytest.raises(JobError, match=r"--decode 'nvjpeg': choose one of pil, torchvision"):
+        label(LabelConfig(manifests=[str(tmp_path / "none.parquet")], model=str(tmp_path / "model"),
+                          output=str(tmp_path / "out"), decode="nvjpeg"))
+    assert (tmp_path / "out" / "keep.parquet").read_bytes() == b"a previous run's file"
