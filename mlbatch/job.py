@@ -793,7 +793,7 @@ def choose_layout(requested: str, num_gpus: float) -> str:
 
     On CPU, a separate decode stage sends each image's pixels through the object store (decode
     task -> predictor) and lets Ray read units ahead of decoding; one actor per unit with its own
-    decode helpers does neither, and measured 1.18x faster on 2 cores (benchmarks/NOTES.md).
+    decode helpers does neither, and measured 1.18x and 1.00x split's speed on 2 cores (benchmarks/NOTES.md).
     """
     if requested not in LAYOUTS:
         raise JobError(f"--layout {requested!r}: choose one of {', '.join(LAYOUTS)}")
