@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -439,13 +440,13 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
                                                         / results["d_memory_small"].peak_mib, 3),
                    **{f"e/d ({k} labels)": round(v, 3) for k, v in shared_vs_separate.items()}},
         "rounds": per_round,
-        "median_of_rounds": {k: _median_value([r[k] for r in per_round]) for k in per_round[0]},
+        "median_of_rounds": {k: _median_known([r[k] for r in per_round]) for k in per_round[0]},
     }
 
 
-def _median_value(values: list[float | None]) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    return known[len(known) // 2] if known else None
+def _median_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median_high(known) if known else None
 
 
 def table(report: dict) -> str:

@@ -36,8 +36,9 @@ def decode_uris(uris: list[str | None], size: int, max_pixels: int = images.DEFA
     """Fetch and decode images to resized uint8 pixels, or the reason one could not be read.
 
     Fetches run in a thread pool (I/O bound). The split layout's decode tasks and the fused
-    layout's helper processes both call this (here, so that a helper starts without importing Ray). ``fetch_only``: the objects' bytes as
-    they are, for a predictor that decodes them itself (``--decode torchvision``).
+    layout's helper processes both call this (it lives here so that a helper starts without
+    importing Ray). ``fetch_only``: the objects' bytes as they are, for a predictor that decodes
+    them itself (``--decode torchvision``).
     """
     def one(uri: str | None) -> Result:
         try:
