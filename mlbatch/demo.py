@@ -16,13 +16,18 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
-from . import registry, storage
-from .evaluate import Report, evaluate
-from .nightly import NightlyConfig, nightly
-from .query import query
-from .review import ExportConfig, ExportResult, ImportResult, export_review, import_reviews
+from .core import storage
+from .nightly.config import NightlyConfig
+from .nightly.night import nightly
+from .registry import promotion, store
+from .review.export import ExportConfig, ExportResult, export_review
+from .review.ingest import ImportResult, import_reviews
+from .review.views import query
 from .synth import LABELS, SynthConfig, make_dataset
-from .train import TrainConfig, train
+from .train.config import TrainConfig
+from .train.evaluate import evaluate
+from .train.loop import train
+from .train.metrics import Report
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ class DemoResult:
     review: ExportResult
     reviewed: ImportResult
     retrained: dict[str, Any]
-    decision: registry.Decision
+    decision: promotion.Decision
     night2: dict[str, Any]
 
 
@@ -71,8 +76,8 @@ def run_demo(workdir: str, config: DemoConfig | None = None) -> DemoResult:
                              epochs=config.epochs, progress=config.progress))
     report = evaluate(model_uri, [data["test"]], storage.join(workdir, "report"))
     reg = storage.join(workdir, "registry")
-    first = registry.register(model_uri, reg)
-    registry.promote(registry.PromoteConfig(f"{first['name']}@{first['version']}", reg, [data["test"]]))
+    first = store.register(model_uri, reg)
+    promotion.promote(promotion.PromoteConfig(f"{first['name']}@{first['version']}", reg, [data["test"]]))
     champion = f"{reg}/{first['name']}@champion"
 
     day1 = date.today()
@@ -92,8 +97,8 @@ def run_demo(workdir: str, config: DemoConfig | None = None) -> DemoResult:
                                   output=storage.join(workdir, "model-2"), backbone_weights=champion,
                                   time_budget=config.retrain_seconds, epochs=config.retrain_epochs,
                                   progress=config.progress))
-    second = registry.register(storage.join(workdir, "model-2"), reg)
-    decision = registry.promote(registry.PromoteConfig(f"{second['name']}@{second['version']}", reg, [data["test"]]))
+    second = store.register(storage.join(workdir, "model-2"), reg)
+    decision = promotion.promote(promotion.PromoteConfig(f"{second['name']}@{second['version']}", reg, [data["test"]]))
     night2 = _night(workdir, champion, out, day1 + timedelta(days=1), seed=102, config=config)
     return DemoResult(data, meta, report, night1, EXAMPLE_SQL, answer, exported, reviewed, retrained, decision, night2)
 
@@ -121,7 +126,7 @@ def _answer(exported: ExportResult, config: DemoConfig) -> bytes:
         return [label for label in exported.labels if row[label]]
 
     if config.label_studio:
-        from .labelstudio import LabelStudio
+        from .review.labelstudio import LabelStudio
 
         studio = LabelStudio(config.label_studio, config.label_studio_token or "")
         project = studio.create_project(f"mlbatch demo review ({len(tasks)} rows)",

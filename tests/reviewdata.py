@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from mlbatch import storage
-from mlbatch.job import output_columns
+from mlbatch.core import storage
+from mlbatch.core.table import output_columns
 
 LABELS = ["car", "bus"]
 # Two runs with different thresholds: a row is measured against its own run's thresholds.
@@ -56,7 +56,8 @@ def changed_copy(src: str, dst: str, bias: float) -> str:
     """The same network with every head's bias moved by ``bias``: a new version (-20: predicts nothing)."""
     import torch
 
-    from mlbatch.model import load_model, save_package
+    from mlbatch.model.loaded import load_model
+    from mlbatch.model.net import save_package
 
     model = load_model(src)
     with torch.no_grad():

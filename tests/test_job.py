@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 import mlbatch
-from mlbatch import storage
-from mlbatch.job import JobError, LabelConfig, label
-from mlbatch.manifest import ManifestError
+from mlbatch.core import storage
+from mlbatch.label import JobError, LabelConfig, label
+from mlbatch.core.manifest import ManifestError
 from mlbatch.synth import SynthConfig, make_dataset
 from procs import kill_when
 
@@ -183,10 +183,10 @@ def test_job_level_faults_are_clear_errors(ray_cluster, tmp_path, small_dataset,
 def test_a_repeated_id_across_files_names_both_rows(ray_cluster, tmp_path, small_model, monkeypatch, where):
     """Up to ONE_TASK_ID_CHECK_ROWS the ids are checked by one task, beyond by a group-by on the cluster:
     both name the same two rows, and neither reads an id into the driver."""
-    from mlbatch import job
+    from mlbatch.label import ids as id_check
 
     if where == "cluster group-by":
-        monkeypatch.setattr(job, "ONE_TASK_ID_CHECK_ROWS", 0)
+        monkeypatch.setattr(id_check, "ONE_TASK_ID_CHECK_ROWS", 0)
     ids = [f"id-{i}" for i in range(300)]
     pq.write_table(pa.table({"id": ids, "image_uri": ["a.jpg"] * 300}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["new-1", "id-123", "new-2"], "image_uri": ["b.jpg"] * 3}), tmp_path / "b.parquet")
@@ -319,7 +319,7 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 ray.init(num_cpus=3, num_gpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING")
 from ray.util.state import list_actors
-from mlbatch.job import LabelConfig, label
+from mlbatch.label import LabelConfig, label
 summary = label(LabelConfig(manifests=[sys.argv[1]], model=sys.argv[2], output=sys.argv[3], num_gpus=1,
                             concurrency=2, progress=False))
 actors = [a for a in list_actors(address=f"http://127.0.0.1:{port}", detail=True, limit=1000)
@@ -353,17 +353,17 @@ def test_the_driver_keeps_no_per_block_statistics(ray_cluster, tmp_path, small_d
 
     from ray.data.block import BlockStats
 
-    from mlbatch import job
+    from mlbatch.label import pipeline
 
-    alive, stream = [], job._stream
+    alive, stream = [], pipeline._stream
 
-    def counting(ds, stall_seconds, run):
-        for item in stream(ds, stall_seconds, run):
+    def counting(ds, run):
+        for item in stream(ds, run):
             yield item
             gc.collect()
             alive.append(sum(isinstance(o, BlockStats) for o in gc.get_objects()))
 
-    monkeypatch.setattr(job, "_stream", counting)
+    monkeypatch.setattr(pipeline, "_stream", counting)
     # 2-row batches make 8-row blocks: each stage outputs 30 blocks, 5 per unit of 40 rows
     summary = label(LabelConfig(manifests=[small_dataset["train"]], model=small_model, output=str(tmp_path / "out"),
                                 batch_size=2, rows_per_file=40, progress=False))

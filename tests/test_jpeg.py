@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mlbatch import images, jpeg
-from mlbatch.job import JobError, LabelConfig, label
+from mlbatch.core import images
+from mlbatch.label import jpeg
+from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.synth import render_frame
 
 

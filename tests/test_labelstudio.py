@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import labelstudio_server
-from mlbatch import registry, review, storage
+from mlbatch import registry, review
+from mlbatch.core import storage
 from mlbatch.cli import main
-from mlbatch.job import LabelConfig, label
-from mlbatch.labelstudio import LabelStudio
+from mlbatch.label import LabelConfig, label
+from mlbatch.review.labelstudio import LabelStudio
 from mlbatch.train import TrainConfig, train
 from reviewdata import LABELS, changed_copy, write_output
 
@@ -97,7 +98,7 @@ def test_the_loop_through_label_studio(ray_cluster, studio, small_dataset, tmp_p
     # Retrain from the champion with the reviewed rows added; the better model is promoted
     candidate = str(tmp_path / "candidate")
     meta = train(TrainConfig(manifests=[small_dataset["train"], reviewed], val_manifests=[small_dataset["val"]],
-                             output=candidate, backbone_weights=champion, epochs=3, image_size=32, progress=False))
+                             output=candidate, backbone_weights=champion, epochs=6, image_size=32, progress=False))
     assert meta["training"]["initial_weights"]["weights"] == first              # the champion, resolved
     new = registry.register(candidate, reg)["version"]
     decision = registry.promote(registry.PromoteConfig(f"{NAME}@{new}", reg, [small_dataset["test"]]))

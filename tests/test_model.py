@@ -10,11 +10,14 @@ import torch
 from PIL import Image
 
 import mlbatch
-from mlbatch import storage
-from mlbatch.backbones import available_backbones, create_backbone
-from mlbatch.model import ModelSpec, MultiLabelNet, load_model, save_package
-from mlbatch.package import META_FILE, WEIGHTS_FILE, PackageError, column_name
-from mlbatch.train import masked_bce
+from mlbatch.core import storage
+from mlbatch.model.backbones import available_backbones, create_backbone
+from mlbatch.model.loaded import load_model
+from mlbatch.model.net import MultiLabelNet, save_package
+from mlbatch.model.spec import ModelSpec
+from mlbatch.core.table import column_name
+from mlbatch.model.package import META_FILE, WEIGHTS_FILE, PackageError
+from mlbatch.train.loop import masked_bce
 
 LABELS = ["car", "bus", "pedestrian"]
 
@@ -153,7 +156,7 @@ def test_package_round_trip_on_s3(bucket, tmp_path):
 
 def test_predict_takes_any_mode_and_size():
     net = _net()
-    from mlbatch.model import LoadedModel
+    from mlbatch.model.loaded import LoadedModel
     model = LoadedModel({"thresholds": THRESHOLDS, "version": "x", "name": "n"}, net)
     gray = Image.new("L", (10, 50), 128)
     rgba = Image.new("RGBA", (64, 64), (10, 20, 30, 255))
@@ -167,8 +170,8 @@ def test_jpegs_decode_at_reduced_scale_for_a_smaller_model_everywhere():
     in images.decode (the job, training, evaluation) and in predict on a lazily opened file alike."""
     import io
 
-    from mlbatch import images
-    from mlbatch.model import LoadedModel
+    from mlbatch.core import images
+    from mlbatch.model.loaded import LoadedModel
     from mlbatch.synth import render_frame
 
     data = render_frame(seed=3, index=0, width=640, height=480)
@@ -261,7 +264,7 @@ def test_the_job_driver_and_decode_tasks_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mlbatch, mlbatch.cli, mlbatch.job, mlbatch.nightly, mlbatch.query; "
+    code = ("import sys, mlbatch, mlbatch.cli, mlbatch.label.job, mlbatch.nightly.night, mlbatch.review.views; "
             "mlbatch.cli.build_parser(); print(sorted(m for m in ('torch', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -271,8 +274,8 @@ def test_the_job_driver_and_decode_tasks_do_not_import_torch():
 def test_the_gpu_input_path_normalises_exactly_as_the_cpu_path():
     """On a GPU, uint8 pixels cross to the device and are normalised there (``to_input``); the same
     function on CPU tensors must give ``images.normalise``'s arrays, so both paths feed the net alike."""
-    from mlbatch import images
-    from mlbatch.model import to_input
+    from mlbatch.core import images
+    from mlbatch.model.loaded import to_input
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from mlbatch import storage
-from mlbatch.job import JobError, LabelConfig, label
+from mlbatch.core import storage
+from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.synth import SynthConfig, make_dataset
 
 ROWS = 480

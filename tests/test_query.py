@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlbatch import storage
+from mlbatch.core import storage
 from mlbatch.cli import main
-from mlbatch.query import EXAMPLE_QUERIES, query
+from mlbatch.review.views import EXAMPLE_QUERIES, query
 
 D1, D2 = date(2025, 1, 1), date(2025, 1, 2)
 LABELS = ["car", "bus", "pedestrian"]

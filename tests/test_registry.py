@@ -9,12 +9,14 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from mlbatch import registry, storage
+from mlbatch import registry
+from mlbatch.registry import promotion
+from mlbatch.core import storage
 from mlbatch.cli import main
-from mlbatch.job import LabelConfig, label
-from mlbatch.manifest import ManifestError
+from mlbatch.label import LabelConfig, label
+from mlbatch.core.manifest import ManifestError
 from mlbatch.nightly import NightlyConfig, nightly
-from mlbatch.package import read_package
+from mlbatch.model.package import read_package
 from reviewdata import changed_copy
 
 NAME = "mlbatch-multilabel"   # the session model's name (TrainConfig's default)
@@ -46,7 +48,7 @@ def test_register_and_resolve(versions, tmp_path, capsys):
     v = _register(reg, versions, "good")["good"]
     assert registry.register(versions["good"], reg)["created"] is False           # again: nothing changes
     assert registry.resolve(f"{reg}/{NAME}@{v}") == registry.version_uri(reg, NAME, v)
-    assert read_package(f"{reg}/{NAME}@{v}")[0]["version"] == v                   # wherever a model URI goes
+    assert read_package(registry.resolve(f"{reg}/{NAME}@{v}"))[0]["version"] == v                   # wherever a model URI goes
     assert registry.resolve(versions["good"]) == versions["good"]                  # a folder is itself
     with pytest.raises(registry.RegistryError, match=f"has no champion yet \\(versions: {v}\\)"):
         registry.resolve(f"{reg}/{NAME}@champion")
@@ -146,7 +148,7 @@ def test_two_promotions_at_once_leave_one_champion(where, versions, small_datase
             barrier.wait(timeout=60)
         return result
 
-    monkeypatch.setattr(registry, "read_alias", racing_read)
+    monkeypatch.setattr(promotion, "read_alias", racing_read)
     decisions: dict[str, registry.Decision] = {}
 
     def run(which: str) -> None:
@@ -202,7 +204,7 @@ def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_data
 
 
 def _report(macro: float, f1: dict[str, float]):
-    from mlbatch.evaluate import LabelMetrics, Report
+    from mlbatch.train.metrics import LabelMetrics, Report
 
     per_label = [LabelMetrics(label, 0.5, 0, 0, value, 0, 1, 1, 0) for label, value in f1.items()]
     return Report(per_label, macro, macro, macro, 0, 0, 10)

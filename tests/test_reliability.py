@@ -36,12 +36,14 @@ from PIL import Image, ImageOps
 import mlbatch
 from faultproxy import KINDS, FaultProxy
 from procs import kill_when
-from mlbatch import storage
-from mlbatch.job import JobError, LabelConfig, label
-from mlbatch.manifest import ManifestError
-from mlbatch.model import (ModelSpec, MultiLabelNet, load_backbone_weights, load_model, read_initial_weights,
-                           read_state_dict, save_package)
-from mlbatch.package import PackageError
+from mlbatch.core import storage
+from mlbatch.label import JobError, LabelConfig, label
+from mlbatch.core.manifest import ManifestError
+from mlbatch.model.loaded import load_model
+from mlbatch.model.net import MultiLabelNet, save_package
+from mlbatch.model.spec import ModelSpec
+from mlbatch.model.weights import load_backbone_weights, read_initial_weights, read_state_dict
+from mlbatch.model.package import PackageError
 from mlbatch.synth import SynthConfig, make_dataset, render_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -618,7 +620,7 @@ def test_foreign_checkpoints_are_read_without_unpickling_code(tmp_path):
 def test_the_code_never_unpickles():
     """No pickle-family module anywhere in mlbatch/ or jobs/, and torch.load only with weights_only=True."""
     unsafe_modules = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
-    files = sorted(REPO.glob("mlbatch/*.py")) + sorted(REPO.glob("jobs/*.py"))
+    files = sorted(REPO.glob("mlbatch/**/*.py")) + sorted(REPO.glob("jobs/*.py"))
     assert len(files) > 10
     for path in files:
         tree = ast.parse(path.read_text(), str(path))
@@ -681,8 +683,8 @@ def test_run_ids_and_label_names_never_become_paths(ray_cluster, monkeypatch, tm
 def test_a_dead_decode_helper_costs_speed_never_rows(small_dataset, caplog):
     """The fused layout's decode helpers (plain child processes, no pickle): the same pixels and errors
     as decoding in-process, and a helper that dies is replaced while its share is decoded in threads."""
-    from mlbatch.decoder import HelperPool
-    from mlbatch.decoder import decode_uris
+    from mlbatch.label.decoder import HelperPool
+    from mlbatch.label.decoder import decode_uris
 
     uris = storage.read_parquet(small_dataset["test"]).column("image_uri").to_pylist()[:12]
     uris += ["/no/such/file.jpg", None]
@@ -694,7 +696,7 @@ def test_a_dead_decode_helper_costs_speed_never_rows(small_dataset, caplog):
         dead = pool.helpers[1].proc
         dead.kill()
         dead.wait()
-        with caplog.at_level("WARNING", logger="mlbatch.decoder"):
+        with caplog.at_level("WARNING", logger="mlbatch.label.decoder"):
             assert pool.decode(uris, 32, 50_000) == want
         assert f"decode helper {dead.pid} failed" in caplog.text
         assert pool.helpers[1].proc.pid != dead.pid and pool.decode(uris, 32, 50_000) == want

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from mlbatch import manifest, review, storage
+from mlbatch import review
+from mlbatch.core import manifest, storage
 from mlbatch.cli import main
 from reviewdata import CONFIDENCE, LABELS, annotation, task, write_output
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlbatch import storage
+from mlbatch.core import storage
 from mlbatch.synth import LABELS, SynthConfig, draw_scene, make_dataset, render_frame
 
 SMALL = SynthConfig(train=12, val=4, test=4, seed=7)
@@ -212,7 +212,7 @@ def test_other_kinds_are_deterministic_multi_label_datasets(tmp_path, kind):
 
 def test_glyphs_mirror_pairs_change_label_under_a_flip():
     """The reason a flip is not a default augmentation: on glyphs it turns one label into another."""
-    from mlbatch.synth_kinds import _STROKES
+    from mlbatch.synth.kinds import _STROKES
     mirror = {name: [[(-x, y) for x, y in line] for line in lines] for name, lines in _STROKES.items()}
     assert sorted(mirror["arrow_left"]) == sorted(_STROKES["arrow_right"])
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mlbatch import manifest
+from mlbatch.core import manifest
 from mlbatch.cli import main
-from mlbatch.evaluate import choose_threshold, choose_thresholds, compute_metrics, parse_policy
-from mlbatch.manifest import ManifestError, fetch_decoded, infer_labels, read_labeled
+from mlbatch.train.metrics import choose_threshold, choose_thresholds, compute_metrics, parse_policy
+from mlbatch.core.manifest import ManifestError, fetch_decoded, infer_labels, read_labeled
 
 LABELS = ["car", "bus", "pedestrian"]
 
@@ -96,7 +96,7 @@ def test_unreadable_image_names_row_and_uri(tmp_path):
 
 
 def test_manifest_on_s3(bucket, tmp_path):
-    from mlbatch import storage
+    from mlbatch.core import storage
     table = pa.table({"image_uri": ["s3://x/a.jpg"], "labels": pa.array([["bus"]], pa.list_(pa.string()))})
     storage.write_parquet(table, f"{bucket}/manifests/day1.parquet")
     assert read_labeled([f"{bucket}/manifests/"], LABELS).targets.tolist() == [[0, 1, 0]]
@@ -197,7 +197,7 @@ def test_train_command_reports_bad_input_without_traceback(tmp_path, capsys):
 # ---- the recipe: stopping and augmentation ----------------------------------------------------
 
 def test_stopping_rule_on_a_hand_made_validation_history():
-    from mlbatch.train import stop_reason
+    from mlbatch.train.loop import stop_reason
     rising = [0.2, 0.4, 0.6, 0.7, 0.75, 0.78]
     assert stop_reason(rising, epochs=60, patience=3) is None
     # best at epoch 3 (0.70); three epochs that do not beat it by 0.001 -> stop
@@ -237,7 +237,7 @@ def _asymmetric_batch(n: int = 16) -> "torch.Tensor":
 
 def test_augmentations_do_what_they_are_named_and_nothing_else():
     import torch
-    from mlbatch.train import augment
+    from mlbatch.train.loop import augment
     x = _asymmetric_batch()
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(augment(x, gen, ()), x.float())
@@ -264,5 +264,5 @@ def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_pat
     assert main(["train", "--manifest", small_dataset["train"], "--output", str(tmp_path / "n"),
                  "--augment", "rotate"]) == 2
     assert "unknown augmentation 'rotate'; choose from shift, color, hflip, vflip" in capsys.readouterr().err
-    from mlbatch.config import DEFAULT_AUGMENT
+    from mlbatch.train.config import DEFAULT_AUGMENT
     assert "hflip" not in DEFAULT_AUGMENT and "vflip" not in DEFAULT_AUGMENT

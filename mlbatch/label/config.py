@@ -1,0 +1,69 @@
+"""What a labeling run needs, and every default of it in one place.
+
+``LabelOptions`` is *how* to label (columns, batch and unit sizes, actors, the decoder, limits):
+shared by ``mlbatch label`` and ``mlbatch nightly``, whose ``NightlyConfig`` is made of it too.
+``LabelConfig`` adds *what* to label (manifests, model, output) and the run's own identity. The
+CLI reads its flags' defaults from these fields (``default``). No Ray and no torch here, so
+``--help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from ..core import images, manifest
+
+LAYOUTS = ("auto", "fused", "split")
+DECODERS = ("pil", "torchvision")  # who decodes: PIL on CPU before predicting, or the predictor (``jpeg``)
+
+
+class JobError(RuntimeError):
+    """A job-level fault: the run cannot produce a complete, trustworthy output."""
+
+
+@dataclass(kw_only=True)
+class LabelOptions:
+    """How to label: the flags ``mlbatch label`` and ``mlbatch nightly`` share."""
+
+    uri_column: str = manifest.URI_COLUMN
+    id_column: str | None = None                       # checked unique (on the cluster); rows are identified by position
+    batch_size: int = 64
+    rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
+    concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
+    num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
+    layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
+    decode: str = "pil"                                # pil | torchvision (JPEGs decoded on the predictor's device)
+    thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
+    max_error_rate: float = 0.05
+    max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
+    stall_seconds: float = 900.0                       # end the run when no rows are committed this long (0: never)
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class LabelConfig(LabelOptions):
+    """Everything one labeling run needs; the CLI and ``jobs/label_images.py`` fill it from flags."""
+
+    manifests: list[str]
+    model: str
+    output: str
+    run_id: str | None = None
+    resume: bool = False
+    state_dir: str | None = None   # where _run.json, _SUCCESS and _units go (default: the output folder)
+    extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
+
+
+def options_of(config: LabelOptions) -> dict[str, Any]:
+    """The ``LabelOptions`` fields of a configuration, to build another from (nightly -> label)."""
+    return {f.name: getattr(config, f.name) for f in fields(LabelOptions)}
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of a configuration field: what the CLI shows and uses when a flag is not given."""
+    f = cls.__dataclass_fields__[name]
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")

@@ -1,0 +1,50 @@
+"""The labeling job: manifests in, the same manifests with multi-hot label columns out, on Ray Data.
+
+``label()`` reads as its steps: plan (Parquet footers, no rows) -> prepare (fresh, or resume the
+committed units) -> pipeline (the layout on Ray Data, streaming commits) -> summary (the markers'
+statistics added up, ``_run.json``, ``_SUCCESS``). Every input row leaves as exactly one output
+row, an error row if its image cannot be read; the job itself fails only for job-level faults
+(``JobError``): unreadable or schema-invalid manifests, duplicate ids, a refused model package, an
+unwritable output, a stalled cluster, or too many error rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from . import commit, ray_compat
+from .config import DECODERS, JobError, LabelConfig
+from .ids import check_ids
+from .pipeline import run_pipeline
+from .plan import make_plan
+from .summary import finish
+
+log = logging.getLogger(__name__)
+
+NOTHING_TO_RUN = {"layout": None, "concurrency": None, "num_gpus": None, "device": None, "decode": None}
+
+
+def label(config: LabelConfig) -> dict[str, Any]:
+    """Run one labeling job and return its summary (also written to ``STATE/_run.json``)."""
+    started = time.time()
+    if config.decode not in DECODERS:  # before anything is planned or removed
+        raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
+    ray_compat.stall_settings(config.stall_seconds)  # a bad limit is refused before anything is removed
+    plan = make_plan(config)
+    output, state = commit.output_dirs(config)
+    if config.resume and (done := commit.completed(state, plan.run_id)) is not None:
+        log.info("run %s is already complete in %s: nothing to resume", plan.run_id, output)
+        return done
+    commit.check_writable(output)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    with ray_compat.data_context(config.progress, config.stall_seconds):
+        if config.id_column:
+            check_ids(plan, config.id_column)
+        run = commit.prepare(config, plan)
+        predictor = run_pipeline(run) if run.todo else NOTHING_TO_RUN
+    return finish(run, started, predictor)

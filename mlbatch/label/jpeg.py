@@ -1,0 +1,122 @@
+"""``--decode torchvision``: JPEGs decoded by torchvision on the predictor's own device, PIL as fallback.
+
+With this option the decode stage only fetches; the predictor decodes a batch's JPEGs with
+``torchvision.io.decode_jpeg`` on its device (nvJPEG when it holds a GPU, libjpeg on CPU
+otherwise) and resizes them there, so a GPU node's CPUs stop decoding. Per image, anything it
+will not or cannot decode goes through ``images.decode`` on the CPU instead, the default path:
+other formats, CMYK or EXIF-rotated JPEGs, pictures over ``max_pixels``, files without their
+end-of-image marker (truncated: PIL names them, and a GPU decoder may not), and any JPEG the
+device decoder or the resize fails on. What PIL cannot read either is an error row with PIL's
+reason, as always.
+
+Not the default pixels: the PIL path decodes JPEGs at reduced scale (``images.draft``) and then
+resizes bilinearly; this decodes at full size and resizes with torch's antialiased bilinear
+filter, so probabilities move slightly (NOTES measures how much). No GPU here: only the CPU
+device has been run; the GPU is the same calls with ``device="cuda"``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from ..core import images
+
+log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its image codecs for TorchCodec's and says so on every call; the
+# decoders are still there and still nvJPEG on a GPU (NOTES: moving to TorchCodec is left open)
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+
+EXIF_ORIENTATION = 0x0112
+CHUNK_PIXELS = 64_000_000  # full-size pixels decoded at once (x3 bytes on the device), then resized and freed
+
+
+def decode_resize(data: list[bytes | None], errors: list[str | None], size: int, device: str,
+                  max_pixels: int = images.DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[str | None]]:
+    """Encoded images (``None`` where fetching failed, its reason in ``errors``) -> uint8 pixels
+    (n_ok, size, size, 3) on ``device`` for the rows that decoded, and every row's error or ``None``."""
+    errors = list(errors)
+    pixels: list[torch.Tensor | None] = [None] * len(data)
+    chunk: list[int] = []
+    chunk_pixels = 0
+    for i, d in enumerate(data):
+        area = _device_can_decode(d, max_pixels) if d is not None else 0
+        if area:
+            if chunk and chunk_pixels + area > CHUNK_PIXELS:
+                _decode_chunk(data, chunk, pixels, size, device)
+                chunk, chunk_pixels = [], 0
+            chunk.append(i)
+            chunk_pixels += area
+    _decode_chunk(data, chunk, pixels, size, device)
+    for i, d in enumerate(data):
+        if d is None or pixels[i] is not None:
+            continue
+        try:  # the default path, on the CPU: same pixels and same error messages as the PIL decode
+            pic = images.resize(images.decode(d, max_pixels=max_pixels, draft_size=size), size)
+        except images.ImageError as exc:
+            errors[i] = str(exc)
+            continue
+        except Exception as exc:  # never let one object kill the job; say what happened
+            errors[i] = f"unexpected {type(exc).__name__}: {exc}"
+            continue
+        pixels[i] = torch.from_numpy(pic.copy()).to(device)
+    ok = [p for p in pixels if p is not None]
+    stacked = torch.stack(ok) if ok else torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device)
+    return stacked, [None if p is not None else (e or "not decoded") for p, e in zip(pixels, errors)]
+
+
+def _device_can_decode(data: bytes, max_pixels: int) -> int:
+    """The pixel count of a whole, plain RGB or grayscale JPEG within the limits and without a rotation
+    (read from its header and its last bytes), else 0: PIL decodes the rest."""
+    limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)  # above PIL's own limit PIL refuses it
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        whole = data.rstrip(b"\0 \r\n")[-2:] == b"\xff\xd9"  # the end-of-image marker: not truncated
+        plain = img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(EXIF_ORIENTATION, 1) == 1
+        return width * height if whole and plain and width * height <= limit else 0
+    except Exception:  # PIL's path will name what is wrong
+        return 0
+
+
+def _decode_chunk(data: list[bytes | None], chunk: list[int], pixels: list[torch.Tensor | None], size: int,
+                  device: str) -> None:
+    """Decode and resize ``chunk``'s JPEGs on ``device``: the chunk at once, one by one if that fails;
+    an image that fails alone is left ``None`` for PIL."""
+    if not chunk:
+        return
+    tensors = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in chunk]  # type: ignore[arg-type]
+    try:
+        decoded: list[torch.Tensor | None] = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+    except Exception as exc:
+        log.debug("batch JPEG decode on %s failed (%s): decoding one by one", device, exc)
+        decoded = [None] * len(chunk)
+        for k, t in enumerate(tensors):
+            try:
+                decoded[k] = decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
+            except Exception:
+                pass
+    for k, i in enumerate(chunk):
+        if decoded[k] is not None:
+            try:
+                pixels[i] = _resize(decoded[k], size)  # type: ignore[arg-type]
+            except Exception as exc:  # e.g. out of device memory: PIL on the CPU instead
+                log.debug("resizing image %d on %s failed (%s): decoding it with PIL", i, device, exc)
+        decoded[k] = None  # the full-size picture is freed as soon as it is resized
+
+
+def _resize(picture: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (size, size, 3) uint8, bilinear with antialiasing (as PIL's resize filters)."""
+    if tuple(picture.shape[1:]) != (size, size):
+        x = F.interpolate(picture[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
+        picture = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    return picture.permute(1, 2, 0).contiguous()

@@ -1,0 +1,203 @@
+"""The layouts on Ray Data: units of work in, commits streaming out to the driver.
+
+    fused (CPU):  units of work -> UnitLabeler actors [read rows -> fetch + decode -> predict] -> write + commit
+    split (GPU):  units of work -> read rows -> fetch + decode (CPU tasks) -> Predictor actors -> write + commit
+
+The *layout* follows the cluster (``choose_layout``, ``--layout`` forces one): where predictors
+hold GPUs, separate decode tasks keep the GPUs fed; on CPU, one actor per unit reads, fetches,
+decodes (in its own helper processes) and predicts, so pixels never go through the object store
+and reading never runs ahead of decoding. Both use the same ``stages``, so their output is the
+same, row for row.
+
+Why a write stage and not a ``Datasink``: a sink's results reach the driver only when every
+task has finished. The write stage commits each unit inside its task just the same, and its
+small results stream to the driver, which sums them and so sees progress.
+
+Why not Ray Data's ``download`` expression for the fetch: its planner actor holds a whole CPU,
+which deadlocks a 2-CPU node next to the predictor actor, and it turns every failure into a
+null with no reason. ``storage.fetch`` (boto3, standard retry mode) runs in a thread pool in
+the decode tasks instead and says exactly why an object could not be read.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from typing import Any, Iterator
+
+import pyarrow as pa
+import ray
+from ray.data.exceptions import ExecutionTimeoutError
+
+from ..core.table import file_metadata, output_columns, renamed_inputs
+from . import ray_compat
+from .commit import Run
+from .config import LAYOUTS, JobError
+from .stages import Predictor, UnitLabeler, decode_batch, read_units, write_units
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+DECODE_CPUS = 0.5   # fetching is half waiting on storage
+WRITE_CPUS = 0.5    # so is writing
+
+
+def units_dataset(units: list[tuple[int, int, int]], files: list[str]) -> ray.data.Dataset:
+    """Units of work as a dataset of pointers (file index, URI, row range): rows are read by the tasks."""
+    items = [{"file": f, "uri": files[f], "start": a, "stop": b} for f, a, b in units]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+
+
+def _cluster_resources() -> tuple[float, float]:
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 1)), float(res.get("GPU", 0))
+
+
+def _predictor_device_check(num_gpus: float) -> str:
+    """Ask a task holding a GPU whether CUDA is usable there; warn once on the driver if not."""
+
+    @ray.remote(num_gpus=num_gpus, num_cpus=0)
+    def probe() -> tuple[list, bool]:
+        import torch
+        return ray.get_gpu_ids(), torch.cuda.is_available()
+
+    ids, cuda = ray.get(probe.remote())
+    if not cuda:
+        log.warning("predictor actors are given GPUs %s, but no CUDA device is visible to them: "
+                    "predicting on CPU", ids)
+        return "cpu (GPU assigned, no CUDA device)"
+    return "cuda"
+
+
+def choose_layout(requested: str, num_gpus: float) -> str:
+    """``split`` where predictors hold GPUs (decode tasks keep the GPU fed), ``fused`` on CPU.
+
+    On CPU, a separate decode stage sends each image's pixels through the object store (decode
+    task -> predictor) and lets Ray read units ahead of decoding; one actor per unit with its own
+    decode helpers does neither, and measured 1.18x and 1.00x split's speed on 2 cores (benchmarks/NOTES.md).
+    """
+    if requested not in LAYOUTS:
+        raise JobError(f"--layout {requested!r}: choose one of {', '.join(LAYOUTS)}")
+    if requested != "auto":
+        return requested
+    return "split" if num_gpus > 0 else "fused"
+
+
+def run_pipeline(run: Run) -> dict[str, Any]:
+    """units -> [read -> fetch + decode -> predict] -> write + commit, streaming; returns the predictor's set-up.
+
+    ``split``: read, fetch + decode (CPU tasks) and predict (actors, GPUs) are stages of their own;
+    ``fused``: one actor does all three per unit of work (the CPU layout, ``UnitLabeler``).
+    """
+    config, plan = run.config, run.plan
+    cpus, gpus = _cluster_resources()
+    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    layout = choose_layout(config.layout, num_gpus)
+    if config.concurrency is not None:
+        concurrency = config.concurrency
+    elif num_gpus > 0:
+        concurrency = (1, max(1, int(gpus // num_gpus)))
+    else:
+        concurrency = max(1, int(cpus // 2))
+    device = _predictor_device_check(num_gpus) if num_gpus > 0 else "cpu"
+    labels = plan.meta["labels"]
+    renames = renamed_inputs(plan.schema.names, labels)
+    if renames:
+        log.info("manifest columns kept under new names (the output uses their names): %s", renames)
+    metadata = file_metadata(labels, plan.thresholds, plan.meta["name"], plan.meta["version"], plan.run_id)
+    pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
+    columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
+    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s layout, %s predictor actors, "
+             "device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files),
+             run.output, plan.run_id, layout, concurrency, device, config.decode)
+
+    uri_col = renames.get(config.uri_column, config.uri_column)
+    predictor_args = {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
+                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels}
+    ds = units_dataset(run.todo, plan.files)
+    if layout == "fused":
+        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={
+                                **predictor_args, "renames": renames, "uri_column": uri_col,
+                                "batch_size": config.batch_size},
+                            batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
+                            num_cpus=1 if not num_gpus else None,
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+    else:
+        ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
+                            num_cpus=DECODE_CPUS)
+        # Blocks of a few batches: a unit is read as one block, so without this a single task would
+        # fetch every image of it. Small blocks spread the fetching over the cluster.
+        ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
+        # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
+        # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
+        ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
+                                                       "max_pixels": config.max_pixels,
+                                                       "fetch_only": config.decode != "pil"},
+                            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs=predictor_args,
+                            batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
+                            num_cpus=1 if not num_gpus else None,
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+    # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
+    # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
+    ds = ds.map_batches(write_units, fn_kwargs={"output": run.output, "markers": run.markers, "run_id": plan.run_id,
+                                                "attempt": run.attempt, "rows_per_unit": config.rows_per_file,
+                                                "columns": columns, "labels": labels, "metadata": metadata},
+                        batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=WRITE_CPUS)
+    for batch in _stream(ds, run):
+        for unit, file_index, text in zip(*(batch.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
+            stats = Stats.from_dict(json.loads(text))
+            rows, row_sum = run.done.get(unit, (0, 0))
+            run.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
+            run.file_stats[file_index].add(stats)
+            run.total.add(stats)
+            run.files_written += 1
+    return {"layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
+            "decode": config.decode}
+
+
+def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:
+    """The write stage's results as they come; a ``JobError`` naming what the run waits for on a stall.
+
+    The stall limit is Ray Data's own no-progress limit (``ray_compat.stall_settings``): when no
+    operator moves for ``--stall-seconds``, Ray ends the execution (its tasks and actors, so the
+    cluster is free again) with ``ExecutionTimeoutError``, reported here in mlbatch's words.
+    """
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            ray_compat.forget_block_stats(ds)
+            yield batch
+    except ExecutionTimeoutError as exc:
+        raise JobError(_stall_message(run, run.config.stall_seconds, str(exc))) from None
+
+
+def _stall_message(run: Run, stall_seconds: float, ray_says: str) -> str:
+    """What the run waits for: committed rows, the cluster's free resources, pending actors and tasks."""
+    committed = run.total.rows
+    parts = [f"run {run.plan.run_id}: no rows committed for {stall_seconds:.0f} s (--stall-seconds); "
+             f"{committed} of {run.plan.rows_in} rows committed"]
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        parts.append("free on the cluster: " + ", ".join(f"{k} {free.get(k, 0):g} of {v:g}" for k, v in
+                                                         sorted(total.items()) if k in ("CPU", "GPU")))
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        parts.append(f"{len(alive)} live node{'s' if len(alive) != 1 else ''}")
+        from ray.util.state import list_actors, list_tasks
+        job = ray.get_runtime_context().get_job_id()
+        pending = collections.Counter(
+            f"{a.class_name} actor {a.state.lower().replace('_', ' ')} (needs {a.required_resources})"
+            for a in list_actors(filters=[("job_id", "=", job)], detail=True, limit=1000, raise_on_missing_output=False)
+            if a.state in ("PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY"))
+        pending.update(
+            f"{t.name} task {t.state.lower().replace('_', ' ')} (needs {t.required_resources})"
+            for t in list_tasks(filters=[("job_id", "=", job)], detail=True, limit=10_000, raise_on_missing_output=False)
+            if t.state in ("PENDING_NODE_ASSIGNMENT", "PENDING_ARGS_AVAIL") and t.required_resources)
+        waiting = [f"{n} x {what}" for what, n in pending.most_common(6)]
+        parts.append("waiting for: " + ("; ".join(waiting) if waiting else "nothing pending that Ray reports"))
+    except Exception as exc:  # the report must not hide the stall
+        parts.append(f"(cluster state unavailable: {exc})")
+    running = [line.strip() for line in ray_says.splitlines() if line.strip().startswith("- ")]
+    if running:
+        parts.append("Ray Data's operators still running: " + "; ".join(x[2:] for x in running[:6]))
+    return ". ".join(parts) + ". Its committed units are kept: run again with --resume when the cluster has room."

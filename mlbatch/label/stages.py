@@ -1,0 +1,213 @@
+"""The stages of labeling, as functions and callable classes that know no layout: read a unit, fetch and
+decode, predict, write and commit. ``pipeline`` wires them into Ray Data one way or another.
+
+Every input row leaves as exactly one output row: a row whose image cannot be fetched or decoded
+becomes an *error row* (``status = 'error'`` and the reason) instead of stopping the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from ..core import images, storage
+from ..core.table import SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, predicted_columns
+from .commit import data_file_name, marker_uri, unit_id
+from .decoder import decode_uris
+from .stats import Stats
+
+PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
+log = logging.getLogger(__name__)
+
+FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
+
+
+def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - (first or 0), stop - start)
+
+
+def read_units(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
+    """Read units of work (rows of ``file, uri, start, stop``): their rows, identity columns appended."""
+    tables = []
+    for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
+        t = read_range(uri, start, stop).replace_schema_metadata(None)
+        t = t.rename_columns([renames.get(n, n) for n in t.column_names])
+        n = t.num_rows
+        t = t.append_column(SOURCE_MANIFEST, pa.array([uri] * n, pa.string()))
+        t = t.append_column(SOURCE_ROW, pa.array(np.arange(start, start + n, dtype=np.int64)))
+        tables.append(t.append_column(FILE_INDEX, pa.array(np.full(n, file_index, np.int32))))
+    return pa.concat_tables(tables)
+
+
+def _with_pixels(batch: pa.Table, results: list[tuple[bytes | None, str | None]]) -> pa.Table:
+    batch = batch.append_column(PIXELS, pa.array([r[0] for r in results], pa.binary()))
+    return batch.append_column(ERROR, pa.array([r[1] for r in results], pa.string()))
+
+
+def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, fetch_only: bool = False) -> pa.Table:
+    """Fetch and decode a batch of images (the split layout's CPU tasks): a row that cannot be
+    fetched or decoded gets its reason in the error column instead of pixels."""
+    return _with_pixels(batch, decode_uris(batch.column(uri_column).to_pylist(), size, max_pixels, threads,
+                                           fetch_only))
+
+
+class Predictor:
+    """Loads the model once per actor; predicts a batch of pixels and writes the label columns.
+
+    ``decode="torchvision"``: the batch holds the objects' encoded bytes, decoded here on the
+    predictor's device (``jpeg``; PIL on the CPU for what that will not decode).
+    """
+
+    def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes],
+                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS):
+        import torch  # here, not at the top: the driver and the decode tasks never need torch
+
+        from ..model.loaded import load_model
+
+        self.device = "cpu"
+        if ray.get_gpu_ids():
+            if torch.cuda.is_available():
+                self.device = "cuda"
+            else:
+                log.debug("this actor holds a GPU but no CUDA device is visible: predicting on CPU")
+        self.model = load_model(model_uri, device=self.device)
+        self.labels = self.model.labels
+        self.thresholds = np.asarray([thresholds[x] for x in self.labels], np.float32)
+        self.run_id = run_id
+        self.metadata = schema_metadata
+        self.size = self.model.spec.image_size
+        self.types = predicted_columns(self.labels)
+        self.decode, self.max_pixels = decode, max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        raw = batch.column(PIXELS).to_pylist()
+        errors = batch.column(ERROR).to_pylist()
+        pixels: Any = None
+        if self.decode == "torchvision":
+            from .jpeg import decode_resize
+
+            pixels, errors = decode_resize(raw, errors, self.size, self.model.device, self.max_pixels)
+            ok = np.asarray([e is None for e in errors], bool)
+        else:
+            ok = np.asarray([p is not None for p in raw], bool)
+            if ok.any():
+                pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.size, self.size, 3)
+                                   for p in raw if p is not None])
+        probs = np.full((n, len(self.labels)), np.nan, np.float32)
+        if ok.any():
+            probs[ok] = self.model.predict_pixels(pixels)
+        hits = probs >= self.thresholds
+        columns: list[Any] = []
+        for j in range(len(self.labels)):
+            columns.append(pa.array(hits[:, j], pa.bool_(), mask=~ok))
+        for j in range(len(self.labels)):
+            columns.append(pa.array(probs[:, j], pa.float32(), mask=~ok))
+        names = [[x for x, h in zip(self.labels, row) if h] if good else None for row, good in zip(hits, ok)]
+        columns.append(pa.array(names, pa.list_(pa.string())))
+        columns.append(pa.array([STATUS_OK if good else STATUS_ERROR for good in ok], pa.string()))
+        columns.append(pa.array(errors, pa.string()))
+        columns.append(pa.array([self.model.name] * n, pa.string()))
+        columns.append(pa.array([self.model.version] * n, pa.string()))
+        columns.append(pa.array([self.run_id] * n, pa.string()))
+        columns.append(pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")))
+        out = batch.drop_columns([PIXELS, ERROR])
+        for (name, typ), col in zip(self.types, columns):
+            out = out.append_column(pa.field(name, typ), col)
+        return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})
+
+
+class UnitLabeler(Predictor):
+    """The CPU layout: one actor reads a unit's rows, fetches and decodes them, and predicts.
+
+    Nothing goes through the object store between reading and writing. Fetching and decoding run
+    in ``FUSED_THREADS`` helper processes of the actor (``decoder``: in threads of one process the
+    GIL's share of each decode held it to ~1,100 img/s on 2 cores, against ~1,400 in two processes;
+    NOTES), while the actor predicts the batch before on torch's threads. Reading a unit only
+    when a labeler is free keeps Ray from reading every unit ahead of the decoders. Each batch is yielded as it is
+    done, so the write stage streams. Same functions as the split layout (``read_units``,
+    ``decode_uris``, ``Predictor.__call__``), so the same output, row for row.
+    """
+
+    def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
+                 schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
+                 max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS):
+        from .decoder import HelperPool
+
+        # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
+        self.decoders = HelperPool(threads)
+        import torch
+
+        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels)
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        self.renames, self.uri_column, self.batch_size = renames, uri_column, batch_size
+        self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
+
+    def _decode(self, rows: pa.Table) -> pa.Table:
+        return _with_pixels(rows, self.decoders.decode(rows.column(self.uri_column).to_pylist(), self.size,
+                                                       self.max_pixels, fetch_only=self.decode != "pil"))
+
+    def __del__(self) -> None:
+        # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it (a
+        # killed actor's helpers see their stdin close and end too)
+        decoders = getattr(self, "decoders", None)
+        if decoders is not None:
+            decoders.close()
+
+    def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
+        rows = read_units(units, self.renames)
+        batches = [rows.slice(i, self.batch_size) for i in range(0, rows.num_rows, self.batch_size)]
+        pending = self.ahead.submit(self._decode, batches[0]) if batches else None
+        for i in range(len(batches)):
+            decoded = pending.result()
+            pending = self.ahead.submit(self._decode, batches[i + 1]) if i + 1 < len(batches) else None
+            yield Predictor.__call__(self, decoded)
+
+
+def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,
+                columns: list[str], labels: list[str], metadata: dict[bytes, bytes]) -> pa.Table:
+    """Write one data file per unit this batch holds rows of, then its commit marker; return the markers.
+
+    The marker is written only after the data file is whole (a local file is renamed into place,
+    an S3 object exists only once its upload completed), so it *is* the commit. The names are
+    fixed by the unit and its first row: a retried task writes the same names again.
+    """
+    files = batch.column(FILE_INDEX).to_numpy()
+    starts = batch.column(SOURCE_ROW).to_numpy() // rows_per_unit * rows_per_unit
+    keys = np.stack([files, starts], axis=1)
+    out = []
+    for f, start in np.unique(keys, axis=0):
+        piece = batch.filter(pa.array((files == f) & (starts == start)))
+        piece = piece.sort_by(SOURCE_ROW).select(columns).replace_schema_metadata(metadata)
+        unit = unit_id(int(f), int(start))
+        name = data_file_name(run_id, attempt, unit, piece.column(SOURCE_ROW)[0].as_py())
+        storage.write_atomic(storage.join(output, name), piece)
+        stats = Stats.of_table(piece, labels)
+        marker = {"file": name, "unit": unit, "file_index": int(f), "attempt": attempt, **stats.to_dict()}
+        text = json.dumps(marker)
+        storage.write_atomic(marker_uri(markers, name), text.encode())
+        out.append({"unit": unit, "file_index": int(f), "marker": text})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),
+                                                       ("marker", pa.string())]))

@@ -1,0 +1,112 @@
+"""A model package loaded to predict: the one path used by evaluation, ``predict`` and the labeling job."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from ..core import images
+from .net import MultiLabelNet
+from .package import PackageError, read_package
+from .refs import resolve
+from .spec import spec_from_meta
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """A model package ready to predict: the one path used by evaluation and the labeling job."""
+
+    def __init__(self, meta: dict[str, Any], net: MultiLabelNet, device: str = "cpu"):
+        self.meta = meta
+        self.net = net.to(device).eval()
+        self.device = device
+        self.spec = net.spec
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec.labels)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self.meta["thresholds"])
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """One decoded RGB picture -> the float32 (3, S, S) array the network takes."""
+        return images.to_array(img, self.spec.image_size, self.spec.mean, self.spec.std)
+
+    @torch.inference_mode()
+    def predict_arrays(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Preprocessed batch (n, 3, S, S) -> probabilities float32 (n, n_labels)."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.labels)), np.float32)
+        x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
+        x = x.to(self.device, non_blocking=True)
+        if self.device.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.net(x)
+        else:
+            logits = self.net(x)
+        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def predict_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels).
+
+        On a GPU the uint8 pixels are what crosses to the device (a quarter of float32's bytes), from
+        pinned host memory without blocking, and are normalised there (``to_input``). Not measured
+        here: this machine has no GPU. A tensor is taken where it is (``jpeg`` decodes on the device).
+        """
+        if not isinstance(pixels, torch.Tensor):
+            if not self.device.startswith("cuda") or len(pixels) == 0:
+                return self.predict_arrays(images.normalise(pixels, self.spec.mean, self.spec.std))
+            host = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).pin_memory()
+            pixels = host.to(self.device, non_blocking=True)
+        return self.predict_arrays(to_input(pixels.to(self.device), self.spec.mean, self.spec.std))
+
+    def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.
+
+        JPEGs opened but not yet loaded (``Image.open(path)``) decode at reduced scale exactly
+        as the job decodes them (``images.draft``), so the two agree on the same files.
+        """
+        size = self.spec.image_size
+        pictures = [images.draft(p, size) for p in pictures]
+        rgb = [p if p.mode == "RGB" else p.convert("RGB") for p in pictures]
+        if not rgb:
+            return self.predict_arrays(np.zeros((0, 3, size, size), np.float32))
+        return self.predict_pixels(np.stack([images.resize(p, size) for p in rgb]))
+
+
+def to_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (n, S, S, 3) on any device -> float32 (n, 3, S, S): ``images.normalise`` in torch, on that device."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return ((x - m) / s).contiguous()
+
+
+def load_model(uri: str, device: str = "cpu") -> LoadedModel:
+    """Load a model package from a local folder, an ``s3://`` prefix or a registry reference
+    (``REGISTRY/NAME@champion``). Never unpickles anything."""
+    uri = resolve(uri)
+    meta, weights = read_package(uri)
+    net = MultiLabelNet(spec_from_meta(meta))
+    try:
+        net.load_state_dict(load_safetensors(weights), strict=True)
+    except Exception as exc:  # safetensors' and torch's errors for foreign or mismatched bytes
+        raise PackageError(f"model package {uri}: weights do not fit the described network: {exc}") from None
+    return LoadedModel(meta, net, device)

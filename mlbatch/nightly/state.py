@@ -1,0 +1,75 @@
+"""The nightly state of an output and where everything of a night lives.
+
+Layout of the output (``OUT``)::
+
+    OUT/dt=YYYY-MM-DD/<run_id>-a<attempt>-....parquet   the labeled rows: one Hive partition per night
+    OUT/dt=YYYY-MM-DD/_run.json                          that night's nightly summary (drift included)
+    OUT/_nightly/state.json                              which manifest was labeled by which model version
+    OUT/_nightly/runs/<run_id>/                          one labeling run's _run.json, _SUCCESS, _units/
+    OUT/_nightly/runs/YYYY-MM-DD.json                    the nightly summary again, next to the state
+
+Underscore folders and files are never read as data (every Parquet engine and ``mlbatch query``
+skip them), so only the ``dt=`` partitions make up the table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..core import storage
+from ..label import commit
+from ..label.config import JobError
+
+NIGHTLY_DIR = "_nightly"
+STATE_FILE = "state.json"
+RUNS_DIR = "runs"
+PARTITION_SUMMARY = "_run.json"
+STATE_FORMAT = "mlbatch-nightly-state"
+STATE_VERSION = 1
+
+
+def state_uri(output: str) -> str:
+    return storage.join(output, NIGHTLY_DIR, STATE_FILE)
+
+
+def run_dir(output: str, run_id: str) -> str:
+    return storage.join(output, NIGHTLY_DIR, RUNS_DIR, run_id)
+
+
+def partition_uri(output: str, day: str) -> str:
+    return storage.join(output, f"dt={day}")
+
+
+def load_state(output: str) -> dict[str, Any]:
+    """The nightly state of an output (an empty one if there is none yet)."""
+    uri = state_uri(output)
+    if not storage.exists(uri):
+        return {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []}
+    state = json.loads(storage.read_text(uri))
+    if state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
+        raise JobError(f"{uri} is not an mlbatch nightly state of format version {STATE_VERSION}")
+    return state
+
+
+def write_json(uri: str, data: Any) -> None:
+    """Write JSON whole (``storage.write_atomic``)."""
+    storage.write_atomic(uri, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def remove_run(output: str, day: str, run_id: str) -> int:
+    """Delete a run's data files and its run folder; how many data files there were."""
+    removed = commit.remove_run(partition_uri(output, day), run_dir(output, run_id), run_id)
+    storage.delete(run_dir(output, run_id))
+    return removed
+
+
+def remove_manifest(output: str, day: str, run_id: str, file_index: int | None) -> int:
+    """Delete one manifest's data files from a run (its units' files, found by their markers); the whole
+    run's folder when nothing of it is left. ``file_index`` None: a run of that manifest alone."""
+    if file_index is None:
+        return remove_run(output, day, run_id)
+    removed = commit.remove_file_units(partition_uri(output, day), run_dir(output, run_id), run_id, file_index)
+    if not commit.read_markers(commit.markers_dir(run_dir(output, run_id), run_id)):
+        remove_run(output, day, run_id)
+    return removed

@@ -1,0 +1,10 @@
+"""The model registry: packages by name and version, and a champion alias moved by compare-and-swap."""
+
+from ..core.lazy import exports
+
+__all__ = ["Decision", "PromoteConfig", "RegistryError", "decide", "promote", "read_alias", "register", "resolve",
+           "version_uri"]
+__getattr__, __dir__ = exports(__name__, {
+    "register": ".store", "promote": ".promotion", "PromoteConfig": ".promotion", "Decision": ".promotion",
+    "decide": ".promotion", "resolve": "..model.refs", "read_alias": "..model.refs", "version_uri": "..model.refs",
+    "RegistryError": "..model.refs"})

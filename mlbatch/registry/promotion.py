@@ -1,0 +1,149 @@
+"""Promotion: the alias moves only when the candidate beats the champion on the same evaluation
+manifests (``decide``), and only by a compare-and-swap of the alias object (``storage.write_if``):
+two promotions at once cannot both win against the same champion; the one that loses the swap
+compares itself again with the new champion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..core import storage
+from ..model.refs import ALIASES_DIR, CHAMPION, RegistryError, alias_uri, read_alias, resolve, version_uri
+from ..train.evaluate import evaluate
+
+log = logging.getLogger(__name__)
+
+METRICS = ("macro_f1", "micro_f1", "mean_average_precision", "subset_accuracy")  # higher is better
+
+
+@dataclass
+class PromoteConfig:
+    """Promote ``candidate`` (``NAME@VERSION``) to champion of ``registry`` if it wins on ``manifests``."""
+
+    candidate: str
+    registry: str
+    manifests: list[str]
+    metric: str = "macro_f1"
+    min_gain: float = 0.0          # candidate - champion must be at least this (and above 0)
+    max_label_drop: float = 0.05   # no label's F1 may fall by more than this
+    attempts: int = 5              # compare-and-swap rounds before giving up
+    alias: str = CHAMPION
+
+
+@dataclass
+class Decision:
+    candidate: str
+    champion: str | None
+    metric: str
+    candidate_score: float
+    champion_score: float | None
+    gain: float | None
+    label_f1: dict[str, dict[str, float | None]]
+    promoted: bool
+    reason: str
+    reports: str = ""
+    alias: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(candidate, champion, config: PromoteConfig) -> tuple[bool, str, dict[str, dict[str, float | None]]]:
+    """The promotion rule on two evaluation reports of the same manifests.
+
+    Promote when there is no champion yet, or when the candidate has every label of the
+    champion, candidate - champion on ``metric`` is above zero and at least ``min_gain``, and no
+    label has lost more than ``max_label_drop`` of F1. Returns (promote?, why, per-label F1 of both).
+    """
+    cand_f1 = {m.label: m.f1 for m in candidate.per_label}
+    champ_f1 = {m.label: m.f1 for m in champion.per_label} if champion else {}
+    per_label = {label: {"candidate": f1, "champion": champ_f1.get(label),
+                         "change": f1 - champ_f1[label] if label in champ_f1 else None}
+                 for label, f1 in cand_f1.items()}
+    if champion is None:
+        return True, "no champion yet", per_label
+    lost = [label for label in champ_f1 if label not in cand_f1]
+    if lost:
+        return False, f"the candidate lacks the champion's label(s) {', '.join(lost)}", per_label
+    score, best = getattr(candidate, config.metric), getattr(champion, config.metric)
+    gain = score - best
+    dropped = {label: -v["change"] for label, v in per_label.items()
+               if v["change"] is not None and -v["change"] > config.max_label_drop}
+    if dropped:
+        worst = max(dropped, key=dropped.get)
+        return False, (f"label {worst!r} F1 fell by {dropped[worst]:.3f} (> --max-label-drop "
+                       f"{config.max_label_drop})"), per_label
+    if not gain > 0:   # NaN (a metric undefined on these manifests) never promotes
+        return False, f"{config.metric} {score:.4f} does not beat champion {best:.4f} ({gain:+.4f})", per_label
+    if gain < config.min_gain:
+        return False, (f"{config.metric} {score:.4f} vs champion {best:.4f}: gain {gain:+.4f} below --min-gain "
+                       f"{config.min_gain}"), per_label
+    return True, f"{config.metric} {score:.4f} vs champion {best:.4f}: gain {gain:+.4f}", per_label
+
+
+def promote(config: PromoteConfig) -> Decision:
+    """Evaluate candidate and champion on the same manifests and move the alias if the candidate wins.
+
+    Nothing is written before both evaluations succeed (a manifest lacking a label, a missing
+    version: an error, nothing changed). Every decision, refused ones included, leaves its
+    evidence under ``aliases/champion/<time>-<VERSION>/``. If the alias moved while this one
+    was comparing, it compares again with the new champion (up to ``attempts`` times).
+    """
+    name, _, version = config.candidate.partition("@")
+    if not name or not version:
+        raise RegistryError(f"{config.candidate!r}: expected NAME@VERSION")
+    if config.metric not in METRICS:
+        raise RegistryError(f"--metric {config.metric!r}: use one of {', '.join(METRICS)}")
+    candidate_uri = resolve(f"{config.registry.rstrip('/')}/{name}@{version}")
+    reports: dict[str, Any] = {}
+
+    def report(v: str):
+        if v not in reports:
+            reports[v] = evaluate(version_uri(config.registry, name, v), config.manifests)
+        return reports[v]
+
+    candidate = report(version)
+    alias = alias_uri(config.registry, name, config.alias)
+    for attempt in range(config.attempts):
+        doc, token = read_alias(config.registry, name, config.alias)
+        current = doc["version"] if doc else None
+        if current == version:
+            return Decision(version, current, config.metric, getattr(candidate, config.metric), None, None, {},
+                            False, f"{version} is already the {config.alias}", alias=doc or {})
+        champion = report(current) if current else None
+        promoted, reason, per_label = decide(candidate, champion, config)
+        score = getattr(candidate, config.metric)
+        best = getattr(champion, config.metric) if champion else None
+        decision = Decision(version, current, config.metric, score, best, None if best is None else score - best,
+                            per_label, promoted, reason)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        decision.reports = storage.join(config.registry, name, ALIASES_DIR, config.alias, f"{stamp}-{version}")
+        if promoted:
+            decision.alias = {"name": name, "alias": config.alias, "version": version, "previous": current,
+                              "generation": (doc or {}).get("generation", 0) + 1, "promoted_at": stamp,
+                              "reports": decision.reports}
+        _write_evidence(decision, candidate, champion)
+        if not promoted:
+            log.info("%s@%s not promoted: %s", name, version, reason)
+            return decision
+        if storage.write_if(alias, (json.dumps(decision.alias, indent=2) + "\n").encode(), token):
+            log.info("%s@%s is the %s: %s", name, version, config.alias, reason)
+            return decision
+        log.info("the %s of %s moved during this promotion (attempt %d): comparing again", config.alias, name,
+                 attempt + 1)
+    raise RegistryError(f"{name}@{version}: the {config.alias} kept moving during {config.attempts} attempts; "
+                        "nothing was changed by this promotion")
+
+
+def _write_evidence(decision: Decision, candidate, champion) -> None:
+    storage.write_text(storage.join(decision.reports, "candidate", "metrics.json"),
+                       json.dumps(candidate.to_dict(), indent=2) + "\n")
+    if champion is not None:
+        storage.write_text(storage.join(decision.reports, "champion", "metrics.json"),
+                           json.dumps(champion.to_dict(), indent=2) + "\n")
+    storage.write_text(storage.join(decision.reports, "decision.json"), json.dumps(decision.to_dict(), indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""Registering: a package copied into the registry under its name and version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from ..core import storage
+from ..model.package import META_FILE, WEIGHTS_FILE, read_package
+from ..model.refs import NAME_RE, RegistryError, resolve, version_uri
+
+log = logging.getLogger(__name__)
+
+
+def register(model_uri: str, registry: str, name: str | None = None) -> dict[str, Any]:
+    """Copy a package into the registry under its name and version; registering it again changes nothing.
+
+    The weights are written before the description, so a version is visible (``versions``,
+    ``resolve``) only once it is whole.
+    """
+    meta, weights = read_package(resolve(model_uri))   # checked: digest, format, labels
+    name = name or meta["name"]
+    if not re.fullmatch(NAME_RE, name):
+        raise RegistryError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (a path segment)")
+    target = version_uri(registry, name, meta["version"])
+    ref = f"{registry.rstrip('/')}/{name}@{meta['version']}"
+    if storage.exists(storage.join(target, META_FILE)):
+        log.info("%s is already registered", ref)
+        return {"name": name, "version": meta["version"], "uri": target, "ref": ref, "created": False}
+    storage.write_bytes(storage.join(target, meta["weights"].get("file", WEIGHTS_FILE)), weights)
+    storage.write_text(storage.join(target, META_FILE), json.dumps(meta, indent=2) + "\n")
+    log.info("registered %s", ref)
+    return {"name": name, "version": meta["version"], "uri": target, "ref": ref, "created": True}

@@ -1,0 +1,293 @@
+"""Training: BCE per label (unknowns masked), best epoch on validation, thresholds on validation.
+
+The recipe, read top to bottom in ``train``:
+
+1. Decode the training and validation pictures once into uint8 tensors (the fine-tuning-sized
+   sets this is for fit in memory), exactly as the labeling job decodes them.
+2. Build the network: a backbone from scratch, from a weights file or package, or from its
+   library's hub; its input normalisation comes with the weights.
+3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
+   and train only the shared hidden layer and the heads on them (seconds, not minutes).
+4. Epochs until validation mAP stops improving (``patience``), the ``time_budget`` would be
+   passed, or ``epochs`` is reached; the learning rate warms up over the first epoch and is
+   cut by 3 when validation stalls for 3 epochs; the best epoch's weights are kept.
+5. Per-label thresholds on the validation scores; write the package with what was done.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core import images, manifest
+from ..model.net import MultiLabelNet, save_package
+from ..model.spec import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from ..model.weights import InitialWeights, load_backbone_weights, read_initial_weights
+from .config import TrainConfig
+from .metrics import choose_thresholds, compute_metrics, parse_policy
+
+log = logging.getLogger(__name__)
+
+PLATEAU_EPOCHS = 3      # validation stalled this long: cut the learning rate
+PLATEAU_FACTOR = 0.3
+MIN_DELTA = 1e-3        # an improvement of validation mAP smaller than this is no improvement
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean binary cross-entropy over the known (non-NaN) targets only."""
+    known = ~torch.isnan(targets)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nan_to_num(targets, nan=0.0), pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def stop_reason(val_maps: list[float], epochs: int, patience: int, min_delta: float = MIN_DELTA) -> str | None:
+    """Why training stops after the epochs whose validation mAPs are ``val_maps``, or None to go on.
+
+    It stops when ``patience`` epochs in a row have not beaten the best earlier epoch by
+    ``min_delta``, or when ``epochs`` epochs are done.
+    """
+    if len(val_maps) >= epochs:
+        return f"reached {epochs} epochs"
+    best_at = 0
+    for i, value in enumerate(val_maps):
+        if value > val_maps[best_at] + min_delta:
+            best_at = i
+    if len(val_maps) - 1 - best_at >= patience:
+        return f"validation mAP did not improve for {patience} epochs"
+    return None
+
+
+def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, chunk: int = 512) -> torch.Tensor:
+    """All images of ``data`` resized to ``size``: uint8 (n, 3, size, size)."""
+    out = torch.empty((len(data), 3, size, size), dtype=torch.uint8)
+    bar = tqdm(total=len(data), desc="loading images", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(data), chunk):
+        end = min(start + chunk, len(data))
+        # decoded and resized as the labeling job does, so training sees the pixels inference will see
+        pictures = manifest.fetch_decoded(data.image_uris[start:end], data.sources[start:end], draft_size=size)
+        for k, pic in enumerate(pictures):
+            out[start + k] = torch.from_numpy(images.resize(pic, size).transpose(2, 0, 1).copy())
+        bar.update(end - start)
+    bar.close()
+    return out
+
+
+def _normalise(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> torch.Tensor:
+    """The augmentations ``names`` (see ``config.AUGMENTATIONS``) on a uint8 batch -> float batch, 0-255."""
+    n, _, h, w = x.shape
+    x = x.float()
+    if "hflip" in names:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+    if "vflip" in names:
+        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(2), x)
+    if "shift" in names:
+        pad = max(1, h // 16)
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
+        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    if "color" in names:
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+        x = ((x - mean) * contrast + mean) * gain
+    return x.clamp(0, 255)
+
+
+def _split(data: manifest.LabeledData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_val = max(1, int(round(len(data) * fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _map(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+    aps = []
+    for j in range(y.shape[1]):
+        k = ~np.isnan(y[:, j])
+        if y[k, j].any():
+            aps.append(average_precision_score(y[k, j], s[k, j]))
+    return float(np.mean(aps)) if aps else 0.0
+
+
+@dataclass
+class _Data:
+    """Training and validation inputs: uint8 pictures, or backbone features when it is frozen."""
+
+    x_train: torch.Tensor
+    y_train: np.ndarray
+    x_val: torch.Tensor
+    y_val: np.ndarray
+
+
+def _read_data(config: TrainConfig, labels: list[str], size: int) -> _Data:
+    data = manifest.read_labeled(config.manifests, labels)
+    if config.val_manifests:
+        val_data = manifest.read_labeled(config.val_manifests, labels)
+        return _Data(load_tensor(data, size, config.progress), data.targets,
+                     load_tensor(val_data, size, config.progress), val_data.targets)
+    x_all = load_tensor(data, size, config.progress)
+    tr, va = _split(data, config.val_fraction, config.seed)
+    return _Data(x_all[tr], data.targets[tr], x_all[va], data.targets[va])
+
+
+def _build(config: TrainConfig, labels: list[str]) -> tuple[MultiLabelNet, dict]:
+    """The network with its initial weights, and where they came from (recorded in the package)."""
+    init: InitialWeights | None = read_initial_weights(config.backbone_weights) if config.backbone_weights else None
+    backbone = config.backbone or (init.backbone if init and init.backbone else DEFAULT_BACKBONE)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if init and init.mean:
+        mean, std = init.mean, init.std
+    spec = ModelSpec(labels=labels, backbone=backbone, hidden=config.hidden, image_size=config.image_size,
+                     mean=mean, std=std)
+    net = MultiLabelNet(spec, pretrained=config.pretrained)
+    source: dict = {"weights": "random"}
+    if init:
+        load_backbone_weights(net, init)
+        source = {"weights": init.source.rsplit("/", 1)[-1], "sha256": init.sha256}
+    elif config.pretrained:
+        cfg = getattr(net.backbone, "pretrained_cfg", None) or {}
+        if cfg.get("mean"):  # timm says what its weights expect
+            spec.mean, spec.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        source = {"weights": f"{backbone} library pretrained", "tag": cfg.get("tag")}
+    return net, source
+
+
+def _features(net: MultiLabelNet, x: torch.Tensor, batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """The frozen backbone's features of uint8 pictures, computed once."""
+    net.backbone.eval()
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(x), batch), desc="features", unit="batch", disable=not progress, leave=False):
+            out.append(net.backbone(_normalise(x[i:i + batch], net.spec)))
+    return torch.cat(out)
+
+
+def train(config: TrainConfig) -> dict:
+    """Train a model and write its package to ``config.output``; returns the package metadata."""
+    parse_policy(config.threshold_policy)  # refuse a bad policy before any work
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.monotonic()
+    labels = config.labels or manifest.infer_labels(config.manifests)
+    log.info("labels: %s", labels)
+    net, source = _build(config, labels)
+    spec = net.spec
+    data = _read_data(config, labels, spec.image_size)
+    log.info("training on %d images, validating on %d (%s backbone %s)", len(data.x_train), len(data.x_val),
+             "frozen" if config.freeze_backbone else "fine-tuned", spec.backbone)
+
+    if config.freeze_backbone:
+        for p in net.backbone.parameters():
+            p.requires_grad_(False)
+        data.x_train = _features(net, data.x_train, progress=config.progress)
+        data.x_val = _features(net, data.x_val, progress=config.progress)
+        forward: Callable[[torch.Tensor], torch.Tensor] = net.classify
+        prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
+        groups = [{"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
+    else:
+        forward = net
+        prepare = lambda x: _normalise(x, spec)  # noqa: E731
+        scale = config.backbone_lr_scale
+        scale = scale if scale is not None else (0.1 if config.backbone_weights or config.pretrained else 1.0)
+        groups = [{"params": list(net.backbone.parameters()), "lr": config.lr * scale},
+                  {"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
+
+    def scores(x: torch.Tensor, batch: int = 256) -> np.ndarray:
+        net.eval()
+        with torch.inference_mode():
+            return torch.cat([torch.sigmoid(forward(prepare(x[i:i + batch]))) for i in range(0, len(x), batch)]).numpy()
+
+    def train_step(idx: torch.Tensor) -> torch.Tensor:
+        x = data.x_train[idx]
+        if not config.freeze_backbone:
+            x = augment(x, gen, config.augment)
+        return masked_bce(forward(prepare(x)), y_train[idx], pos_weight)
+
+    pos_weight = None
+    if config.pos_weight:
+        pos = np.nansum(data.y_train, axis=0)
+        neg = np.sum(~np.isnan(data.y_train), axis=0) - pos
+        pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, 0.1 + 0.9 * step / steps_per_epoch))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=PLATEAU_FACTOR,
+                                                         patience=PLATEAU_EPOCHS - 1, threshold=MIN_DELTA,
+                                                         threshold_mode="abs")
+    gen = torch.Generator().manual_seed(config.seed)
+    y_train = torch.from_numpy(data.y_train)
+    best = (-1.0, 0, None)
+    history: list[dict] = []
+    stopped = None
+    loop_started = time.monotonic()
+    for epoch in range(1, config.epochs + 1):
+        net.train()
+        if config.freeze_backbone:
+            net.backbone.eval()
+        order = torch.randperm(len(data.x_train), generator=gen)
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", unit="batch",
+                   disable=not config.progress, leave=False)
+        total = 0.0
+        for start in bar:
+            idx = order[start:start + config.batch_size]
+            loss = train_step(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if epoch == 1:
+                warmup.step()
+            total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        val_map = _map(data.y_val, scores(data.x_val))
+        plateau.step(val_map)
+        history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
+                        "lr": opt.param_groups[-1]["lr"]})
+        log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
+        if val_map > best[0] + MIN_DELTA or best[2] is None:
+            best = (val_map, epoch, copy.deepcopy(net.state_dict()))
+        elapsed = time.monotonic() - loop_started
+        stopped = stop_reason([h["val_map"] for h in history], config.epochs, config.patience)
+        if stopped is None and elapsed * (epoch + 1) / epoch > config.time_budget:
+            stopped = f"time budget of {config.time_budget:.0f}s"
+        if stopped:
+            break
+    log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(history), stopped, best[1], best[0])
+    net.load_state_dict(best[2])
+    val_scores = scores(data.x_val)
+    thresholds = choose_thresholds(labels, data.y_val, val_scores, config.threshold_policy)
+    val_report = compute_metrics(labels, data.y_val, val_scores, thresholds)
+    summary = {
+        "data": {"train": manifest.expand(config.manifests), "val": manifest.expand(config.val_manifests)
+                 if config.val_manifests else f"held out {config.val_fraction:.0%} of train",
+                 "train_rows": int(len(data.x_train)), "val_rows": int(len(data.x_val))},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("manifests", "val_manifests", "output")},
+        "mode": "frozen backbone" if config.freeze_backbone else "fine-tuned",
+        "initial_weights": source,
+        "augment": list(config.augment),
+        "epochs": len(history),
+        "best_epoch": best[1],
+        "stopped": stopped,
+        "seconds": round(time.monotonic() - started, 1),
+        "threshold_policy": config.threshold_policy,
+        "history": history,
+        "validation": {"macro_f1": val_report.macro_f1, "micro_f1": val_report.micro_f1,
+                       "map": val_report.mean_average_precision,
+                       "per_label": {m.label: {"f1": m.f1, "precision": m.precision, "recall": m.recall,
+                                               "average_precision": m.average_precision} for m in val_report.per_label}},
+    }
+    return save_package(net, config.output, thresholds, name=config.name, training=summary)

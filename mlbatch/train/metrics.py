@@ -1,0 +1,186 @@
+"""Evaluation methodology: per-label metrics, threshold selection, reports.
+
+Thresholds are chosen per label on *validation* data (``choose_thresholds``) and only
+applied to test data (``evaluate.evaluate``). Unknown truth (NaN) is left out per label. The numbers
+come from scikit-learn so they mean what everyone expects them to mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss,
+                             precision_recall_curve, precision_recall_fscore_support)
+
+
+log = logging.getLogger(__name__)
+
+
+# ---- thresholds ----------------------------------------------------------------------------
+
+def parse_policy(policy: str) -> tuple[str, float | None]:
+    """``f1`` or ``precision:P`` (0 < P <= 1)."""
+    if policy == "f1":
+        return "f1", None
+    kind, _, value = policy.partition(":")
+    if kind == "precision":
+        try:
+            target = float(value)
+        except ValueError:
+            target = -1.0
+        if 0.0 < target <= 1.0:
+            return "precision", target
+    raise ValueError(f"unknown threshold policy {policy!r}: use 'f1' or 'precision:P' with 0 < P <= 1")
+
+
+def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1") -> float:
+    """One label's decision threshold from validation truth (0/1) and scores.
+
+    ``f1``: the threshold that maximises F1. ``precision:P``: the lowest threshold whose
+    precision reaches P (the most recall at that precision); if none does, the threshold of
+    the highest precision, with a warning. A label with no positive example gets 0.5.
+    """
+    kind, target = parse_policy(policy)
+    y_true = np.asarray(y_true).astype(int)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.sum() == 0 or y_true.sum() == len(y_true):
+        log.warning("no %s examples to choose a threshold from: using 0.5",
+                    "positive" if y_true.sum() == 0 else "negative")
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(y_true, y_score)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    if kind == "f1":
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                       where=(precision + recall) > 0)
+        return float(thresholds[int(np.argmax(f1))])
+    reaching = np.flatnonzero(precision >= target)
+    if len(reaching) == 0:
+        best = int(np.argmax(precision))
+        log.warning("no threshold reaches precision %.3f (best %.3f): using the best", target, precision[best])
+        return float(thresholds[best])
+    return float(thresholds[reaching[0]])  # thresholds ascend: the first is the lowest
+
+
+def choose_thresholds(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1") -> dict[str, float]:
+    """Per-label thresholds; unknown truth (NaN) is left out of each label's choice."""
+    out = {}
+    for j, label in enumerate(labels):
+        known = ~np.isnan(y_true[:, j])
+        out[label] = choose_threshold(y_true[known, j], y_score[known, j], policy)
+    return out
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+@dataclass
+class LabelMetrics:
+    label: str
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    average_precision: float
+    support: int          # known positives
+    known: int            # rows whose truth for this label is known
+    predicted_positive_rate: float
+
+
+@dataclass
+class Report:
+    per_label: list[LabelMetrics]
+    micro_f1: float
+    macro_f1: float
+    mean_average_precision: float
+    subset_accuracy: float
+    hamming_loss: float
+    rows: int
+    model: dict[str, Any] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A plain-text table, one line per label and a summary."""
+        head = f"{'label':<16}{'thresh':>8}{'prec':>8}{'recall':>8}{'f1':>8}{'AP':>8}{'support':>9}{'pred+':>8}"
+        lines = [head, "-" * len(head)]
+        for m in self.per_label:
+            lines.append(f"{m.label:<16}{m.threshold:>8.3f}{m.precision:>8.3f}{m.recall:>8.3f}{m.f1:>8.3f}"
+                         f"{_fmt(m.average_precision):>8}{m.support:>9d}{m.predicted_positive_rate:>8.3f}")
+        lines.append("-" * len(head))
+        lines.append(f"rows {self.rows}   micro-F1 {self.micro_f1:.3f}   macro-F1 {self.macro_f1:.3f}   "
+                     f"mAP {_fmt(self.mean_average_precision)}   subset accuracy {self.subset_accuracy:.3f}   "
+                     f"Hamming loss {self.hamming_loss:.4f}")
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def compute_metrics(labels: list[str], y_true: np.ndarray, y_score: np.ndarray,
+                    thresholds: dict[str, float]) -> Report:
+    """All metrics for truth (0/1/NaN) and scores, decisions at ``thresholds``."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    t = np.asarray([thresholds[label] for label in labels])
+    y_pred = (y_score >= t).astype(int)
+    known = ~np.isnan(y_true)
+    truth = np.where(known, y_true, 0).astype(int)
+    per_label = []
+    for j, label in enumerate(labels):
+        k = known[:, j]
+        yt, yp, ys = truth[k, j], y_pred[k, j], y_score[k, j]
+        p, r, f, _ = precision_recall_fscore_support(yt, yp, average="binary", zero_division=0)
+        ap = average_precision_score(yt, ys) if yt.any() else float("nan")
+        per_label.append(LabelMetrics(label, float(t[j]), float(p), float(r), float(f), float(ap), int(yt.sum()),
+                                      int(k.sum()), float(yp.mean()) if len(yp) else float("nan")))
+    # micro-F1 and Hamming loss over every known (row, label) cell
+    micro = f1_score(truth[known], y_pred[known], zero_division=0) if known.any() else float("nan")
+    hamming = hamming_loss(truth[known], y_pred[known]) if known.any() else float("nan")
+    full = known.all(axis=1)  # subset accuracy needs the whole truth of a row
+    subset = accuracy_score(truth[full], y_pred[full]) if full.any() else float("nan")
+    aps = [m.average_precision for m in per_label if not math.isnan(m.average_precision)]
+    return Report(per_label=per_label, micro_f1=float(micro), macro_f1=float(np.mean([m.f1 for m in per_label])),
+                  mean_average_precision=float(np.mean(aps)) if aps else float("nan"),
+                  subset_accuracy=float(subset), hamming_loss=float(hamming), rows=int(len(y_true)))
+
+
+def plot_pr_curves(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, thresholds: dict[str, float],
+                   title: str = "") -> bytes:
+    """PNG bytes: each label's precision-recall curve with its threshold marked."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    for j, label in enumerate(labels):
+        known = ~np.isnan(y_true[:, j])
+        yt, ys = y_true[known, j].astype(int), y_score[known, j]
+        if not yt.any():
+            continue
+        precision, recall, thr = precision_recall_curve(yt, ys)
+        line, = ax.plot(recall, precision, label=f"{label} (AP {average_precision_score(yt, ys):.3f}, "
+                                                 f"threshold {thresholds[label]:.2f})")
+        pred = ys >= thresholds[label]
+        p_at = (yt[pred].mean() if pred.any() else 1.0)
+        r_at = pred[yt == 1].mean()
+        ax.plot([r_at], [p_at], "o", color=line.get_color(), markersize=8)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(title or "precision-recall per label (dots: decision thresholds)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
