@@ -658,3 +658,23 @@ def test_dockerfile_check_can_fail():
     assert dockerfile_problems("FROM python:3.11\nWORKDIR /app\nCOPY . /app\nRUN pip install /app\n",
                                ray.__version__)
     assert dockerfile_problems(good.replace("pip install --no-cache-dir /app", "true"), ray.__version__)
+
+
+def test_the_submit_cronjobs_deadline_stops_the_ray_job_not_only_its_client():
+    """activeDeadlineSeconds terminates the pod; its preStop hook stops the Ray job it submitted, by the id it
+    submitted under (the pod's name), so no night outlives its deadline on the cluster."""
+    cron = _docs("CronJob", "cronjob-submit.yaml")[0]["spec"]["jobTemplate"]["spec"]
+    assert cron["activeDeadlineSeconds"] < 24 * 3600
+    pod = cron["template"]["spec"]
+    container = pod["containers"][0]
+    argv = [*container.get("command", []), *container.get("args", [])]
+    params = check_ray_job_submit(argv[3:argv.index("--")])
+    assert params["submission_id"] == "$(POD_NAME)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["/bin/sh", "-c"]
+    stop = shlex.split(hook[2])
+    assert stop[:3] == ["ray", "job", "stop"] and stop[-1] == "$POD_NAME"
+    assert stop[stop.index("--address") + 1] == params["address"]
+    assert pod["terminationGracePeriodSeconds"] >= 60

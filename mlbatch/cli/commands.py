@@ -18,11 +18,14 @@ from .parser import build_parser
 if TYPE_CHECKING:
     from ..label.config import LabelConfig
 
+OUTPUT_BUSY = 4   # exit code: another live run holds the output's lease; nothing was touched
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # -v is mlbatch's own debug lines: botocore's would print signed requests, session tokens included
+    logging.getLogger("mlbatch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as exc:  # our errors say what is wrong; no traceback for them
@@ -87,7 +90,7 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
     from ..label.config import LabelConfig
 
     return LabelConfig(**label_options(args), manifests=args.manifest, model=args.model, output=args.output,
-                       run_id=args.run_id, resume=args.resume)
+                       run_id=args.run_id, resume=args.resume, mode=args.mode)
 
 
 def label_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def label_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from ..label.config import JobError
+    from ..label.config import JobError, OutputBusy
     from ..label.job import label
     from ..label.summary import summary_table
 
@@ -106,7 +109,7 @@ def _label(args: argparse.Namespace) -> int:
         summary = label(label_config(args))
     except JobError as exc:
         print(f"mlbatch label: error: {exc}", file=sys.stderr)
-        return 1
+        return OUTPUT_BUSY if isinstance(exc, OutputBusy) else 1
     print(summary_table(summary))
     return 0
 
@@ -140,8 +143,9 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done, 1 a manifest could not be labeled (or a job-level fault), 3 drift with --fail-on-drift."""
-    from ..label.config import JobError
+    """Exit codes: 0 done, 1 a manifest could not be labeled (or a job-level fault), 3 drift with --fail-on-drift,
+    4 another run holds the output."""
+    from ..label.config import JobError, OutputBusy
     from ..nightly.config import DriftError, NightlyConfig, NightlyError
     from ..nightly.night import nightly
     from ..nightly.report import nightly_table
@@ -158,7 +162,7 @@ def _nightly(args: argparse.Namespace) -> int:
         return 3 if isinstance(exc, DriftError) else 1
     except JobError as exc:
         print(f"mlbatch nightly: error: {exc}", file=sys.stderr)
-        return 1
+        return OUTPUT_BUSY if isinstance(exc, OutputBusy) else 1
     print(nightly_table(summary))
     return 0
 

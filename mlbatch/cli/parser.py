@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..label.config import DECODERS, LAYOUTS, LabelOptions, default
+from ..label.config import DECODERS, LAYOUTS, MODES, LabelConfig, LabelOptions, default
 from ..model.spec import DEFAULT_BACKBONE
 from ..nightly.config import NightlyConfig
 from ..synth import KINDS, SynthConfig
@@ -64,7 +64,13 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="name of this run (default: a digest of manifests, model version and output, "
                         "so repeating a command repeats the same run)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the units a killed run committed and label only the rest")
+                   help="keep the units a killed run committed and label only the rest (refused when anything "
+                        "that changes a row differs from the first try: manifests, model version, thresholds, "
+                        "--decode, --max-pixels, --uri-column, --rows-per-file)")
+    p.add_argument("--mode", choices=MODES, default=default(LabelConfig, "mode"),
+                   help="when the output already holds rows of another run: error refuses (so a second run "
+                        "cannot double them), overwrite replaces them once this run has committed, append adds "
+                        "this run beside them (default: %(default)s)")
 
 
 def _add_job_tuning(p: argparse.ArgumentParser) -> None:
@@ -98,6 +104,10 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
     p.add_argument("--max-error-rate", type=_fraction, default=default(LabelOptions, "max_error_rate"), metavar="F",
                    help="fail the run when more than this share of rows are errors (default: %(default)s)")
+    p.add_argument("--lease-seconds", type=float, default=default(LabelOptions, "lease_seconds"), metavar="S",
+                   help="one run writes an output at a time: it holds the output's lease (OUT/_lease.json) and "
+                        "renews it every S/3 seconds; a second run exits 4, touching nothing, until the lease is "
+                        "released or, if its holder died, S seconds after its last renewal (default: %(default)s)")
     p.add_argument("--stall-seconds", type=float, default=default(LabelOptions, "stall_seconds"), metavar="S",
                    help="end the run, naming what it waits for, when it makes no progress (no rows committed, "
                         "nothing moving through Ray Data) for S seconds; a --resume can follow. Any value is "
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label large image datasets with one shared-backbone multi-label network on Ray.",
         epilog=EPILOG,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="mlbatch's debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-dataset", help="draw a synthetic dataset (street scenes, glyphs or shapes)",

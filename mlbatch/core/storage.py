@@ -254,9 +254,14 @@ def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
 
 
 def write_if(uri: str, data: bytes, token: str | None) -> bool:
+    """``swap`` that only says whether it won."""
+    return swap(uri, data, token) is not None
+
+
+def swap(uri: str, data: bytes, token: str | None) -> str | None:
     """Replace ``uri`` with ``data`` only if it is still the version ``token`` names (absent for None).
 
-    Returns False, writing nothing, when another writer got there first. On S3 this is a
+    Returns the new version's token, or None, writing nothing, when another writer got there first. On S3 this is a
     conditional PutObject (``If-Match: <etag>``, or ``If-None-Match: *`` to create), which AWS S3
     and MinIO decide atomically on the server; locally the check and an atomic rename happen
     under an exclusive ``flock`` on ``<uri>.lock``.
@@ -267,15 +272,15 @@ def write_if(uri: str, data: bytes, token: str | None) -> bool:
         bucket, _, key = uri[len("s3://"):].partition("/")
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            answer = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             # 412: the condition failed; 409: a concurrent conditional write won; 404: deleted meanwhile
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
-                return False
+                return None
             raise OSError(f"cannot write {uri}: {exc}") from None
-        return True
+        return answer["ETag"]
     import fcntl
 
     path = os.path.abspath(local_path(uri))
@@ -284,9 +289,9 @@ def write_if(uri: str, data: bytes, token: str | None) -> bool:
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, even if this process dies
         _, current = read_versioned(path)
         if current != token:
-            return False
+            return None
         write_atomic(path, data)
-    return True
+    return hashlib.sha256(data).hexdigest()
 
 
 # ---- fetching many objects: the labeling job's reads ----------------------------------------

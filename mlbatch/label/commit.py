@@ -16,6 +16,7 @@ builds a path itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -23,10 +24,11 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from ..core import storage
-from .config import JobError, LabelConfig
+from ..core.lease import Lease, LeaseHeld, LeaseLost
+from .config import JobError, LabelConfig, OutputBusy
 from .plan import Plan, absolute
 from .stats import TOP_ERRORS_KEPT, Stats, whole
 
@@ -94,21 +96,31 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
 
 
 def remove_run(output: str, state: str, run_id: str) -> int:
-    """Delete a run's data files and its markers; how many data files there were."""
+    """Delete a run's data files and its markers; how many data files there were.
+
+    The plan record goes first, so that a crash part way leaves a run no ``--resume`` accepts (no
+    marker can then vouch for a data file already deleted); its leftovers go with the next fresh run.
+    """
+    markers = markers_dir(state, run_id)
+    storage.delete(storage.join(markers, PLAN_FILE))
     files = run_files(output, run_id)
     for uri in files:
         storage.delete(uri)
-    storage.delete(markers_dir(state, run_id))
+    storage.delete(markers)
     return len(files)
 
 
 def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> int:
-    """Delete the data files (and markers) of one manifest of a run, found by their markers; the count."""
+    """Delete the data files (and markers) of one manifest of a completed run, found by their markers; the count.
+
+    Only for a run that will not be resumed: its markers no longer vouch for rows once its data go.
+    """
     markers = markers_dir(state, run_id)
     mine = [m for m in read_markers(markers) if m["file_index"] == file_index]
-    for m in mine:   # the marker first: a crash in between leaves a file no marker counts
-        storage.delete(marker_uri(markers, m["file"]))
+    for m in mine:   # the data first: a crash in between leaves a marker of a gone file, which a redo removes
         storage.delete(storage.join(output, m["file"]))
+    for m in mine:
+        storage.delete(marker_uri(markers, m["file"]))
     return len(mine)
 
 
@@ -118,6 +130,15 @@ def completed(state: str, run_id: str) -> dict[str, Any] | None:
         return None
     done = json.loads(storage.read_text(storage.join(state, SUMMARY_FILE)))
     return done if done.get("run_id") == run_id else None
+
+
+def sweep_unmarked(output: str, state: str, run_id: str) -> int:
+    """Delete the data files of a run that no commit marker names (a crash between writing the two)."""
+    marked = {m["file"] for m in read_markers(markers_dir(state, run_id))}
+    stale = [u for u in run_files(output, run_id) if u.rsplit("/", 1)[-1] not in marked]
+    for uri in stale:
+        storage.delete(uri)
+    return len(stale)
 
 
 def check_writable(output: str) -> None:
@@ -147,15 +168,78 @@ class Run:
     files_written: int = 0
 
 
+def plan_record(config: LabelConfig, plan: Plan) -> dict[str, Any]:
+    """What a resumed run must share with the units it keeps: everything that changes a row's value."""
+    return {"files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
+            "rows_per_unit": config.rows_per_file, "decode": config.decode, "model_version": plan.meta["version"],
+            "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "uri_column": config.uri_column}
+
+
+_FLAGS = {"rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
+          "thresholds": "the thresholds", "max_pixels": "--max-pixels", "uri_column": "--uri-column"}
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a run's first plan record and this try's, in words."""
+    out = []
+    old_files = {f[0]: f[1:] for f in before.get("files", [])}
+    new_files = {f[0]: f[1:] for f in now["files"]}
+    for uri in sorted(set(old_files) | set(new_files)):
+        if uri not in new_files:
+            out.append(f"manifest {uri} is no longer in the run")
+        elif uri not in old_files:
+            out.append(f"manifest {uri} was not in the run")
+        elif old_files[uri] != new_files[uri]:
+            out.append(f"manifest {uri} changed since the run started (its footer differs)")
+    for key, flag in _FLAGS.items():
+        if key not in before:
+            out.append(f"{flag} is not recorded (the run was started by an older mlbatch)")
+        elif before[key] != now[key]:
+            out.append(f"{flag} changed ({before[key]} -> {now[key]})")
+    return out
+
+
+def other_runs(output: str, run_id: str) -> dict[str, int]:
+    """Data files directly under ``output`` that are not this run's, by the run that wrote them (or the file)."""
+    if not storage.exists(output):
+        return {}
+    base = output.rstrip("/") + "/"
+    found: dict[str, int] = collections.Counter()
+    for e in storage.list_files(output, suffix=".parquet"):
+        name = e.uri[len(base):] if e.uri.startswith(base) else e.uri
+        if "/" in name or _parse(name, run_id):
+            continue
+        m = re.fullmatch(rf"(.+)-a\d+-{_UNIT}-r\d{{12}}\.parquet", name)
+        found[f"run {m.group(1)}" if m else f"file {name}"] += 1
+    return dict(found)
+
+
+def remove_other_runs(output: str, state: str, run_id: str) -> int:
+    """Delete every data file under ``output`` that is not this run's (``--mode overwrite``), and their markers."""
+    removed = 0
+    for who in other_runs(output, run_id):
+        kind, _, name = who.partition(" ")
+        if kind == "run":
+            removed += remove_run(output, state, name)
+        else:
+            storage.delete(storage.join(output, name))
+            removed += 1
+    return removed
+
+
 def prepare(config: LabelConfig, plan: Plan) -> Run:
     """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
     output, state = output_dirs(config)
     markers = markers_dir(state, plan.run_id)
+    others = other_runs(output, plan.run_id) if config.mode == "error" else {}
+    if others:   # before anything is removed
+        held = ", ".join(f"{who} ({n} files)" for who, n in sorted(others.items())[:5])
+        raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
+                       "again would double them: pass --mode overwrite to replace them once this run has "
+                       "committed, or --mode append to add this run beside them")
     for name in (SUCCESS_FILE, SUMMARY_FILE):
         storage.delete(storage.join(state, name))
-    # what a resumed run must share with the units it keeps (the decoder: --decode torchvision's pixels differ)
-    plan_record = {"files": [[u, n] for u, n in zip(plan.files, plan.rows)], "rows_per_unit": config.rows_per_file,
-                   "decode": config.decode}
+    record = plan_record(config, plan)
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
     done: dict[str, tuple[int, int]] = {}
@@ -164,12 +248,11 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
         before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
-        if before is not None:
-            before.setdefault("decode", "pil")  # runs started before --decode existed
-        if before is None or {k: v for k, v in before.items() if k != "attempt"} != plan_record:
-            raise JobError(f"cannot resume run {plan.run_id}: its manifests, --rows-per-file or --decode are not "
-                           f"those it started with ({plan_uri} {'is gone' if before is None else 'differs'}); "
-                           "run again without --resume")
+        changes = ["its plan record is gone"] if before is None else _changes(before, record)
+        if changes:
+            raise JobError(f"cannot resume run {plan.run_id}: {'; '.join(changes[:5])} ({plan_uri}): its "
+                           "manifests, --rows-per-file or --decode are not those it started with, or the model "
+                           "version, thresholds, --max-pixels or --uri-column changed; run again without --resume")
         committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for m in read_markers(markers):
             committed[m["unit"]].append(m)
@@ -195,6 +278,21 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
                  plan.run_id, attempt, len(done), len(plan.units), len(stale))
     else:  # a repeated run replaces its own files
         remove_run(output, state, plan.run_id)
-    storage.write_text(plan_uri, json.dumps({**plan_record, "attempt": attempt}))
+    storage.write_atomic(plan_uri, json.dumps({**record, "attempt": attempt}).encode())
     todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
     return Run(config, plan, output, state, markers, attempt, done, file_stats, total, todo)
+
+
+@contextlib.contextmanager
+def holding(folder: str, run_id: str, ttl: float) -> Iterator[Lease]:
+    """The output's lease for the run, in mlbatch's errors: ``OutputBusy`` if another live run holds it."""
+    try:
+        lease = Lease(folder, run_id, ttl).acquire()
+    except LeaseHeld as exc:
+        raise OutputBusy(str(exc)) from None
+    try:
+        yield lease
+    except LeaseLost as exc:
+        raise JobError(str(exc)) from None
+    finally:
+        lease.release()

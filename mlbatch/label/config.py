@@ -13,13 +13,19 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from ..core import images, manifest
+from ..core.lease import DEFAULT_TTL_SECONDS
 
 LAYOUTS = ("auto", "fused", "split")
 DECODERS = ("pil", "torchvision")  # who decodes: PIL on CPU before predicting, or the predictor (``jpeg``)
+MODES = ("error", "overwrite", "append")   # an output holding another run's rows: refuse, replace, add beside
 
 
 class JobError(RuntimeError):
     """A job-level fault: the run cannot produce a complete, trustworthy output."""
+
+
+class OutputBusy(JobError):
+    """Another live run holds the output's lease: this run touched nothing (the CLI exits 4)."""
 
 
 @dataclass(kw_only=True)
@@ -38,6 +44,7 @@ class LabelOptions:
     max_error_rate: float = 0.05
     max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
     stall_seconds: float = 900.0                       # end the run when no rows are committed this long (0: never)
+    lease_seconds: float = DEFAULT_TTL_SECONDS         # the output's lease lives this long unrenewed (a dead holder's)
     progress: bool = True
 
 
@@ -50,6 +57,7 @@ class LabelConfig(LabelOptions):
     output: str
     run_id: str | None = None
     resume: bool = False
+    mode: str = "error"            # the output holds another run's rows: error | overwrite (once committed) | append
     state_dir: str | None = None   # where _run.json, _SUCCESS and _units go (default: the output folder)
     extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
 

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from . import commit, ray_compat
-from .config import DECODERS, JobError, LabelConfig
+from .config import DECODERS, MODES, JobError, LabelConfig
 from .ids import check_ids
 from .pipeline import run_pipeline
 from .plan import make_plan
@@ -33,18 +33,25 @@ def label(config: LabelConfig) -> dict[str, Any]:
     started = time.time()
     if config.decode not in DECODERS:  # before anything is planned or removed
         raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
+    if config.mode not in MODES:
+        raise JobError(f"--mode {config.mode!r}: choose one of {', '.join(MODES)}")
     ray_compat.stall_settings(config.stall_seconds)  # a bad limit is refused before anything is removed
     plan = make_plan(config)
     output, state = commit.output_dirs(config)
-    if config.resume and (done := commit.completed(state, plan.run_id)) is not None:
-        log.info("run %s is already complete in %s: nothing to resume", plan.run_id, output)
-        return done
     commit.check_writable(output)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    with ray_compat.data_context(config.progress, config.stall_seconds):
-        if config.id_column:
-            check_ids(plan, config.id_column)
-        run = commit.prepare(config, plan)
-        predictor = run_pipeline(run) if run.todo else NOTHING_TO_RUN
-    return finish(run, started, predictor)
+    with commit.holding(output, plan.run_id, config.lease_seconds) as lease:   # one writer per output
+        if config.resume and (done := commit.completed(state, plan.run_id)) is not None:
+            swept = commit.sweep_unmarked(output, state, plan.run_id)
+            log.info("run %s is already complete in %s: nothing to resume (%d unmarked files removed)",
+                     plan.run_id, output, swept)
+            return done
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)
+        with ray_compat.data_context(config.progress, config.stall_seconds):
+            if config.id_column:
+                check_ids(plan, config.id_column)
+            run = commit.prepare(config, plan)
+            predictor = run_pipeline(run) if run.todo else NOTHING_TO_RUN
+        lease.check()
+        return finish(run, started, predictor)
+

@@ -36,6 +36,7 @@ class Plan:
     thresholds: dict[str, float]
     run_id: str
     null_id_files: list[int]        # files whose footers do not rule out a null id
+    fingerprints: list[str]         # per file: a digest of its footer (row groups, sizes, statistics)
 
     @property
     def rows_in(self) -> int:
@@ -49,6 +50,7 @@ def make_plan(config: LabelConfig) -> Plan:
     files = manifest.expand(config.manifests)
     schema = None
     rows: list[int] = []
+    fingerprints: list[str] = []
     null_id_files: list[int] = []
     pool = ThreadPoolExecutor(max_workers=min(32, len(files)))
     try:
@@ -61,6 +63,7 @@ def make_plan(config: LabelConfig) -> Plan:
                 raise manifest.ManifestError(f"manifest {uri}: its columns differ from {files[0]}'s "
                                              f"({_schema_diff(schema, s)}); manifests of one run must share a schema")
             rows.append(footer.num_rows)
+            fingerprints.append(footer_digest(footer))
             if config.id_column and may_hold_nulls(footer, config.id_column):
                 null_id_files.append(i)
     finally:
@@ -73,7 +76,12 @@ def make_plan(config: LabelConfig) -> Plan:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
-    return Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_files)
+    return Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_files, fingerprints)
+
+
+def footer_digest(footer: pq.FileMetaData) -> str:
+    """A manifest's identity by content, from its footer: rewritten in place with other rows, it changes."""
+    return hashlib.sha256(json.dumps(footer.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_footer(uri: str, footer: pq.FileMetaData, uri_column: str, id_column: str | None) -> pa.Schema:

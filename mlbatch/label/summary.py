@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core import storage
 from ..core.table import renamed_inputs
-from .commit import SUCCESS_FILE, SUMMARY_FILE, Run, read_markers, unit_id
+from .commit import SUCCESS_FILE, SUMMARY_FILE, Run, read_markers, remove_other_runs, unit_id
 from .config import JobError, LabelConfig
 from .stats import whole
 
@@ -71,8 +71,10 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         top = "; ".join(f"{e['count']} x {e['error']}" for e in summary["top_errors"][:3])
         raise JobError(f"run {plan.run_id}: {total.errors} of {rows_out} rows are errors ({summary['error_rate']:.1%}), "
                        f"above --max-error-rate {config.max_error_rate:.1%}. Commonest: {top}")
-    storage.write_text(summary_uri, json.dumps(summary, indent=2) + "\n")
-    storage.write_text(storage.join(run.state, SUCCESS_FILE), "")
+    if config.mode == "overwrite":   # only now that this run is whole: the rows it replaces go
+        summary["replaced_files"] = remove_other_runs(run.output, run.state, plan.run_id)
+    storage.write_atomic(summary_uri, (json.dumps(summary, indent=2) + "\n").encode())
+    storage.write_atomic(storage.join(run.state, SUCCESS_FILE), b"")
     log.info("run %s complete: %d rows, %d ok, %d errors in %.1fs", plan.run_id, rows_out, total.ok, total.errors, wall)
     return summary
 

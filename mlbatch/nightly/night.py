@@ -50,14 +50,15 @@ from typing import Any
 
 from ..core import manifest as manifest_mod
 from ..core import storage
+from ..label import commit
 from ..label.config import JobError, LabelConfig, options_of
 from ..label.job import label
 from ..label.plan import check_footer, resolve_model
 from .config import DriftError, NightlyConfig, NightlyError, check_config
 from .discover import Manifest, find_manifests
 from .drift import METRICS, drift, night_stats
-from .state import (NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, load_state, partition_uri, remove_manifest, remove_run,
-                    run_dir, state_uri, write_json)
+from .state import (NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, NightState, load_state, partition_uri, remove_manifest, remove_run,
+                    run_dir, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,26 @@ class _Todo:
     manifest: Manifest
     reason: str                      # new | changed | relabel
     replaces: dict[str, Any] | None  # the same model version's previous record of this manifest
+
+
+def _abandon(output: str, day: str, run_id: str) -> NightState:
+    """A run whose recording failed part way: the state as last saved, without the run, whose files go (its
+    manifests are labeled again next night). If even that fails, the next night finds the run pending."""
+    state = load_state(output)
+    try:
+        remove_run(output, day, run_id)
+        state.get("pending", {}).pop(run_id, None)
+        state.save()
+    except Exception as exc:
+        log.error("nightly %s: could not remove run %s after its failure: %s", day, run_id, exc)
+    return state
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a manifest's reason: mlbatch's own say what happened; others also say what they are."""
+    if isinstance(exc, (JobError, manifest_mod.ManifestError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _now() -> str:
@@ -88,6 +109,13 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
         # absolute: one spelling of each path, in the state and in the job's plans
         output = os.path.abspath(output)
     model_uri, meta, _ = resolve_model(config.model, config.thresholds)  # once, for every run of the night
+    with commit.holding(output, f"nightly-{day}", config.lease_seconds):   # one night at a time on an output
+        return _night(config, day, output, model_uri, meta, started)
+
+
+def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: dict[str, Any],
+           started: float) -> dict[str, Any]:
+    """The night itself, under the output's lease: find, group into runs, label, record, watch drift."""
     version = meta["version"]
     state = load_state(output)
     found = find_manifests(config.input, output, state)
@@ -121,8 +149,16 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
     labeled: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for run_id, run_day, jobs, resume, rows_per_file in _group_runs(config, output, day, version, todo, state, failed):
-        labeled += _label_run(replace(config, model=model_uri, rows_per_file=rows_per_file), output, run_day, meta,
-                              run_id, jobs, resume, state, failed)
+        try:
+            labeled += _label_run(replace(config, model=model_uri, rows_per_file=rows_per_file), output, run_day,
+                                  meta, run_id, jobs, resume, state, failed)
+        except Exception as exc:   # recording the run failed (the state, S3): its manifests are retried next night
+            state = _abandon(output, run_day, run_id)
+            recorded = {f["manifest"] for f in failed}
+            for job in jobs:
+                if job.manifest.uri not in recorded:
+                    log.error("nightly %s: %s failed: %s", day, job.manifest.uri, _reason(exc))
+                    failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": _reason(exc)})
 
     night = night_stats(state, day, version)
     watch = drift(state, day, version, night, config.drift_window, config.drift_bound)
@@ -184,7 +220,9 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
     runs = []
     left = {job.manifest.uri: job for job in todo}
     for run_id, pending in list(state.get("pending", {}).items()):
-        if pending["model_version"] != version:
+        if pending["model_version"] != version:   # its model is no longer the one: its rows go, the manifests
+            remove_run(output, pending["dt"], run_id)  # are labeled by this version (new, or --relabel)
+            del state["pending"][run_id]
             continue
         same = [left[u] for u, fp in pending["manifests"].items()
                 if u in left and left[u].manifest.fingerprint() == fp]
@@ -215,25 +253,25 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
     state.setdefault("pending", {})[run_id] = {
         "dt": day, "model_version": meta["version"], "rows_per_file": config.rows_per_file, "started_at": _now(),
         "manifests": {j.manifest.uri: j.manifest.fingerprint() for j in jobs}}
-    write_json(state_uri(output), state)      # a crash from here on is resumed by the next night
+    state.save()      # a crash from here on is resumed by the next night
     if resume:
         log.info("nightly %s: resuming run %s of %d manifests (partition dt=%s)", day, run_id, len(jobs), day)
     options = {**options_of(config), "thresholds": dict(config.thresholds),
                "max_error_rate": 1.0}   # the error rate is judged per manifest, below
     base = LabelConfig(
         **options, manifests=[j.manifest.uri for j in jobs], model=config.model, output=partition_uri(output, day),
-        run_id=run_id, resume=resume, state_dir=rdir,
+        run_id=run_id, resume=resume, state_dir=rdir, mode="append",
         extra_summary={"nightly": {"date": day, "manifests": [{"manifest": j.manifest.uri, **j.manifest.fingerprint(),
                                                                 "reason": j.reason} for j in jobs]}})
     try:
         summary = label(base)
-    except (JobError, manifest_mod.ManifestError) as exc:
+    except Exception as exc:   # any error of this run is its manifests' (a Ray error, a failed S3 write): the night goes on
         remove_run(output, day, run_id)   # no half output of a failed run; its manifests are tried afresh next night
         del state["pending"][run_id]
-        write_json(state_uri(output), state)
+        state.save()
         for job in jobs:
             log.error("nightly %s: %s failed: %s", day, job.manifest.uri, exc)
-            failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": str(exc)})
+            failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": _reason(exc)})
         return []
 
     per_manifest = {m["manifest"]: (i, m) for i, m in enumerate(summary["per_manifest"])}
@@ -274,5 +312,5 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
                      "errors": record["errors"], "replaced_run": record["replaces"], "removed_files": removed})
     del state["pending"][run_id]
     state["updated_at"] = _now()
-    write_json(state_uri(output), state)
+    state.save()
     return done

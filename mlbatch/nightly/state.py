@@ -41,15 +41,36 @@ def partition_uri(output: str, day: str) -> str:
     return storage.join(output, f"dt={day}")
 
 
-def load_state(output: str) -> dict[str, Any]:
+class NightState(dict):
+    """The nightly state of an output, read with its version and written back by compare-and-swap.
+
+    The night holds the output's lease, so a lost swap means someone wrote the state behind the
+    lease's back (or took it over): the night stops rather than overwrite what it did not read.
+    """
+
+    def __init__(self, uri: str, data: dict[str, Any], token: str | None):
+        super().__init__(data)
+        self.uri, self.token = uri, token
+
+    def save(self) -> None:
+        token = storage.swap(self.uri, (json.dumps(self, indent=2) + "\n").encode(), self.token)
+        if token is None:
+            raise JobError(f"{self.uri} was changed by another writer since this night read it; nothing of "
+                           "theirs was overwritten")
+        self.token = token
+
+
+def load_state(output: str) -> NightState:
     """The nightly state of an output (an empty one if there is none yet)."""
     uri = state_uri(output)
-    if not storage.exists(uri):
-        return {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []}
-    state = json.loads(storage.read_text(uri))
+    raw, token = storage.read_versioned(uri)
+    if raw is None:
+        return NightState(uri, {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []},
+                          None)
+    state = json.loads(raw)
     if state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
         raise JobError(f"{uri} is not an mlbatch nightly state of format version {STATE_VERSION}")
-    return state
+    return NightState(uri, state, token)
 
 
 def write_json(uri: str, data: Any) -> None:

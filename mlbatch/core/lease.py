@@ -1,0 +1,162 @@
+"""One writer per output: a lease taken by compare-and-swap before anything is written.
+
+    OUTPUT/_lease.json   {"owner", "run", "host", "pid", "acquired_at", "heartbeat_at", "expires_at"}
+
+``Lease.acquire`` creates the lease object only if it is absent (S3 ``If-None-Match: *``, locally an
+exclusive check under ``flock``: ``storage.swap``), or replaces one whose holder stopped renewing
+it (its ``expires_at`` passed, or it ran on this host and its process is gone) only if it is still
+the version that was read (``If-Match``). A
+thread renews it every third of its time to live while the run lives; ``release`` marks it expired
+at the end, by the same compare-and-swap. A lease lost to someone else (this holder stalled for a
+whole time to live) is noticed by the renewal, and ``check`` then refuses to commit.
+
+Times are the holders' wall clocks: keep the time to live well above the clock skew of the hosts
+that may share an output (minutes, not seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = "_lease.json"
+DEFAULT_TTL_SECONDS = 120.0
+
+
+class LeaseHeld(RuntimeError):
+    """Another live run holds the output; nothing was touched."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over (it stopped renewing for a whole time to live): it must not commit."""
+
+
+def lease_uri(folder: str) -> str:
+    """The lease object of an output folder."""
+    return storage.join(folder, LEASE_FILE)
+
+
+def _describe(doc: dict[str, Any], now: float) -> str:
+    beat = now - float(doc.get("heartbeat_at", 0))
+    left = float(doc.get("expires_at", 0)) - now
+    return (f"run {doc.get('run')!r} (owner {doc.get('owner')}, host {doc.get('host')}, pid {doc.get('pid')}; "
+            f"last heartbeat {beat:.0f} s ago, expires in {max(left, 0):.0f} s)")
+
+
+def _dead_here(doc: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed): no need to wait for the expiry."""
+    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
+        return False
+    try:
+        os.kill(doc["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class Lease:
+    """The lease of one output folder, for one run."""
+
+    folder: str
+    run: str
+    ttl: float = DEFAULT_TTL_SECONDS
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _token: str | None = None
+    _lost: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def uri(self) -> str:
+        return lease_uri(self.folder)
+
+    def _doc(self, acquired_at: float | None = None) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "run": self.run, "host": socket.gethostname(), "pid": os.getpid(),
+                           "acquired_at": acquired_at or now, "heartbeat_at": now,
+                           "expires_at": now + self.ttl}).encode()
+
+    def acquire(self) -> Lease:
+        """Take the lease, or raise ``LeaseHeld`` naming the live holder; starts the renewal."""
+        if self.ttl <= 0:
+            raise ValueError(f"--lease-seconds {self.ttl}: must be positive")
+        raw, token = storage.read_versioned(self.uri)
+        now = time.time()
+        if raw is not None:
+            held = json.loads(raw)
+            if held.get("owner") != self.owner and float(held.get("expires_at", 0)) > now and not _dead_here(held):
+                raise LeaseHeld(f"output {self.folder} is being written by {_describe(held, now)}; this run "
+                                "touched nothing. Wait for it to finish, or for its lease to expire if it died")
+        self._token = storage.swap(self.uri, self._doc(), token)
+        if self._token is None:
+            again, _ = storage.read_versioned(self.uri)
+            other = json.loads(again) if again else {}
+            raise LeaseHeld(f"output {self.folder} was just taken by {_describe(other, time.time())}; "
+                            "this run touched nothing")
+        if raw is not None:
+            log.warning("output %s: took over the expired lease of %s", self.folder, _describe(json.loads(raw), now))
+        self._thread = threading.Thread(target=self._renew_loop, name="mlbatch-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew_loop(self) -> None:
+        acquired = time.time()
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.renew(acquired)
+            except Exception as exc:   # a failed renewal is retried at the next beat; expiry is the judge
+                log.warning("output %s: could not renew the lease: %s", self.folder, exc)
+
+    def renew(self, acquired_at: float | None = None) -> None:
+        """Extend the lease by its time to live, if it is still ours."""
+        with self._lock:
+            if self._lost or self._token is None:
+                return
+            token = storage.swap(self.uri, self._doc(acquired_at), self._token)
+            if token is not None:
+                self._token = token
+                return
+            raw, _ = storage.read_versioned(self.uri)
+            other = json.loads(raw) if raw else {}
+            self._lost = _describe(other, time.time()) if other else "nobody (the lease is gone)"
+            log.error("output %s: lease lost to %s", self.folder, self._lost)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if another run took this lease over."""
+        if self._lost:
+            raise LeaseLost(f"output {self.folder}: this run's lease was taken over by {self._lost} while it "
+                            "ran; it did not commit")
+
+    def release(self) -> None:
+        """Stop renewing and mark the lease expired (only if it is still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            if self._lost or self._token is None:
+                return
+            done = json.loads(self._doc())
+            done.update(expires_at=0.0, released_at=time.time())
+            storage.swap(self.uri, json.dumps(done).encode(), self._token)
+            self._token = None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

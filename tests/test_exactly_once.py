@@ -1,0 +1,252 @@
+"""Exactly once between runs (issue 19): one writer per output, reruns that never double, resumes that never
+mix settings, removals a crash cannot strand, a night that survives one bad run. Each test replays a sequence
+that broke it before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlbatch.cli import main
+from mlbatch.core import storage
+from mlbatch.core.lease import Lease, LeaseHeld, LeaseLost, lease_uri
+from mlbatch.label import JobError, LabelConfig, label
+from mlbatch.label import commit
+from mlbatch.label.config import OutputBusy
+from mlbatch.nightly import NightlyConfig, NightlyError, nightly
+from mlbatch.nightly.state import load_state
+from mlbatch.review.views import query
+
+TUNING = dict(batch_size=16, concurrency=1, progress=False)
+
+
+def _rows(uri: str, n: int, out: str) -> str:
+    """The first ``n`` rows of a labeled manifest, as a manifest at ``out``."""
+    table = pq.read_table(uri).slice(0, n)
+    pq.write_table(table, out)
+    return out
+
+
+def _count(output: str) -> list[tuple]:
+    return [tuple(r.values()) for r in query(output, "SELECT source_manifest, source_row, count(*) AS n FROM labels "
+                                                     "GROUP BY ALL ORDER BY ALL").to_pylist()]
+
+
+# ---- the lease ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_path, request, caplog):
+    folder = str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('bucket')}/lease-out"
+    first = Lease(folder, "run-a", ttl=30).acquire()
+    with pytest.raises(LeaseHeld, match=r"being written by run 'run-a' \(owner .*host .*pid \d+; last heartbeat"):
+        Lease(folder, "run-b", ttl=30).acquire()
+    before = json.loads(storage.read_versioned(lease_uri(folder))[0])
+    time.sleep(0.05)
+    first.renew()
+    assert json.loads(storage.read_versioned(lease_uri(folder))[0])["heartbeat_at"] > before["heartbeat_at"]
+    first.release()
+    second = Lease(folder, "run-b", ttl=0.5).acquire()    # released: free at once
+    second._stop.set()                                   # its holder dies: no more renewals
+    time.sleep(0.8)
+    third = Lease(folder, "run-c", ttl=30).acquire()     # expired: taken over
+    assert json.loads(storage.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
+    second.renew()                                        # the dead holder wakes up: it has lost the lease
+    with pytest.raises(LeaseLost, match="taken over by run 'run-c'"):
+        second.check()
+    third.release()
+
+
+def test_a_second_label_run_on_a_held_output_exits_4_touching_nothing(ray_cluster, tmp_path, small_dataset,
+                                                                        small_model, capsys):
+    out = str(tmp_path / "out")
+    holder = Lease(out, "run-elsewhere", ttl=60).acquire()
+    try:
+        code = main(["label", "--manifest", small_dataset["test"], "--model", small_model, "--output", out])
+    finally:
+        holder.release()
+    assert code == 4
+    assert "is being written by run 'run-elsewhere'" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["_lease.json", "_lease.json.lock"]   # no probe, no plan, no rows
+
+
+def test_two_label_runs_started_seconds_apart_one_labels_the_other_exits_4(ray_cluster, tmp_path, small_dataset,
+                                                                          small_model):
+    out = tmp_path / "out"
+    env = {**os.environ, **ray_cluster.env}
+    args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", small_dataset["train"], "--model",
+            small_model, "--output", str(out), "--batch-size", "8", "--rows-per-file", "32"]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (out / "_lease.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=600) == 0, first.stdout.read().decode()[-3000:]
+    assert second.returncode == 4, second.stderr[-3000:]
+    assert "is being written by run 'run-" in second.stderr and "this run touched nothing" in second.stderr
+    rows = pq.read_table(small_dataset["train"]).num_rows
+    assert sum(n for *_, n in _count(str(out))) == rows and all(n == 1 for *_, n in _count(str(out)))
+
+
+# ---- reruns and resumes ----------------------------------------------------------------------
+
+def test_a_rerun_after_the_manifest_grew_is_refused_or_replaces_never_doubles(ray_cluster, tmp_path, small_dataset,
+                                                                             small_model):
+    manifest = _rows(small_dataset["test"], 40, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    first = label(LabelConfig(manifests=[manifest], model=small_model, output=out, **TUNING))
+    _rows(small_dataset["test"], 41, manifest)                       # one row more: another default run id
+    with pytest.raises(JobError, match=rf"already holds rows this run did not write: run {first['run_id']} "
+                                       r"\(1 files\)\. .*--mode overwrite.*--mode append"):
+        label(LabelConfig(manifests=[manifest], model=small_model, output=out, **TUNING))
+    assert sum(n for *_, n in _count(out)) == 40                    # refused before anything was removed
+    again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, mode="overwrite", **TUNING))
+    counts = _count(out)
+    assert again["run_id"] != first["run_id"] and again["replaced_files"] == 1
+    assert len(counts) == 41 and all(n == 1 for *_, n in counts)
+    assert commit.run_files(out, first["run_id"]) == [] and not storage.exists(
+        commit.markers_dir(out, first["run_id"]))
+
+
+def test_a_champion_promoted_between_two_runs_does_not_double_the_output(ray_cluster, tmp_path, small_dataset,
+                                                                        small_model):
+    from test_nightly import _new_version
+
+    newer = _new_version(small_model, str(tmp_path / "v2"))
+    manifest = _rows(small_dataset["test"], 24, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    label(LabelConfig(manifests=[manifest], model=small_model, output=out, **TUNING))
+    with pytest.raises(JobError, match="already holds rows this run did not write"):
+        label(LabelConfig(manifests=[manifest], model=newer, output=out, **TUNING))
+    both = label(LabelConfig(manifests=[manifest], model=newer, output=out, mode="append", **TUNING))
+    versions = query(out, "SELECT model_version, count(*) AS n FROM labels GROUP BY ALL ORDER BY ALL").to_pylist()
+    assert [v["n"] for v in versions] == [24, 24] and both["model"]["version"] in [v["model_version"] for v in versions]
+
+
+def test_run_ids_match_exactly_not_as_a_prefix(ray_cluster, tmp_path, small_dataset, small_model):
+    manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="eval-august", **TUNING))
+    label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="eval", mode="append", **TUNING))
+    assert len(commit.run_files(out, "eval")) == len(commit.run_files(out, "eval-august")) == 1
+    label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="eval", mode="append", **TUNING))
+    assert len(commit.run_files(out, "eval-august")) == 1            # a fresh 'eval' left 'eval-august' alone
+
+
+def test_a_resume_with_a_changed_threshold_or_a_rewritten_manifest_is_refused(ray_cluster, tmp_path, small_dataset,
+                                                                             small_model):
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**common))
+    storage.delete(storage.join(out, commit.SUCCESS_FILE))           # as if killed before the end
+    with pytest.raises(JobError, match=r"cannot resume run r: the thresholds changed \(\{.*\} -> \{.*'car': 0\.9"):
+        label(LabelConfig(**common, resume=True, thresholds={"car": 0.9}))
+    table = pq.read_table(manifest)
+    ids = table.column("id").to_pylist()
+    pq.write_table(table.set_column(0, "id", pa.array(ids[::-1])), manifest)   # same size, other rows
+    with pytest.raises(JobError, match=r"cannot resume run r: manifest .*m\.parquet changed since the run started"):
+        label(LabelConfig(**common, resume=True))
+    assert len(commit.run_files(out, "r")) == 2                        # both refusals kept the committed units
+
+
+def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path, small_dataset, small_model):
+    manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    done = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", **TUNING))
+    (name,) = [u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r")]
+    stray = storage.join(out, name.replace("-a000-", "-a007-"))      # written, then killed before its marker
+    storage.write_bytes(stray, storage.read_bytes(storage.join(out, name)))
+    again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", resume=True, **TUNING))
+    assert again == done and not storage.exists(stray) and sum(n for *_, n in _count(out)) == 16
+
+
+# ---- nights ----------------------------------------------------------------------------------
+
+def _night(tmp_path, model: str, day: str, **kw) -> NightlyConfig:
+    return NightlyConfig(input=str(tmp_path / "in"), model=model, output=str(tmp_path / "out"), date=day,
+                         **{**TUNING, **kw})
+
+
+def test_two_overlapping_nights_the_second_exits_4_touching_nothing(tmp_path, small_dataset, small_model, capsys):
+    os.makedirs(tmp_path / "in")
+    _rows(small_dataset["test"], 8, str(tmp_path / "in" / "a.parquet"))
+    holder = Lease(str(tmp_path / "out"), "nightly-2025-04-01", ttl=60).acquire()   # last night, still running
+    try:
+        with pytest.raises(OutputBusy, match="being written by run 'nightly-2025-04-01'"):
+            nightly(_night(tmp_path, small_model, "2025-04-02"))
+        code = main(["nightly", "--input", str(tmp_path / "in"), "--model", small_model, "--output",
+                     str(tmp_path / "out"), "--date", "2025-04-02"])
+    finally:
+        holder.release()
+    assert code == 4 and "being written by run 'nightly-2025-04-01'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == ["_lease.json", "_lease.json.lock"]
+
+
+def test_a_ray_error_in_one_of_a_nights_runs_fails_its_manifests_and_the_night_goes_on(
+        ray_cluster, tmp_path, small_dataset, small_model, monkeypatch):
+    from mlbatch.nightly import night as night_module
+
+    os.makedirs(tmp_path / "in")
+    _rows(small_dataset["test"], 8, str(tmp_path / "in" / "a.parquet"))
+    # b has another schema: the night labels it in a run of its own
+    pq.write_table(pq.read_table(small_dataset["test"]).slice(8, 8).drop_columns(["split"]), tmp_path / "in" / "b.parquet")
+    real = night_module.label
+
+    def flaky(config):
+        if any(m.endswith("b.parquet") for m in config.manifests):
+            import ray
+            raise ray.exceptions.RaySystemError("the node holding the predictor was lost")
+        return real(config)
+
+    monkeypatch.setattr(night_module, "label", flaky)
+    with pytest.raises(NightlyError) as failed:
+        nightly(_night(tmp_path, small_model, "2025-04-02"))
+    summary = failed.value.summary
+    assert [x["manifest"].rsplit("/", 1)[-1] for x in summary["labeled"]] == ["a.parquet"]
+    (bad,) = summary["failed"]
+    assert bad["manifest"].endswith("b.parquet") and bad["error"].startswith("RaySystemError: ")
+    assert "the node holding the predictor was lost" in bad["error"]
+    state = load_state(str(tmp_path / "out"))
+    assert list(state["manifests"]) == [str(tmp_path / "in" / "a.parquet")] and not state.get("pending")
+    monkeypatch.setattr(night_module, "label", real)                     # the next night retries b alone
+    again = nightly(_night(tmp_path, small_model, "2025-04-03"))
+    assert [x["manifest"].rsplit("/", 1)[-1] for x in again["labeled"]] == ["b.parquet"] and again["unchanged"] == 1
+    assert sum(n for *_, n in _count(str(tmp_path / "out"))) == 16
+
+
+def test_a_kill_between_removing_data_and_markers_strands_nothing(ray_cluster, tmp_path, small_dataset, small_model,
+                                                                 monkeypatch):
+    """A changed manifest's old rows are removed after its relabel; a crash part way through that removal
+    fails the night for it, and the next night finishes the job: every row once, no file left behind."""
+    os.makedirs(tmp_path / "in")
+    manifest = str(tmp_path / "in" / "a.parquet")
+    _rows(small_dataset["test"], 32, manifest)
+    nightly(_night(tmp_path, small_model, "2025-04-01", rows_per_file=16))
+    _rows(small_dataset["test"], 24, manifest)                       # the manifest changed
+    real_delete = storage.delete
+    calls = {"n": 0}
+
+    def dying_delete(uri):
+        if "_units" in uri and uri.endswith(".json") and "2025-04-01" in uri:
+            calls["n"] += 1
+            raise OSError("killed")                                 # after the old data files went
+        return real_delete(uri)
+
+    monkeypatch.setattr(storage, "delete", dying_delete)
+    with pytest.raises(NightlyError, match="killed"):
+        nightly(_night(tmp_path, small_model, "2025-04-02", rows_per_file=16))
+    monkeypatch.setattr(storage, "delete", real_delete)
+    assert calls["n"] == 1
+    nightly(_night(tmp_path, small_model, "2025-04-03", rows_per_file=16))
+    counts = _count(str(tmp_path / "out"))
+    assert len(counts) == 24 and all(n == 1 for *_, n in counts)
+    data = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
+            if f.endswith(".parquet") and "/_" not in d]
+    assert len(data) == 2 and all("dt=2025-04-03" in f for f in data)
