@@ -90,7 +90,8 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
     from ..label.config import LabelConfig
 
     return LabelConfig(**label_options(args), manifests=args.manifest, model=args.model, output=args.output,
-                       run_id=args.run_id, resume=args.resume, mode=args.mode)
+                       run_id=args.run_id, resume=args.resume, mode=args.mode, table=args.table,
+                       catalog=args.catalog)
 
 
 def label_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def _query(args: argparse.Namespace) -> int:
     from ..review.views import format_table, query
 
     try:
-        table = query(args.output, args.sql)
+        table = query(args.output, args.sql, args.table, args.catalog, args.snapshot)
     except duckdb.Error as exc:  # a mistake in the SQL: say so, no traceback
         print(f"mlbatch query: error: {exc}", file=sys.stderr)
         return 2

@@ -67,10 +67,19 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the units a killed run committed and label only the rest (refused when anything "
                         "that changes a row differs from the first try: manifests, model version, thresholds, "
                         "--decode, --max-pixels, --uri-column, --rows-per-file)")
+    _add_table_arguments(p, "also commit each run to this Apache Iceberg table, in one snapshot (its files as "
+                            "they are: add_files); readers of the table see whole runs only (docs/querying.md)")
     p.add_argument("--mode", choices=MODES, default=default(LabelConfig, "mode"),
                    help="when the output already holds rows of another run: error refuses (so a second run "
                         "cannot double them), overwrite replaces them once this run has committed, append adds "
                         "this run beside them (default: %(default)s)")
+
+
+def _add_table_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--table", default=None, metavar="NAMESPACE.TABLE", help=what)
+    p.add_argument("--catalog", default=default(LabelConfig, "catalog"),
+                   help="the table's PyIceberg catalog, as .pyiceberg.yaml or PYICEBERG_CATALOG__* configure it; "
+                        "without one, an embedded SQLite catalog in OUT/_iceberg/ (default: %(default)s)")
 
 
 def _add_job_tuning(p: argparse.ArgumentParser) -> None:
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="PATH", help="write the result here instead of printing it")
     p.add_argument("--max-rows", type=int, default=50, help="rows printed as a table (default: %(default)s)")
+    _add_table_arguments(p, "read the files of this Iceberg table's snapshot instead of every file under OUT_URI "
+                            "(what a reader of the table sees: whole runs only)")
+    p.add_argument("--snapshot", type=int, default=None, metavar="ID", help="a snapshot id (default: the current)")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
                        description="make-dataset, train, evaluate, register the model as champion, label a night's "

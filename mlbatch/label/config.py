@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from ..core import images, manifest
+from ..core.iceberg import DEFAULT_CATALOG
 from ..core.lease import DEFAULT_TTL_SECONDS
 
 LAYOUTS = ("auto", "fused", "split")
@@ -58,6 +59,8 @@ class LabelConfig(LabelOptions):
     run_id: str | None = None
     resume: bool = False
     mode: str = "error"            # the output holds another run's rows: error | overwrite (once committed) | append
+    table: str | None = None       # an Iceberg table (NAMESPACE.TABLE) the run is committed to, in one snapshot
+    catalog: str = DEFAULT_CATALOG  # its PyIceberg catalog (an embedded SQLite one beside a local output)
     state_dir: str | None = None   # where _run.json, _SUCCESS and _units go (default: the output folder)
     extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
 

@@ -10,12 +10,14 @@ unwritable output, a stalled cluster, or too many error rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 import ray
 
+from ..core import iceberg, storage
 from . import commit, ray_compat
 from .config import DECODERS, MODES, JobError, LabelConfig
 from .ids import check_ids
@@ -44,7 +46,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
             swept = commit.sweep_unmarked(output, state, plan.run_id)
             log.info("run %s is already complete in %s: nothing to resume (%d unmarked files removed)",
                      plan.run_id, output, swept)
-            return done
+            return publish(config, done) if config.table else done
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)
         with ray_compat.data_context(config.progress, config.stall_seconds):
@@ -53,5 +55,25 @@ def label(config: LabelConfig) -> dict[str, Any]:
             run = commit.prepare(config, plan)
             predictor = run_pipeline(run) if run.todo else NOTHING_TO_RUN
         lease.check()
-        return finish(run, started, predictor)
+        summary = finish(run, started, predictor)
+        return publish(config, summary) if config.table else summary
+
+
+def publish(config: LabelConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Commit the run to its Iceberg table in one snapshot; only then remove the rows it replaces."""
+    output, state = commit.output_dirs(config)
+    run_id = summary["run_id"]
+    replaces = [who.partition(" ")[2] for who in commit.other_runs(output, run_id)
+                if who.startswith("run ")] if config.mode == "overwrite" else []
+    try:
+        snapshot = iceberg.commit_run(config.table, config.catalog, output, run_id, commit.run_files(output, run_id),
+                                      {"model_version": summary["model"]["version"],
+                                       "manifests": len(summary["manifests"])}, replaces)
+    except iceberg.TableError as exc:
+        raise JobError(str(exc)) from None
+    if replaces:
+        summary["replaced_files"] = commit.remove_other_runs(output, state, run_id)
+    summary["table"] = {"identifier": config.table, "catalog": config.catalog, "snapshot_id": snapshot}
+    storage.write_atomic(storage.join(state, commit.SUMMARY_FILE), (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
 

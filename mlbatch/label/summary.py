@@ -71,7 +71,7 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         top = "; ".join(f"{e['count']} x {e['error']}" for e in summary["top_errors"][:3])
         raise JobError(f"run {plan.run_id}: {total.errors} of {rows_out} rows are errors ({summary['error_rate']:.1%}), "
                        f"above --max-error-rate {config.max_error_rate:.1%}. Commonest: {top}")
-    if config.mode == "overwrite":   # only now that this run is whole: the rows it replaces go
+    if config.mode == "overwrite" and not config.table:   # only now that this run is whole: the rows it replaces go
         summary["replaced_files"] = remove_other_runs(run.output, run.state, plan.run_id)
     storage.write_atomic(summary_uri, (json.dumps(summary, indent=2) + "\n").encode())
     storage.write_atomic(storage.join(run.state, SUCCESS_FILE), b"")

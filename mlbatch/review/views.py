@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ..core import storage
+from ..core import iceberg, storage
 from ..core.table import column_name, read_file_metadata
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,15 @@ _DT_RE = re.compile(r"(?:^|/)dt=([^/]*)/")
 class Output:
     """The Parquet files of an output, their schemas, and the dataset and views made of them."""
 
-    def __init__(self, uri: str):
-        files = storage.list_files(uri, suffix=".parquet")  # skips _nightly/, _units/, .hidden
+    def __init__(self, uri: str, files: list[str] | None = None):
+        """Every Parquet file under ``uri``, or ``files`` (a table snapshot's, under ``uri``)."""
+        if files is None:
+            files = [e.uri for e in storage.list_files(uri, suffix=".parquet")]  # skips _nightly/, _units/, .hidden
         if not files:
             raise FileNotFoundError(f"no Parquet files under {uri}")
         self.uri = uri
         self.fs, self.root = storage.filesystem(uri)
-        self.paths = [storage.filesystem(e.uri)[1] for e in files]
+        self.paths = [storage.filesystem(f)[1] for f in files]
         with ThreadPoolExecutor(max_workers=min(16, len(self.paths))) as pool:  # footers: one request each
             self.schemas = list(pool.map(self._schema, self.paths))
 
@@ -138,11 +140,13 @@ def open_output(uri: str) -> pads.Dataset:
     return Output(uri).dataset()
 
 
-def query(uri: str, sql: str) -> pa.Table:
-    """Run ``sql`` against the views ``labels`` and ``thresholds`` over the output at ``uri``."""
+def query(uri: str, sql: str, table: str | None = None, catalog: str = iceberg.DEFAULT_CATALOG,
+          snapshot_id: int | None = None) -> pa.Table:
+    """Run ``sql`` against the views ``labels`` and ``thresholds`` over the output at ``uri``: every file
+    there, or with ``table`` the files of that Iceberg table's snapshot (its current one by default)."""
     import duckdb
 
-    out = Output(uri)
+    out = Output(uri, iceberg.snapshot_files(table, catalog, uri, snapshot_id) if table else None)
     dataset = out.dataset()
     thresholds = out.thresholds()
     con = duckdb.connect()
