@@ -87,6 +87,10 @@ def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_w
                           mode="append", **TUNING))
     assert _table(out).current_snapshot().snapshot_id == before
     assert _table(out).scan().to_arrow().num_rows == 24                # readers of the table: run one only
+    from mlbatch.review import ExportConfig, export_review
+    from_table = export_review(ExportConfig(output=out, to=str(tmp_path / "review"), most_uncertain=5, table=TABLE))
+    from_folder = export_review(ExportConfig(output=out, to=str(tmp_path / "review2"), most_uncertain=5))
+    assert (from_table.rows_considered, from_folder.rows_considered) == (24, 48)   # the folder has run two's rows
     monkeypatch.setattr(iceberg, "commit_run", real)
     done = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, run_id="two",
                              mode="append", resume=True, **TUNING))

@@ -175,7 +175,8 @@ def _review(args: argparse.Namespace) -> int:
         result = export.export_review(export.ExportConfig(
             output=args.output, to=args.to, near_threshold=args.near_threshold, most_uncertain=args.most_uncertain,
             labels=args.labels, where=args.where, format=args.format, uri_column=args.uri_column,
-            id_column=args.id_column, s3_images=args.s3_images, expires=args.expires))
+            id_column=args.id_column, s3_images=args.s3_images, expires=args.expires, table=args.table,
+            catalog=args.catalog, snapshot_id=args.snapshot))
         print(f"{result.tasks} of {result.rows_considered} rows ({result.selection}; labels "
               f"{', '.join(result.labels)})")
         for what, uri in result.files.items():

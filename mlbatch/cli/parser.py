@@ -12,6 +12,7 @@ import os
 from ..label.config import DECODERS, LAYOUTS, MODES, LabelConfig, LabelOptions, default
 from ..model.spec import DEFAULT_BACKBONE
 from ..nightly.config import NightlyConfig
+from ..review.export import ExportConfig
 from ..synth import KINDS, SynthConfig
 from ..train.config import DEFAULT_AUGMENT, TrainConfig
 
@@ -333,8 +334,11 @@ def _add_review_parsers(sub) -> None:
     p.add_argument("--s3-images", choices=["presign", "s3"], default="presign",
                    help="S3 images as presigned HTTPS URLs, or as s3:// URIs for a tool that reads the bucket itself "
                         "(default: %(default)s)")
-    p.add_argument("--expires", type=int, default=7 * 24 * 3600, metavar="SECONDS",
+    p.add_argument("--expires", type=int, default=ExportConfig.expires, metavar="SECONDS",
                    help="how long presigned URLs stay valid (default: %(default)s, 7 days, the most S3 allows)")
+    _add_table_arguments(p, "pick from the files of this Iceberg table's snapshot instead of every file under "
+                            "OUT_URI (whole runs only)")
+    p.add_argument("--snapshot", type=int, default=None, metavar="ID", help="a snapshot id (default: the current)")
 
     p = rsub.add_parser(
         "import", help="turn Label Studio's export into a training manifest", epilog=EPILOG,

@@ -35,9 +35,9 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 
-from ..core import storage
+from ..core import iceberg, storage
 from ..core.table import IDENTITY, column_name, label_column, prob_column
-from .views import THRESHOLDS_VIEW, VIEW, Output
+from .views import THRESHOLDS_VIEW, VIEW, output_of
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class ExportConfig:
     id_column: str | None = None         # a manifest column carried into each task beside source_manifest/row
     s3_images: str = "presign"           # presign: HTTPS URLs valid `expires` seconds; s3: s3:// URIs as they are
     expires: int = 7 * 24 * 3600         # the longest a SigV4 presigned URL may live
+    table: str | None = None             # read this Iceberg table's snapshot of the output, not every file
+    catalog: str = iceberg.DEFAULT_CATALOG
+    snapshot_id: int | None = None       # default: the table's current snapshot
 
 
 @dataclass
@@ -128,7 +131,7 @@ def select_rows(config: ExportConfig) -> tuple[pa.Table, list[str], int]:
     import duckdb
 
     _check_export(config)
-    out = Output(config.output)
+    out = output_of(config.output, config.table, config.catalog, config.snapshot_id)
     thresholds = out.thresholds()
     known = list(dict.fromkeys(thresholds.column("label").to_pylist()))
     if not known:

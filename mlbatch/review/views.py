@@ -140,13 +140,19 @@ def open_output(uri: str) -> pads.Dataset:
     return Output(uri).dataset()
 
 
+def output_of(uri: str, table: str | None = None, catalog: str = iceberg.DEFAULT_CATALOG,
+              snapshot_id: int | None = None) -> Output:
+    """The output at ``uri``: every file there, or with ``table`` the files of that Iceberg table's snapshot."""
+    return Output(uri, iceberg.snapshot_files(table, catalog, uri, snapshot_id) if table else None)
+
+
 def query(uri: str, sql: str, table: str | None = None, catalog: str = iceberg.DEFAULT_CATALOG,
           snapshot_id: int | None = None) -> pa.Table:
     """Run ``sql`` against the views ``labels`` and ``thresholds`` over the output at ``uri``: every file
     there, or with ``table`` the files of that Iceberg table's snapshot (its current one by default)."""
     import duckdb
 
-    out = Output(uri, iceberg.snapshot_files(table, catalog, uri, snapshot_id) if table else None)
+    out = output_of(uri, table, catalog, snapshot_id)
     dataset = out.dataset()
     thresholds = out.thresholds()
     con = duckdb.connect()
