@@ -37,7 +37,7 @@ def test_a_run_is_one_snapshot_that_pyiceberg_and_duckdb_read_alike(ray_cluster,
     table = _table(out)
     (snap,) = table.snapshots()
     assert summary["table"] == {"identifier": TABLE, "catalog": "mlbatch", "snapshot_id": snap.snapshot_id}
-    assert snap.summary[iceberg.RUN_PROPERTY] == summary["run_id"] and snap.summary["added-data-files"] == "3"
+    assert snap.summary[iceberg.COMMIT_PROPERTY] == summary["run_id"] and snap.summary["added-data-files"] == "3"
     assert snap.summary["mlbatch.model_version"] == summary["model"]["version"]
     by_pyiceberg = table.scan().to_arrow().sort_by("source_row")
     by_duckdb = query(out, "SELECT * FROM labels ORDER BY source_row", table=TABLE)
@@ -64,7 +64,9 @@ def test_a_replacing_run_changes_the_table_by_exactly_its_difference_in_one_comm
     current = table.scan().to_arrow()
     assert current.num_rows == 37 and set(current.column("run_id").to_pylist()) == {second["run_id"]}
     ops = [s.summary.operation.value for s in table.snapshots()]
-    assert ops == ["append", "delete", "append"]                     # the second run: one transaction, two steps
+    assert ops == ["append", "overwrite"]                            # the second run: one snapshot
+    swap = table.current_snapshot().summary
+    assert (swap["deleted-records"], swap["added-records"]) == ("32", "37")
     assert commit.run_files(out, first["run_id"]) == []              # its files went only after the commit
     assert query(out, "SELECT count(*) AS n FROM labels").column("n").to_pylist() == [37]
 
@@ -76,12 +78,12 @@ def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_w
     out = str(tmp_path / "out")
     label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, run_id="one", **TUNING))
     before = _table(out).current_snapshot().snapshot_id
-    real = iceberg.commit_run
+    real = iceberg.commit_files
 
     def killed(*args, **kwargs):
         raise iceberg.TableError("killed before the commit")
 
-    monkeypatch.setattr(iceberg, "commit_run", killed)
+    monkeypatch.setattr(iceberg, "commit_files", killed)
     with pytest.raises(JobError, match="killed before the commit"):
         label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, run_id="two",
                           mode="append", **TUNING))
@@ -91,7 +93,7 @@ def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_w
     from_table = export_review(ExportConfig(output=out, to=str(tmp_path / "review"), most_uncertain=5, table=TABLE))
     from_folder = export_review(ExportConfig(output=out, to=str(tmp_path / "review2"), most_uncertain=5))
     assert (from_table.rows_considered, from_folder.rows_considered) == (24, 48)   # the folder has run two's rows
-    monkeypatch.setattr(iceberg, "commit_run", real)
+    monkeypatch.setattr(iceberg, "commit_files", real)
     done = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, run_id="two",
                              mode="append", resume=True, **TUNING))
     assert done["table"]["snapshot_id"] != before and _table(out).scan().to_arrow().num_rows == 48
@@ -132,7 +134,7 @@ def test_two_committers_at_once_both_land(tmp_path):
         storage.write_atomic(path, pa.table({"image_uri": ["x"] * 5, "run_id": [run] * 5,
                                              "source_row": list(range(5))}, schema=schema))
         files[run] = [path]
-    iceberg.commit_run(TABLE, "mlbatch", out, "seed", files.pop("a"), {})     # the table exists before the race
+    iceberg.commit_files(TABLE, "mlbatch", out, "seed", files.pop("a"))     # the table exists before the race
     barrier, errors = threading.Barrier(2), []
     extra = storage.join(out, "c-a000-f000000-r000000000000-r000000000000.parquet")
     storage.write_atomic(extra, pa.table({"image_uri": ["y"] * 3, "run_id": ["c"] * 3, "source_row": [0, 1, 2]},
@@ -142,7 +144,7 @@ def test_two_committers_at_once_both_land(tmp_path):
     def commit_one(run: str) -> None:
         barrier.wait()
         try:
-            iceberg.commit_run(TABLE, "mlbatch", out, run, files[run], {})
+            iceberg.commit_files(TABLE, "mlbatch", out, run, files[run])
         except Exception as exc:   # pragma: no cover - the assertion below says what
             errors.append(exc)
 
@@ -155,4 +157,4 @@ def test_two_committers_at_once_both_land(tmp_path):
     table = iceberg.catalog("mlbatch", out).load_table(TABLE)
     runs = table.scan().to_arrow().column("run_id").to_pylist()
     assert sorted(set(runs)) == ["a", "b", "c"] and len(runs) == 13
-    assert sorted(s.summary[iceberg.RUN_PROPERTY] for s in table.snapshots()) == ["b", "c", "seed"]
+    assert sorted(s.summary[iceberg.COMMIT_PROPERTY] for s in table.snapshots()) == ["b", "c", "seed"]

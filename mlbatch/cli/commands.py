@@ -154,7 +154,7 @@ def _nightly(args: argparse.Namespace) -> int:
     config = NightlyConfig(
         **label_options(args), input=args.input, model=args.model, output=args.output, date=args.date,
         relabel=args.relabel, drift_window=args.drift_window, drift_bound=args.drift_bound,
-        fail_on_drift=args.fail_on_drift)
+        fail_on_drift=args.fail_on_drift, table=args.table, catalog=args.catalog)
     try:
         summary = nightly(config)
     except NightlyError as exc:  # DriftError included: the night's report first, then the error

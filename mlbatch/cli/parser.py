@@ -139,6 +139,9 @@ def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
                    help="report a label whose positive rate or mean probability moved more than this "
                         "(absolute) from the trailing mean (default: %(default)s)")
     p.add_argument("--fail-on-drift", action="store_true", help="exit non-zero when drift is reported")
+    _add_table_arguments(p, "also commit each night to this Apache Iceberg table, in one snapshot: its new files "
+                            "added, a changed manifest's old files dropped; readers of the table see whole nights "
+                            "only (docs/querying.md)")
     _add_job_tuning(p)
 
 

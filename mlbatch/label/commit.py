@@ -110,17 +110,23 @@ def remove_run(output: str, state: str, run_id: str) -> int:
     return len(files)
 
 
+def unit_files(output: str, state: str, run_id: str, file_index: int) -> list[str]:
+    """The data files of one manifest (by its ``file_index``) of a run, found by their markers."""
+    return [storage.join(output, m["file"]) for m in read_markers(markers_dir(state, run_id))
+            if m["file_index"] == file_index]
+
+
 def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> int:
     """Delete the data files (and markers) of one manifest of a completed run, found by their markers; the count.
 
     Only for a run that will not be resumed: its markers no longer vouch for rows once its data go.
     """
     markers = markers_dir(state, run_id)
-    mine = [m for m in read_markers(markers) if m["file_index"] == file_index]
-    for m in mine:   # the data first: a crash in between leaves a marker of a gone file, which a redo removes
-        storage.delete(storage.join(output, m["file"]))
-    for m in mine:
-        storage.delete(marker_uri(markers, m["file"]))
+    mine = unit_files(output, state, run_id, file_index)
+    for uri in mine:   # the data first: a crash in between leaves a marker of a gone file, which a redo removes
+        storage.delete(uri)
+    for uri in mine:
+        storage.delete(marker_uri(markers, uri.rsplit("/", 1)[-1]))
     return len(mine)
 
 
@@ -199,19 +205,27 @@ def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def other_runs(output: str, run_id: str) -> dict[str, int]:
-    """Data files directly under ``output`` that are not this run's, by the run that wrote them (or the file)."""
+def _others(output: str, run_id: str) -> Iterator[tuple[str, str]]:
+    """(uri, who wrote it) of the data files directly under ``output`` that are not this run's."""
     if not storage.exists(output):
-        return {}
+        return
     base = output.rstrip("/") + "/"
-    found: dict[str, int] = collections.Counter()
     for e in storage.list_files(output, suffix=".parquet"):
         name = e.uri[len(base):] if e.uri.startswith(base) else e.uri
         if "/" in name or _parse(name, run_id):
             continue
         m = re.fullmatch(rf"(.+)-a\d+-{_UNIT}-r\d{{12}}\.parquet", name)
-        found[f"run {m.group(1)}" if m else f"file {name}"] += 1
-    return dict(found)
+        yield e.uri, f"run {m.group(1)}" if m else f"file {name}"
+
+
+def other_runs(output: str, run_id: str) -> dict[str, int]:
+    """Data files directly under ``output`` that are not this run's, by the run that wrote them (or the file)."""
+    return dict(collections.Counter(who for _, who in _others(output, run_id)))
+
+
+def other_files(output: str, run_id: str) -> list[str]:
+    """The data files directly under ``output`` that are not this run's (what ``--mode overwrite`` replaces)."""
+    return [uri for uri, _ in _others(output, run_id)]
 
 
 def remove_other_runs(output: str, state: str, run_id: str) -> int:

@@ -60,20 +60,18 @@ def label(config: LabelConfig) -> dict[str, Any]:
 
 
 def publish(config: LabelConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    """Commit the run to its Iceberg table in one snapshot; only then remove the rows it replaces."""
+    """Commit the run to its Iceberg table in one snapshot; only then remove the files it replaces."""
     output, state = commit.output_dirs(config)
     run_id = summary["run_id"]
-    replaces = [who.partition(" ")[2] for who in commit.other_runs(output, run_id)
-                if who.startswith("run ")] if config.mode == "overwrite" else []
+    replaced = commit.other_files(output, run_id) if config.mode == "overwrite" else []
     try:
-        snapshot = iceberg.commit_run(config.table, config.catalog, output, run_id, commit.run_files(output, run_id),
-                                      {"model_version": summary["model"]["version"],
-                                       "manifests": len(summary["manifests"])}, replaces)
+        snapshot = iceberg.commit_files(config.table, config.catalog, output, run_id, commit.run_files(output, run_id),
+                                        replaced, {"run_id": run_id, "model_version": summary["model"]["version"],
+                                                   "manifests": len(summary["manifests"])})
     except iceberg.TableError as exc:
         raise JobError(str(exc)) from None
-    if replaces:
+    if replaced:
         summary["replaced_files"] = commit.remove_other_runs(output, state, run_id)
     summary["table"] = {"identifier": config.table, "catalog": config.catalog, "snapshot_id": snapshot}
     storage.write_atomic(storage.join(state, commit.SUMMARY_FILE), (json.dumps(summary, indent=2) + "\n").encode())
     return summary
-

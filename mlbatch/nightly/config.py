@@ -8,6 +8,7 @@ from datetime import date as Date
 from datetime import datetime, timezone
 from typing import Any
 
+from ..core.iceberg import DEFAULT_CATALOG
 from ..label.config import JobError, LabelOptions
 
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -40,6 +41,8 @@ class NightlyConfig(LabelOptions):
     drift_window: int = 7
     drift_bound: float = 0.1
     fail_on_drift: bool = False
+    table: str | None = None           # an Iceberg table (NAMESPACE.TABLE) each night is committed to, in one snapshot
+    catalog: str = DEFAULT_CATALOG     # its PyIceberg catalog (an embedded SQLite one beside a local output)
 
 
 def check_date(text: str | None) -> str:

@@ -48,8 +48,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from ..core import iceberg, storage
 from ..core import manifest as manifest_mod
-from ..core import storage
 from ..label import commit
 from ..label.config import JobError, LabelConfig, options_of
 from ..label.job import label
@@ -57,6 +57,7 @@ from ..label.plan import check_footer, resolve_model
 from .config import DriftError, NightlyConfig, NightlyError, check_config
 from .discover import Manifest, find_manifests
 from .drift import METRICS, drift, night_stats
+from .publish import journal, publish, settle
 from .state import (NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, NightState, load_state, partition_uri, remove_manifest, remove_run,
                     run_dir, write_json)
 
@@ -118,6 +119,11 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
     """The night itself, under the output's lease: find, group into runs, label, record, watch drift."""
     version = meta["version"]
     state = load_state(output)
+    if config.table:
+        try:
+            settle(config, output, state)
+        except iceberg.TableError as exc:
+            raise JobError(str(exc)) from None
     found = find_manifests(config.input, output, state)
     log.info("nightly %s: %d manifests under %s, model %s %s", day, len(found), config.input, meta["name"], version)
     if not found:
@@ -160,6 +166,13 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
                     log.error("nightly %s: %s failed: %s", day, job.manifest.uri, _reason(exc))
                     failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": _reason(exc)})
 
+    table = None
+    if config.table:   # the whole night in one snapshot; on failure its journal waits for the next night
+        try:
+            table = publish(config, day, output, state, version)
+        except Exception as exc:
+            log.error("nightly %s: the commit to table %s failed: %s", day, config.table, _reason(exc))
+            table = {"identifier": config.table, "catalog": config.catalog, "error": _reason(exc)}
     night = night_stats(state, day, version)
     watch = drift(state, day, version, night, config.drift_window, config.drift_bound)
     wall = time.time() - started
@@ -176,6 +189,7 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
         "unchanged": len(unchanged),
         "older_version": {"count": len(older), "relabel": config.relabel, "manifests": older},
         "missing": missing,
+        "table": table,
         "night": night,
         "drift": watch,
         "wall_seconds": round(wall, 2),
@@ -186,6 +200,9 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
     if failed:
         raise NightlyError(f"nightly {day}: {len(failed)} of {len(todo)} manifests could not be labeled: "
                            + "; ".join(f"{f['manifest']}: {f['error']}" for f in failed[:3]), summary)
+    if table is not None and "error" in table:
+        raise NightlyError(f"nightly {day}: its runs are labeled and recorded, but not committed to table "
+                           f"{config.table} ({table['error']}); the next night commits them", summary)
     if watch["status"] == "drift" and config.fail_on_drift:
         raise DriftError(f"nightly {day}: drift beyond {config.drift_bound} in "
                          + ", ".join(f"{d['label']} {d['metric']} ({d['difference']:+.3f})" for d in watch["drifted"]),
@@ -288,7 +305,11 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
             failed.append({"manifest": m.uri, "run_id": run_id, "error": error})
             continue
         removed = 0
-        if job.replaces is not None and job.replaces["run_id"] != run_id:
+        if job.replaces is not None and job.replaces["run_id"] != run_id and config.table:
+            journal(state)["removals"].append({k: job.replaces.get(k) for k in ("run_id", "dt", "file_index")})
+            log.info("nightly %s: %s changed; its previous run %s (dt=%s) leaves the table with tonight's commit",
+                     day, m.uri, job.replaces["run_id"], job.replaces["dt"])
+        elif job.replaces is not None and job.replaces["run_id"] != run_id:
             removed = remove_manifest(output, job.replaces["dt"], job.replaces["run_id"], job.replaces.get("file_index"))
             log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", day, m.uri, removed,
                      job.replaces["run_id"], job.replaces["dt"])
@@ -310,6 +331,8 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
         done.append({"manifest": m.uri, "run_id": run_id, "dt": day, "reason": job.reason, "resumed": resume,
                      "attempts": record["attempts"], "rows": record["rows"], "ok": record["ok"],
                      "errors": record["errors"], "replaced_run": record["replaces"], "removed_files": removed})
+    if config.table and done:
+        journal(state)["runs"].append({"run_id": run_id, "dt": day})
     del state["pending"][run_id]
     state["updated_at"] = _now()
     state.save()

@@ -36,6 +36,12 @@ def nightly_table(summary: dict[str, Any]) -> str:
                      "(--relabel labels them with this one)")
     if s["missing"]:
         lines.append(f"{len(s['missing'])} manifests in the state are no longer under the input (their rows are kept)")
+    table = s.get("table")
+    if table and "error" in table:
+        lines.append(f"table {table['identifier']}: NOT committed ({table['error']}); the next night commits it")
+    elif table:
+        lines.append(f"table {table['identifier']}: snapshot {table['snapshot_id']} ({table['added_files']} files "
+                     f"added, {table['dropped_files']} dropped)")
     night = s["night"]
     lines.append(f"night {s['date']}: {night['runs']} runs, {night['rows']} rows ({night['errors']} errors)")
     lines.append(f"drift ({d['status']}): {d['message']}")
