@@ -167,6 +167,32 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+_SESSION = []
+
+
 def pytest_sessionfinish(session, exitstatus):
     import shutil
     shutil.rmtree(_AUTH_DIR, ignore_errors=True)
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process with pytest's own exit status, without the interpreter's teardown.
+
+    After a session of Ray drivers, Arrow's S3 clients, PyIceberg, DuckDB and torch in one process, the
+    native libraries' destructors at interpreter exit race each other: CI once saw exit 139 after
+    "266 passed" (apache/arrow#38352 is one such race). mlbatch releases its own S3 clients at exit
+    (storage.release_clients), which is what a user's process needs; the test process, holding far
+    more, ends here instead. Nothing is hidden: the status is pytest's, every fixture has finished.
+    """
+    import sys
+
+    from mlbatch.core import storage
+
+    if not _SESSION or os.environ.get("MLBATCH_TESTS_FULL_EXIT"):
+        return
+    storage.release_clients()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_SESSION[0].exitstatus))

@@ -7,7 +7,9 @@ S3, MinIO or a test server without knowing which.
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
+import gc
 import hashlib
 import io
 import logging
@@ -65,6 +67,18 @@ def _s3() -> pafs.S3FileSystem:
         fs, _ = pafs.FileSystem.from_uri("s3://placeholder")
         _S3_CACHE[key] = fs
     return _S3_CACHE[key]
+
+
+def release_clients() -> None:
+    """Drop the cached S3 clients, and what still holds them, at exit: an S3 filesystem that outlives
+    Arrow's shutdown of the AWS SDK can crash the process as it ends (apache/arrow#38352, #50188),
+    turning a run that succeeded into exit code 139. Registered after ``pyarrow.fs`` registers its own
+    finaliser, so it runs before it."""
+    _S3_CACHE.clear()
+    gc.collect()
+
+
+atexit.register(release_clients)
 
 
 def join(base: str, *parts: str) -> str:
