@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core import storage
+from ..core.names import SEGMENT_RE
 from .package import META_FILE, PackageError
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 VERSIONS_DIR = "versions"
 ALIASES_DIR = "aliases"
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_REF_RE = re.compile(rf"^(?P<registry>.+)/(?P<name>{NAME_RE})@(?P<ref>{NAME_RE})$")
+_REF_RE = re.compile(rf"^(?P<registry>.+)/(?P<name>{SEGMENT_RE})@(?P<ref>{SEGMENT_RE})$")
 
 
 class RegistryError(PackageError):
@@ -76,10 +76,11 @@ def read_alias(registry: str, name: str, alias: str = CHAMPION) -> tuple[dict[st
 def resolve(uri: str) -> str:
     """The package URI a model URI names: a reference is looked up, anything else is returned as it is.
 
-    A package folder whose own name happens to contain an ``@`` stays a package folder.
+    Anything shaped ``.../NAME@REF`` is a reference, even if a folder of that name exists: the champion
+    is what the alias file says (changed only by compare-and-swap), never a folder someone made.
     """
     ref = parse_ref(uri)
-    if ref is None or storage.exists(storage.join(uri, META_FILE)):
+    if ref is None:
         return uri
     version = ref.ref
     if ref.ref == CHAMPION:

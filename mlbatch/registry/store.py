@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from ..core import storage
+from ..core.names import NameError_, check_segment
 from ..model.package import META_FILE, WEIGHTS_FILE, read_package
-from ..model.refs import NAME_RE, RegistryError, resolve, version_uri
+from ..model.refs import RegistryError, resolve, version_uri
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,12 @@ def register(model_uri: str, registry: str, name: str | None = None) -> dict[str
     The weights are written before the description, so a version is visible (``versions``,
     ``resolve``) only once it is whole.
     """
-    meta, weights = read_package(resolve(model_uri))   # checked: digest, format, labels
+    meta, weights = read_package(resolve(model_uri))   # checked: digest, format, labels, every path segment
     name = name or meta["name"]
-    if not re.fullmatch(NAME_RE, name):
-        raise RegistryError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (a path segment)")
+    try:
+        check_segment(name, "model name")
+    except NameError_ as exc:
+        raise RegistryError(str(exc)) from None
     target = version_uri(registry, name, meta["version"])
     ref = f"{registry.rstrip('/')}/{name}@{meta['version']}"
     if storage.exists(storage.join(target, META_FILE)):
