@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 
 import pyarrow.parquet as pq
@@ -222,3 +223,94 @@ def test_the_promotion_rule(candidate, champion, promoted, why):
     config = registry.PromoteConfig("x@1", "reg", [], min_gain=0.01, max_label_drop=0.05)
     ok, reason, _ = registry.decide(_report(*candidate), _report(*champion), config)
     assert (ok, why in reason) == (promoted, True), reason
+
+
+def _decisions(reg: str) -> list[dict]:
+    return [json.loads(storage.read_text(e.uri)) for e in storage.list_files(f"{reg}/{NAME}/aliases/champion")
+            if e.uri.endswith("decision.json")]
+
+
+def _in_effect(decisions: list[dict]) -> list[dict]:
+    return [d for d in decisions if d["promoted"] and not d.get("superseded", False)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_race_of_promoters_leaves_one_decision_per_generation(where, versions, small_dataset, tmp_path, request,
+                                                                monkeypatch):
+    reg = storage.join(request.getfixturevalue("bucket"), "reg") if where == "s3" else str(tmp_path / "reg")
+    v = _register(reg, versions, "broken", "good", "nudged")
+    # No champion yet: all three read the absent alias before any writes, so all three decide to promote; one
+    # creates the alias, the other two lose the swap and compare themselves again with the new champion.
+    barrier = threading.Barrier(3)
+    first_read = threading.local()
+    read_alias = registry.read_alias
+
+    def racing_read(*args, **kwargs):
+        result = read_alias(*args, **kwargs)
+        if not getattr(first_read, "done", False):
+            first_read.done = True
+            barrier.wait(timeout=60)
+        return result
+
+    monkeypatch.setattr(promotion, "read_alias", racing_read)
+    results: dict[str, registry.Decision] = {}
+
+    def run(which: str) -> None:
+        results[which] = registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in v]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    alias = _alias(reg)
+    decisions = _decisions(reg)
+    in_effect = _in_effect(decisions)
+    assert len(in_effect) == alias["generation"]                         # one decision per generation, no more
+    assert len(results) == 3 and sum(d.promoted for d in results.values()) == alias["generation"]
+    assert not any(d.superseded for d in results.values())              # each returned the decision that stands
+    superseded = [d for d in decisions if d.get("superseded")]
+    assert len(superseded) >= 2 and all(d["promoted"] for d in superseded)   # the two first losers, at least
+    assert {d["alias"]["generation"] for d in in_effect} == set(range(1, alias["generation"] + 1))
+    current = json.loads(storage.read_text(storage.join(alias["reports"], "decision.json")))
+    assert current["promoted"] and not current["superseded"] and current["candidate"] == alias["version"]
+
+
+def test_a_promotion_that_always_loses_the_swap_exits_5(versions, small_dataset, tmp_path, capsys, monkeypatch):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "broken", "good")
+    registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
+    monkeypatch.setattr(promotion.storage, "write_if", lambda uri, data, token: False)   # someone always got there first
+    capsys.readouterr()
+    assert main(["models", "promote", f"{NAME}@{v['good']}", "--registry", reg, "--eval", small_dataset["test"]]) == 5
+    err = capsys.readouterr().err
+    assert f"{NAME}@{v['good']}: other promotions moved the champion during each of 5 attempts" in err
+    assert "nothing was changed by this promotion" in err
+    with pytest.raises(registry.PromotionRaceError, match="during each of 2 attempts"):
+        registry.promote(registry.PromoteConfig(f"{NAME}@{v['good']}", reg, [small_dataset["test"]], attempts=2))
+    monkeypatch.undo()
+    alias = _alias(reg)
+    assert (alias["version"], alias["generation"]) == (v["broken"], 1)
+    decisions = _decisions(reg)
+    lost = sorted(d["attempt"] for d in decisions if d["candidate"] == v["good"])
+    assert lost == [1, 1, 2, 2, 3, 4, 5]                                  # every round marked superseded
+    assert all(d["promoted"] and d["superseded"] for d in decisions if d["candidate"] == v["good"])
+    assert [d["candidate"] for d in _in_effect(decisions)] == [v["broken"]]
+
+
+@pytest.mark.parametrize("candidate, what", [("../x@{v}", "model name '../x'"), ("x/../x@{v}", "model name 'x/../x'"),
+                                             (NAME + "@..", "version '..'")])
+def test_promote_refuses_a_name_that_is_no_path_segment(candidate, what, versions, small_dataset, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good")["good"]
+    # Real packages where a NAME of ../x or x/../x leads (REGISTRY/../x/versions/V, REGISTRY/x/versions/V): unchecked,
+    # promote would evaluate them and write an alias and its evidence beside them.
+    for where in (tmp_path / "x", tmp_path / "reg" / "x"):
+        shutil.copytree(versions["good"], where / "versions" / v)
+    before = _tree(str(tmp_path))
+    assert main(["models", "promote", candidate.format(v=v), "--registry", reg, "--eval", small_dataset["test"]]) == 2
+    assert what in capsys.readouterr().err
+    with pytest.raises(ValueError, match="it becomes a path segment"):
+        registry.promote(registry.PromoteConfig(candidate.format(v=v), reg, [small_dataset["test"]]))
+    assert _tree(str(tmp_path)) == before

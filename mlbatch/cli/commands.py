@@ -207,9 +207,13 @@ def _models(args: argparse.Namespace) -> int:
         meta, _ = read_package(uri)
         print(f"{uri}  {meta['name']} {meta['version']}")
         return 0
-    decision = promotion.promote(promotion.PromoteConfig(
-        candidate=args.candidate, registry=args.registry, manifests=args.eval, metric=args.metric,
-        min_gain=args.min_gain, max_label_drop=args.max_label_drop))
+    try:
+        decision = promotion.promote(promotion.PromoteConfig(
+            candidate=args.candidate, registry=args.registry, manifests=args.eval, metric=args.metric,
+            min_gain=args.min_gain, max_label_drop=args.max_label_drop))
+    except promotion.PromotionRaceError as exc:   # lost every swap of the alias: nothing changed; run it again
+        print(f"mlbatch {args.command} {args.models_command}: error: {exc}", file=sys.stderr)
+        return 5
     print(f"{'promoted' if decision.promoted else 'not promoted'}: {decision.reason}")
     for label, f1 in decision.label_f1.items():
         champion = "-" if f1["champion"] is None else f"{f1['champion']:.3f}"

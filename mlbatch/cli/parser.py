@@ -379,7 +379,8 @@ def _add_models_parsers(sub) -> None:
                     "falls by more than --max-label-drop (the first promotion has nothing to beat). Both reports "
                     "and the decision go to REGISTRY/NAME/aliases/champion/<time>-<VERSION>/. The alias moves by "
                     "compare-and-swap: two promotions at once leave one champion, compared with the other. "
-                    "Exit codes: 0 promoted (or already champion), 3 refused, 2 bad input (nothing changed).")
+                    "Exit codes: 0 promoted (or already champion), 3 refused, 2 bad input (nothing changed), "
+                    "5 other promotions moved the champion during every attempt (nothing changed; run it again).")
     p.add_argument("candidate", metavar="NAME@VERSION")
     p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
     p.add_argument("--eval", action="append", required=True, metavar="MANIFEST",

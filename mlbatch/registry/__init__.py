@@ -2,9 +2,9 @@
 
 from ..core.lazy import exports
 
-__all__ = ["Decision", "PromoteConfig", "RegistryError", "decide", "promote", "read_alias", "register", "resolve",
-           "version_uri"]
+__all__ = ["Decision", "PromoteConfig", "PromotionRaceError", "RegistryError", "decide", "promote", "read_alias",
+           "register", "resolve", "version_uri"]
 __getattr__, __dir__ = exports(__name__, {
     "register": ".store", "promote": ".promotion", "PromoteConfig": ".promotion", "Decision": ".promotion",
-    "decide": ".promotion", "resolve": "..model.refs", "read_alias": "..model.refs", "version_uri": "..model.refs",
-    "RegistryError": "..model.refs"})
+    "PromotionRaceError": ".promotion", "decide": ".promotion", "resolve": "..model.refs",
+    "read_alias": "..model.refs", "version_uri": "..model.refs", "RegistryError": "..model.refs"})
