@@ -38,11 +38,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(f"image too large: {width}x{height} exceeds the limit of {max_pixels} pixels")
-            draft(img, draft_size)
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return as_seen(img, draft_size)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -55,6 +51,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         fmt = _signature(data)
         raise ImageError(f"corrupt or truncated image{f' ({fmt})' if fmt else ''}: {exc}") from None
+
+
+def as_seen(img: Image.Image, draft_size: int | None = None) -> Image.Image:
+    """An opened picture as a person sees it, in RGB: first frame, EXIF orientation applied, any mode
+    converted (transparency over white). ``decode`` and ``LoadedModel.predict`` both end here, so a
+    file gives the model the same pixels whichever way it comes."""
+    draft(img, draft_size)
+    img.seek(0)
+    img.load()
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def draft(img: Image.Image, size: int | None) -> Image.Image:

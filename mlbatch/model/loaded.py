@@ -80,12 +80,12 @@ class LoadedModel:
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.
 
-        JPEGs opened but not yet loaded (``Image.open(path)``) decode at reduced scale exactly
-        as the job decodes them (``images.draft``), so the two agree on the same files.
+        Each goes through the job's own decode (``images.as_seen``): EXIF orientation, first frame,
+        transparency over white, and JPEGs opened but not yet loaded (``Image.open(path)``) decoded
+        at reduced scale; so ``predict`` and the job agree on the same files.
         """
         size = self.spec.image_size
-        pictures = [images.draft(p, size) for p in pictures]
-        rgb = [p if p.mode == "RGB" else p.convert("RGB") for p in pictures]
+        rgb = [images.as_seen(p, size) for p in pictures]
         if not rgb:
             return self.predict_arrays(np.zeros((0, 3, size, size), np.float32))
         return self.predict_pixels(np.stack([images.resize(p, size) for p in rgb]))
