@@ -114,3 +114,15 @@ def test_the_champion_is_what_the_alias_file_says_never_a_folder_named_like_it(p
     from mlbatch.model.refs import RegistryError
     with pytest.raises(RegistryError, match="has no champion yet"):
         resolve(f"{registry}/{name}@champion")
+
+
+def test_a_link_inside_the_registry_does_not_lead_a_write_out_of_it(package, tmp_path):
+    registry, elsewhere = tmp_path / "registry", tmp_path / "elsewhere"
+    name = json.loads((package / META_FILE).read_text())["name"]
+    (registry / name).mkdir(parents=True)
+    elsewhere.mkdir()
+    os.symlink(elsewhere, registry / name / "versions")
+    from mlbatch.model.refs import RegistryError
+    with pytest.raises(RegistryError, match="leads outside"):
+        register(str(package), str(registry))
+    assert list(elsewhere.iterdir()) == []

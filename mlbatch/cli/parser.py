@@ -1,7 +1,6 @@
 """The ``mlbatch`` command's flags. Their defaults are read from the configuration dataclasses
-(``TrainConfig``, ``LabelOptions``, ``NightlyConfig``), the one place each is written.
-
-Nothing here imports torch or Ray, so ``--help`` starts in about a second.
+(``TrainConfig``, ``LabelOptions``, ``NightlyConfig``), the one place each is written. Nothing here
+imports torch or Ray, so ``--help`` starts in about a second.
 """
 
 from __future__ import annotations
@@ -112,6 +111,8 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="override one label's decision threshold from the model package; repeatable")
     p.add_argument("--max-pixels", type=int, default=default(LabelOptions, "max_pixels"), metavar="N",
                    help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=default(LabelOptions, "max_bytes"), metavar="N", help="an image "
+                   "object over N bytes is an error row, read no further (default: %(default)s)")
     p.add_argument("--max-error-rate", type=_fraction, default=default(LabelOptions, "max_error_rate"), metavar="F",
                    help="fail the run when more than this share of rows are errors (default: %(default)s)")
     p.add_argument("--lease-seconds", type=float, default=default(LabelOptions, "lease_seconds"), metavar="S",

@@ -15,6 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # A decompression bomb is a small file that decodes to a huge picture. 64 megapixels is
 # larger than any camera frame we expect and small enough to decode safely.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Memory one decode may take (the decoded picture, at the scale it is decoded): a 64-megapixel RGB photo
+# fits; a 16-bit, float or transparent picture that would need more is an error row, not a dead worker.
+MAX_DECODED_BYTES = 3 * DEFAULT_MAX_PIXELS
 
 
 class ImageError(ValueError):
@@ -38,6 +41,11 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(f"image too large: {width}x{height} exceeds the limit of {max_pixels} pixels")
+            draft(img, draft_size)
+            need = decoded_bytes(img)
+            if need > MAX_DECODED_BYTES:
+                raise ImageError(f"image too large to decode: {width}x{height} {img.mode} needs {need} bytes, over "
+                                 f"the budget of {MAX_DECODED_BYTES} bytes per image")
             return as_seen(img, draft_size)
     except ImageError:
         raise
@@ -51,6 +59,18 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         fmt = _signature(data)
         raise ImageError(f"corrupt or truncated image{f' ({fmt})' if fmt else ''}: {exc}") from None
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """The bytes an opened picture takes once decoded (at its draft scale)."""
+    if img.mode.startswith("I;16"):
+        per_pixel = 2
+    elif img.mode in ("I", "F"):
+        per_pixel = 4
+    else:
+        per_pixel = Image.getmodebands(img.mode)
+    width, height = img.size
+    return width * height * per_pixel
 
 
 def as_seen(img: Image.Image, draft_size: int | None = None) -> Image.Image:
@@ -91,9 +111,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale to 8 bits rather than clip everything to white.
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() or 1.0
-        img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8), mode="L")
+        arr = np.asarray(img)
+        scale = 255.0 / (float(arr.max()) or 1.0)
+        out = np.empty(arr.shape, np.uint8)
+        for top in range(0, arr.shape[0], 512):   # in bands: float64 for 512 rows at a time, not the whole picture
+            out[top:top + 512] = (arr[top:top + 512].astype(np.float64) * scale).astype(np.uint8)
+        img = Image.fromarray(out, mode="L")
     elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

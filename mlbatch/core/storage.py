@@ -15,9 +15,8 @@ import io
 import logging
 import os
 import posixpath
-import random
+import re
 import threading
-import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
@@ -123,14 +122,38 @@ def write_atomic(uri: str, data: bytes | pa.Table) -> None:
 
 
 def _replace_local(path: str, tmp: str, data: bytes | pa.Table) -> None:
+    """Write ``tmp``, flush it to disk, rename it to ``path`` and flush the rename: after a power loss the
+    file is there whole or not at all (a marker never stands beside a truncated data file)."""
     if isinstance(data, pa.Table):
         pq.write_table(data, tmp)
     else:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-\d+-\d+")
+
+
+def sweep_temporaries(folder: str) -> int:
+    """Delete the hidden temporaries (``.NAME.tmp-PID-THREAD``) that writers killed mid-write left directly
+    in a local ``folder``; the count. Only for a folder whose one writer (the lease's holder) is the caller."""
+    if is_remote(folder) or not os.path.isdir(local_path(folder)):
+        return 0
+    stale = [e.path for e in os.scandir(local_path(folder)) if e.is_file() and _TEMPORARY.fullmatch(e.name)]
+    for path in stale:
+        os.remove(path)
+    return len(stale)
 
 
 def read_text(uri: str) -> str:
@@ -308,11 +331,7 @@ def swap(uri: str, data: bytes, token: str | None) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-# ---- fetching many objects: the labeling job's reads ----------------------------------------
-
-class FetchError(Exception):
-    """An object could not be read; the message is what goes in the output's ``error`` column."""
-
+# ---- boto3: the S3 client (conditional puts, listings, image reads) and presigned links ----------
 
 @dataclass(frozen=True)
 class FetchPolicy:
@@ -353,57 +372,3 @@ def presign(uri: str, expires: int) -> str:
         _BOTO_CLIENTS[cache_key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
     return _BOTO_CLIENTS[cache_key].generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                                       ExpiresIn=expires)
-
-
-def fetch(uri: str | None, policy: FetchPolicy = FetchPolicy()) -> bytes:
-    """The bytes of one image object, or ``FetchError`` saying why not."""
-    if uri is None or not uri.strip():
-        raise FetchError("null or empty image URI")
-    if is_s3(uri):
-        return _fetch_s3(uri, policy)
-    if "://" in uri and not uri.startswith("file://"):
-        scheme = uri.split("://", 1)[0]
-        raise FetchError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
-    path = local_path(uri)
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FetchError("object not found") from None
-    except IsADirectoryError:
-        raise FetchError("not an object: a folder") from None
-    except OSError as exc:
-        raise FetchError(f"cannot read: {exc.strerror or exc}") from None
-
-
-def _fetch_s3(uri: str, policy: FetchPolicy) -> bytes:
-    from botocore.exceptions import (BotoCoreError, ClientError, IncompleteReadError, ReadTimeoutError,
-                                     ResponseStreamingError)
-
-    bucket, _, key = uri[len("s3://"):].partition("/")  # keys are literal: no URL decoding, '#' and '?' kept
-    if not bucket or not key:
-        raise FetchError("malformed S3 URI: expected s3://bucket/key")
-    # botocore retries a request until its answer's headers arrive, not the reading of its body:
-    # a connection dropped or stalled mid-body is retried here, as patiently.
-    for attempt in range(1, policy.max_attempts + 1):
-        try:
-            body = s3_client(policy).get_object(Bucket=bucket, Key=key)["Body"]
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise FetchError("object not found") from None
-            if code == "NoSuchBucket":
-                raise FetchError(f"bucket not found: {bucket}") from None
-            if code in ("AccessDenied", "403", "Forbidden"):
-                raise FetchError("access denied") from None
-            raise FetchError(f"S3 error {code or 'unknown'} after {policy.max_attempts} attempts") from None
-        except BotoCoreError as exc:
-            raise FetchError(f"cannot reach the object store after {policy.max_attempts} attempts: {exc}") from None
-        try:
-            return body.read()
-        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as exc:
-            body.close()
-            if attempt == policy.max_attempts:
-                raise FetchError(f"the connection broke while reading the object, {attempt} times: {exc}") from None
-            time.sleep(random.uniform(0, min(5.0, 0.2 * 2 ** attempt)))  # backoff with jitter
-    raise AssertionError("unreachable")

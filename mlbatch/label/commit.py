@@ -178,11 +178,13 @@ def plan_record(config: LabelConfig, plan: Plan) -> dict[str, Any]:
     """What a resumed run must share with the units it keeps: everything that changes a row's value."""
     return {"files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
             "rows_per_unit": config.rows_per_file, "decode": config.decode, "model_version": plan.meta["version"],
-            "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "uri_column": config.uri_column}
+            "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
+            "uri_column": config.uri_column}
 
 
 _FLAGS = {"rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
-          "thresholds": "the thresholds", "max_pixels": "--max-pixels", "uri_column": "--uri-column"}
+          "thresholds": "the thresholds", "max_pixels": "--max-pixels",
+          "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
 
 
 def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -251,6 +253,9 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
         raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
                        "again would double them: pass --mode overwrite to replace them once this run has "
                        "committed, or --mode append to add this run beside them")
+    swept = sum(storage.sweep_temporaries(d) for d in {output, state, markers})   # writers killed mid-write
+    if swept:
+        log.info("removed %d temporaries that writers killed mid-write left in %s", swept, output)
     for name in (SUCCESS_FILE, SUMMARY_FILE):
         storage.delete(storage.join(state, name))
     record = plan_record(config, plan)
@@ -266,7 +271,7 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
         if changes:
             raise JobError(f"cannot resume run {plan.run_id}: {'; '.join(changes[:5])} ({plan_uri}): its "
                            "manifests, --rows-per-file or --decode are not those it started with, or the model "
-                           "version, thresholds, --max-pixels or --uri-column changed; run again without --resume")
+                           "version, thresholds, --max-pixels, --max-bytes or --uri-column changed; run again without --resume")
         committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
         for m in read_markers(markers):
             committed[m["unit"]].append(m)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from ..core import images, manifest
+from ..core import fetch, images, manifest
 from ..core.iceberg import DEFAULT_CATALOG
 from ..core.lease import DEFAULT_TTL_SECONDS
 
@@ -44,6 +44,7 @@ class LabelOptions:
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
     max_error_rate: float = 0.05
     max_pixels: int = images.DEFAULT_MAX_PIXELS        # larger images become error rows (decompression bombs)
+    max_bytes: int = fetch.DEFAULT_MAX_BYTES           # larger objects become error rows, read no further
     stall_seconds: float = 900.0                       # end the run when no rows are committed this long (0: never)
     lease_seconds: float = DEFAULT_TTL_SECONDS         # the output's lease lives this long unrenewed (a dead holder's)
     progress: bool = True

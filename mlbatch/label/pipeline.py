@@ -15,7 +15,7 @@ small results stream to the driver, which sums them and so sees progress.
 
 Why not Ray Data's ``download`` expression for the fetch: its planner actor holds a whole CPU,
 which deadlocks a 2-CPU node next to the predictor actor, and it turns every failure into a
-null with no reason. ``storage.fetch`` (boto3, standard retry mode) runs in a thread pool in
+null with no reason. ``fetch.fetch`` (boto3, standard retry mode) runs in a thread pool in
 the decode tasks instead and says exactly why an object could not be read.
 """
 
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 DECODE_CPUS = 0.5   # fetching is half waiting on storage
 WRITE_CPUS = 0.5    # so is writing
+# Ray Data retries a failed task, and restarts a dead actor, without end by default (-1), so an input that
+# kills its worker would be tried until the stall limit, and again on every --resume. Bounded here: a lost
+# node costs a few attempts; an image that kills a decoder is caught before that (decoder.HelperPool).
+TASK_RETRIES = {"max_retries": 3}
+ACTOR_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
 
 
 def units_dataset(units: list[tuple[int, int, int]], files: list[str]) -> ray.data.Dataset:
@@ -119,13 +124,13 @@ def run_pipeline(run: Run) -> dict[str, Any]:
     if layout == "fused":
         ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={
                                 **predictor_args, "renames": renames, "uri_column": uri_col,
-                                "batch_size": config.batch_size},
+                                "batch_size": config.batch_size, "max_bytes": config.max_bytes},
                             batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
-                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     else:
         ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
-                            num_cpus=DECODE_CPUS)
+                            num_cpus=DECODE_CPUS, **TASK_RETRIES)
         # Blocks of a few batches: a unit is read as one block, so without this a single task would
         # fetch every image of it. Small blocks spread the fetching over the cluster.
         ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
@@ -133,18 +138,20 @@ def run_pipeline(run: Run) -> dict[str, Any]:
         # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
         ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
                                                        "max_pixels": config.max_pixels,
+                                                       "max_bytes": config.max_bytes,
                                                        "fetch_only": config.decode != "pil"},
-                            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS)
+                            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS,
+                            **TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs=predictor_args,
                             batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
-                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]))
+                            compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
     # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
     ds = ds.map_batches(write_units, fn_kwargs={"output": run.output, "markers": run.markers, "run_id": plan.run_id,
                                                 "attempt": run.attempt, "rows_per_unit": config.rows_per_file,
                                                 "columns": columns, "labels": labels, "metadata": metadata},
-                        batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=WRITE_CPUS)
+                        batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=WRITE_CPUS, **TASK_RETRIES)
     for batch in _stream(ds, run):
         for unit, file_index, text in zip(*(batch.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
             stats = Stats.from_dict(json.loads(text))

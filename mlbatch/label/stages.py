@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..core import images, storage
+from ..core import fetch, images, storage
 from ..core.table import SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, predicted_columns
 from .commit import data_file_name, marker_uri, unit_id
 from .decoder import decode_uris
@@ -65,11 +65,12 @@ def _with_pixels(batch: pa.Table, results: list[tuple[bytes | None, str | None]]
 
 
 def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
-                 max_pixels: int = images.DEFAULT_MAX_PIXELS, fetch_only: bool = False) -> pa.Table:
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, fetch_only: bool = False,
+                 max_bytes: int = fetch.DEFAULT_MAX_BYTES) -> pa.Table:
     """Fetch and decode a batch of images (the split layout's CPU tasks): a row that cannot be
     fetched or decoded gets its reason in the error column instead of pixels."""
     return _with_pixels(batch, decode_uris(batch.column(uri_column).to_pylist(), size, max_pixels, threads,
-                                           fetch_only))
+                                           fetch_only, max_bytes))
 
 
 class Predictor:
@@ -152,7 +153,8 @@ class UnitLabeler(Predictor):
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
-                 max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS):
+                 max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS,
+                 max_bytes: int = fetch.DEFAULT_MAX_BYTES):
         from .decoder import HelperPool
 
         # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
@@ -162,12 +164,13 @@ class UnitLabeler(Predictor):
         super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels)
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        self.renames, self.uri_column, self.batch_size = renames, uri_column, batch_size
+        self.renames, self.uri_column, self.batch_size, self.max_bytes = renames, uri_column, batch_size, max_bytes
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
 
     def _decode(self, rows: pa.Table) -> pa.Table:
         return _with_pixels(rows, self.decoders.decode(rows.column(self.uri_column).to_pylist(), self.size,
-                                                       self.max_pixels, fetch_only=self.decode != "pil"))
+                                                       self.max_pixels, self.max_bytes,
+                                                       fetch_only=self.decode != "pil"))
 
     def __del__(self) -> None:
         # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it (a

@@ -118,6 +118,7 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
            started: float) -> dict[str, Any]:
     """The night itself, under the output's lease: find, group into runs, label, record, watch drift."""
     version = meta["version"]
+    storage.sweep_temporaries(storage.join(output, NIGHTLY_DIR))   # of a night killed mid-write
     state = load_state(output)
     if config.table:
         try:

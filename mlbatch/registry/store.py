@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from ..core import storage
-from ..core.names import NameError_, check_segment
+from ..core.names import NameError_, check_inside, check_segment
 from ..model.package import META_FILE, WEIGHTS_FILE, read_package
 from ..model.refs import RegistryError, resolve, version_uri
 
@@ -27,6 +27,11 @@ def register(model_uri: str, registry: str, name: str | None = None) -> dict[str
     except NameError_ as exc:
         raise RegistryError(str(exc)) from None
     target = version_uri(registry, name, meta["version"])
+    if not storage.is_remote(target):   # a link inside the registry must not lead the write out of it
+        try:
+            check_inside(storage.local_path(registry), storage.local_path(target), f"registering {name}")
+        except NameError_ as exc:
+            raise RegistryError(str(exc)) from None
     ref = f"{registry.rstrip('/')}/{name}@{meta['version']}"
     if storage.exists(storage.join(target, META_FILE)):
         log.info("%s is already registered", ref)
