@@ -49,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     augment = () if args.augment.strip() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
     config = TrainConfig(
         manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
+        val_group_column=args.val_group_column,
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,
         backbone_weights=args.backbone_weights, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
         augment=augment, epochs=args.epochs, patience=args.patience, time_budget=args.time_budget,
@@ -61,6 +62,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"model {meta['name']} version {meta['version']} -> {args.output}")
     print(f"{meta['backbone']['name']} ({training['mode']}); best epoch {training['best_epoch']} of "
           f"{training['epochs']} ({training['stopped']}); {training['seconds']}s")
+    data = training["data"]
+    if "val_group_column" in data:
+        print(f"validation: {data['val_rows']} rows, {data['val_groups']} of {data['val_groups'] + data['train_groups']} "
+              f"groups of {data['val_group_column']!r} (training: {data['train_rows']} rows)")
     print(f"validation macro-F1 {val['macro_f1']:.3f}, mAP {val['map']:.3f}")
     print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in meta["thresholds"].items()))
     return 0
@@ -81,7 +86,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.model, args.manifest, args.report)
     print(report.table())
     if args.report:
-        print(f"report: {args.report}/metrics.json, {args.report}/pr_curves.png")
+        print(f"report: {args.report}/metrics.json, {args.report}/pr_curves.png, {args.report}/reliability.png")
     return 0
 
 

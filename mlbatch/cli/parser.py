@@ -198,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labeled validation manifest; repeatable (default: hold out --val-fraction of the training rows)")
     p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                    help="held-out share without --val-manifest (default: %(default)s)")
+    p.add_argument("--val-group-column", default=None, metavar="COLUMN", help="hold out whole groups of this manifest "
+                   "column (a camera, a source, a day), about --val-fraction of the rows; not with --val-manifest")
     p.add_argument("--output", required=True, metavar="MODEL_URI", help="package folder to write (local or s3://)")
     p.add_argument("--labels", default=None, metavar="A,B,C",
                    help="label names in output order (default: inferred from the manifests)")
-    p.add_argument("--backbone", default=None,
-                   help=f"{DEFAULT_BACKBONE} (default), resnet-mini, timm:NAME, torchvision:NAME; with --backbone-weights "
-                        "the default is the backbone the weights record")
+    p.add_argument("--backbone", default=None, help=f"{DEFAULT_BACKBONE} (default), resnet-mini, timm:NAME, "
+                   "torchvision:NAME; with --backbone-weights the default is the backbone the weights record")
     p.add_argument("--backbone-weights", default=None, metavar="URI",
                    help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "
                         "state dict (.pt/.pth, read with weights_only=True), an mlbatch model package or a registry "
@@ -224,9 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr,
                    help="learning rate of the hidden layer and heads (default: %(default)s)")
-    p.add_argument("--backbone-lr-scale", type=float, default=None, metavar="F",
-                   help="the backbone's learning rate is --lr times this (default: 1 from scratch, 0.1 from "
-                        "pretrained weights)")
+    p.add_argument("--backbone-lr-scale", type=float, default=None, metavar="F", help="the backbone's learning rate "
+                   "is --lr times this (default: 1 from scratch, 0.1 from pretrained weights)")
     p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")
     p.add_argument("--pos-weight", action="store_true", help="weight each label's positives by its negative/positive ratio")
     p.add_argument("--threshold-policy", default=TrainConfig.threshold_policy, metavar="POLICY",

@@ -93,6 +93,7 @@ class LabeledData:
     image_uris: list[str]
     targets: np.ndarray
     sources: list[str]  # "file row N" for each image, for error messages
+    groups: list[str] | None = None  # each row's value of the group column, as text, when one was asked for
 
     def __len__(self) -> int:
         return len(self.image_uris)
@@ -115,11 +116,16 @@ def infer_labels(uris: list[str]) -> list[str]:
     return found
 
 
-def read_labeled(uris: list[str], labels: list[str]) -> LabeledData:
-    """Read labeled manifests into one ``LabeledData``, checking every row."""
+def read_labeled(uris: list[str], labels: list[str], group_column: str | None = None) -> LabeledData:
+    """Read labeled manifests into one ``LabeledData``, checking every row.
+
+    With ``group_column``, every manifest must have that column without nulls; its values, as
+    text, become ``groups``.
+    """
     image_uris: list[str] = []
     sources: list[str] = []
     blocks: list[np.ndarray] = []
+    groups: list[str] = []
     for uri in expand(uris):
         table = read(uri)
         col = table[URI_COLUMN].to_pylist()
@@ -127,9 +133,23 @@ def read_labeled(uris: list[str], labels: list[str]) -> LabeledData:
             if value is None or not value.strip():
                 raise ManifestError(f"manifest {uri}: row {i}: {URI_COLUMN!r} is {'null' if value is None else 'empty'}")
         blocks.append(_targets(uri, table, labels))
+        if group_column is not None:
+            groups += _groups(uri, table, group_column)
         image_uris += col
         sources += [f"{uri} row {i}" for i in range(len(col))]
-    return LabeledData(labels, image_uris, np.concatenate(blocks), sources)
+    return LabeledData(labels, image_uris, np.concatenate(blocks), sources,
+                       groups if group_column is not None else None)
+
+
+def _groups(uri: str, table: pa.Table, column: str) -> list[str]:
+    if column not in table.column_names:
+        raise ManifestError(f"manifest {uri}: no group column {column!r} (columns: {', '.join(table.column_names)})")
+    values = table[column].to_pylist()
+    for i, v in enumerate(values):
+        if v is None or isinstance(v, float) and np.isnan(v):
+            raise ManifestError(f"manifest {uri}: row {i}: group column {column!r} is {'null' if v is None else 'NaN'}; "
+                                "every row needs a group")
+    return [str(v) for v in values]
 
 
 def _targets(uri: str, table: pa.Table, labels: list[str]) -> np.ndarray:

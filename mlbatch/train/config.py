@@ -33,6 +33,7 @@ class TrainConfig:
     labels: list[str] | None = None          # default: inferred from the manifests
     val_manifests: list[str] = field(default_factory=list)  # default: hold out val_fraction
     val_fraction: float = 0.15
+    val_group_column: str | None = None      # hold out whole groups (a camera, a day) of this column
     backbone: str | None = None              # default: the one backbone_weights records, else cnn-small
     backbone_weights: str | None = None      # safetensors / .pt state dict / model package to start from
     pretrained: bool = False                 # the backbone library's own pretrained weights (needs its hub)
@@ -63,5 +64,11 @@ class TrainConfig:
         if self.freeze_backbone and not (self.pretrained or self.backbone_weights):
             raise ValueError("freezing the backbone needs pretrained weights (--pretrained or --backbone-weights); "
                              "a frozen random backbone learns nothing")
+        if self.val_group_column is not None:
+            if not self.val_group_column.strip():
+                raise ValueError("the validation group column is empty; name a manifest column")
+            if self.val_manifests:
+                raise ValueError("a validation group column splits the training manifests; it cannot be combined "
+                                 "with validation manifests (give one or the other)")
         if self.epochs < 1 or self.patience < 1 or self.time_budget <= 0:
             raise ValueError("epochs and patience must be at least 1 and the time budget positive")

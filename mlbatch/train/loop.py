@@ -114,6 +114,33 @@ def _split(data: manifest.LabeledData, fraction: float, seed: int) -> tuple[np.n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def group_split(groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation) holding out about ``fraction`` of the rows, whole groups only.
+
+    The groups are visited in an order shuffled by ``seed``; each joins validation when that
+    brings the validation row count closer to ``fraction`` of all rows. Guaranteed: no group on
+    both sides; at least one group on each side; the same split for the same groups and seed;
+    validation rows within half the largest group's rows of the target, unless keeping a group
+    on each side forces more. (scikit-learn's GroupShuffleSplit counts groups, not rows.)
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be between 0 and 1, not {fraction}")
+    names, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    if len(names) < 2:
+        raise ValueError(f"a group split needs at least 2 groups, found {len(names)}")
+    target = fraction * len(groups)
+    taken = np.zeros(len(names), bool)
+    n_val = 0
+    for g in np.random.default_rng(seed).permutation(len(names)):
+        if n_val + sizes[g] / 2 < target:  # |n_val + size - target| < |n_val - target|
+            taken[g] = True
+            n_val += sizes[g]
+    if not taken.any() or taken.all():  # keep a group on each side: move the smallest one across
+        taken[np.argmin(sizes)] = not taken.any()
+    in_val = taken[inverse.ravel()]
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
 def _map(y: np.ndarray, s: np.ndarray) -> float:
     from sklearn.metrics import average_precision_score
     aps = []
@@ -132,17 +159,33 @@ class _Data:
     y_train: np.ndarray
     x_val: torch.Tensor
     y_val: np.ndarray
+    split: dict | None = None  # how a held-out validation set was drawn, for the package
 
 
 def _read_data(config: TrainConfig, labels: list[str], size: int) -> _Data:
-    data = manifest.read_labeled(config.manifests, labels)
+    column = config.val_group_column
+    data = manifest.read_labeled(config.manifests, labels, group_column=column)
     if config.val_manifests:
         val_data = manifest.read_labeled(config.val_manifests, labels)
         return _Data(load_tensor(data, size, config.progress), data.targets,
                      load_tensor(val_data, size, config.progress), val_data.targets)
-    x_all = load_tensor(data, size, config.progress)
-    tr, va = _split(data, config.val_fraction, config.seed)
-    return _Data(x_all[tr], data.targets[tr], x_all[va], data.targets[va])
+    split = None
+    if column is None:
+        tr, va = _split(data, config.val_fraction, config.seed)
+    else:
+        assert data.groups is not None
+        found = sorted(set(data.groups))
+        if len(found) < 2:
+            raise manifest.ManifestError(
+                f"group column {column!r} of {', '.join(config.manifests)} holds {len(found)} group"
+                f"{'' if len(found) == 1 else 's'} ({', '.join(map(repr, found[:3]))}); a group split needs at least 2")
+        tr, va = group_split(data.groups, config.val_fraction, config.seed)
+        split = {"val_group_column": column, "train_groups": len({data.groups[i] for i in tr}),
+                 "val_groups": len({data.groups[i] for i in va})}
+        log.info("validation: %d of %d groups of %r (%d of %d rows)", split["val_groups"], len(found), column,
+                 len(va), len(data))
+    x_all = load_tensor(data, size, config.progress)  # after the split, so a bad group column fails fast
+    return _Data(x_all[tr], data.targets[tr], x_all[va], data.targets[va], split)
 
 
 def _build(config: TrainConfig, labels: list[str]) -> tuple[MultiLabelNet, dict]:
@@ -273,8 +316,9 @@ def train(config: TrainConfig) -> dict:
     val_report = compute_metrics(labels, data.y_val, val_scores, thresholds)
     summary = {
         "data": {"train": manifest.expand(config.manifests), "val": manifest.expand(config.val_manifests)
-                 if config.val_manifests else f"held out {config.val_fraction:.0%} of train",
-                 "train_rows": int(len(data.x_train)), "val_rows": int(len(data.x_val))},
+                 if config.val_manifests else f"held out {config.val_fraction:.0%} of train"
+                 + (f", whole groups of {config.val_group_column!r}" if config.val_group_column else ""),
+                 "train_rows": int(len(data.x_train)), "val_rows": int(len(data.x_val)), **(data.split or {})},
         "config": {k: v for k, v in asdict(config).items() if k not in ("manifests", "val_manifests", "output")},
         "mode": "frozen backbone" if config.freeze_backbone else "fine-tuned",
         "initial_weights": source,
