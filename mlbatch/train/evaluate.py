@@ -10,7 +10,7 @@ import numpy as np
 from ..core import manifest, storage
 from ..model.loaded import load_model
 from ..model.refs import resolve
-from .metrics import Report, compute_metrics, plot_pr_curves
+from .metrics import Report, compute_metrics, plot_pr_curves, plot_reliability
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,10 @@ def predict_labeled(model, data: manifest.LabeledData, batch_size: int = 256, th
 
 
 def evaluate(model_uri: str, manifests: list[str], report_dir: str | None = None) -> Report:
-    """Score a model package on labeled manifests with its own thresholds; write a report if asked."""
+    """Score a model package on labeled manifests with its own thresholds; write a report if asked.
+
+    The report directory gets ``metrics.json``, ``pr_curves.png`` and ``reliability.png`` (calibration).
+    """
     resolved = resolve(model_uri)
     model = load_model(resolved)
     data = manifest.read_labeled(manifests, model.labels)
@@ -39,5 +42,8 @@ def evaluate(model_uri: str, manifests: list[str], report_dir: str | None = None
         storage.write_bytes(storage.join(report_dir, "pr_curves.png"),
                             plot_pr_curves(model.labels, data.targets, scores, model.thresholds,
                                            title=f"{model.name} {model.version}: precision-recall per label"))
+        storage.write_bytes(storage.join(report_dir, "reliability.png"),
+                            plot_reliability(model.labels, data.targets, scores, report.ece_bins,
+                                             title=f"{model.name} {model.version}: reliability per label"))
         log.info("wrote report to %s", report_dir)
     return report

@@ -2,7 +2,8 @@
 
 Thresholds are chosen per label on *validation* data (``choose_thresholds``) and only
 applied to test data (``evaluate.evaluate``). Unknown truth (NaN) is left out per label. The numbers
-come from scikit-learn so they mean what everyone expects them to mean.
+come from scikit-learn so they mean what everyone expects them to mean. Calibration (how far each label's
+probabilities are from the frequencies they promise) is the expected calibration error over equal-width bins.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss,
                              precision_recall_curve, precision_recall_fscore_support)
 
@@ -74,6 +76,44 @@ def choose_thresholds(labels: list[str], y_true: np.ndarray, y_score: np.ndarray
     return out
 
 
+# ---- calibration ---------------------------------------------------------------------------
+
+ECE_BINS = 10
+
+
+def calibration_bins(y_true: np.ndarray, y_score: np.ndarray,
+                     n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One label's equal-width bins over [0, 1]: mean predicted probability, observed frequency, row count.
+
+    Rows whose truth is unknown (NaN) are left out. Empty bins have count 0 and NaN means. The means are
+    scikit-learn's ``calibration_curve`` (which drops empty bins); the counts use the same bin edges.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, not {n_bins}")
+    y_true = np.asarray(y_true, dtype=np.float64).ravel()
+    y_score = np.clip(np.asarray(y_score, dtype=np.float64).ravel(), 0.0, 1.0)
+    known = ~np.isnan(y_true)
+    yt, ys = y_true[known].astype(int), y_score[known]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], ys), minlength=n_bins)  # calibration_curve's binning
+    mean_pred, observed = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    if len(yt):
+        observed[counts > 0], mean_pred[counts > 0] = calibration_curve(yt, ys, n_bins=n_bins, strategy="uniform")
+    return mean_pred, observed, counts
+
+
+def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE of one label: sum over bins of (bin rows / known rows) * |observed frequency - mean probability|.
+
+    Unknown truth (NaN) is left out; NaN when no row's truth is known.
+    """
+    mean_pred, observed, counts = calibration_bins(y_true, y_score, n_bins)
+    filled = counts > 0
+    if not filled.any():
+        return float("nan")
+    return float(np.sum(counts[filled] * np.abs(observed[filled] - mean_pred[filled])) / counts.sum())
+
+
 # ---- metrics -------------------------------------------------------------------------------
 
 @dataclass
@@ -87,6 +127,7 @@ class LabelMetrics:
     support: int          # known positives
     known: int            # rows whose truth for this label is known
     predicted_positive_rate: float
+    ece: float = float("nan")  # expected calibration error over the known rows, ``Report.ece_bins`` bins
 
 
 @dataclass
@@ -98,6 +139,8 @@ class Report:
     subset_accuracy: float
     hamming_loss: float
     rows: int
+    macro_ece: float = float("nan")  # the mean of the labels' ECE (labels with known truth)
+    ece_bins: int = ECE_BINS
     model: dict[str, Any] = field(default_factory=dict)
     data: list[str] = field(default_factory=list)
 
@@ -106,15 +149,16 @@ class Report:
 
     def table(self) -> str:
         """A plain-text table, one line per label and a summary."""
-        head = f"{'label':<16}{'thresh':>8}{'prec':>8}{'recall':>8}{'f1':>8}{'AP':>8}{'support':>9}{'pred+':>8}"
+        head = f"{'label':<16}{'thresh':>8}{'prec':>8}{'recall':>8}{'f1':>8}{'AP':>8}{'ECE':>8}{'support':>9}{'pred+':>8}"
         lines = [head, "-" * len(head)]
         for m in self.per_label:
             lines.append(f"{m.label:<16}{m.threshold:>8.3f}{m.precision:>8.3f}{m.recall:>8.3f}{m.f1:>8.3f}"
-                         f"{_fmt(m.average_precision):>8}{m.support:>9d}{m.predicted_positive_rate:>8.3f}")
+                         f"{_fmt(m.average_precision):>8}{_fmt(m.ece):>8}{m.support:>9d}{m.predicted_positive_rate:>8.3f}")
         lines.append("-" * len(head))
         lines.append(f"rows {self.rows}   micro-F1 {self.micro_f1:.3f}   macro-F1 {self.macro_f1:.3f}   "
                      f"mAP {_fmt(self.mean_average_precision)}   subset accuracy {self.subset_accuracy:.3f}   "
-                     f"Hamming loss {self.hamming_loss:.4f}")
+                     f"Hamming loss {self.hamming_loss:.4f}   macro-ECE {_fmt(self.macro_ece)} "
+                     f"({self.ece_bins} bins)")
         return "\n".join(lines)
 
 
@@ -123,8 +167,8 @@ def _fmt(x: float) -> str:
 
 
 def compute_metrics(labels: list[str], y_true: np.ndarray, y_score: np.ndarray,
-                    thresholds: dict[str, float]) -> Report:
-    """All metrics for truth (0/1/NaN) and scores, decisions at ``thresholds``."""
+                    thresholds: dict[str, float], n_bins: int = ECE_BINS) -> Report:
+    """All metrics for truth (0/1/NaN) and scores, decisions at ``thresholds``; ECE over ``n_bins`` bins."""
     y_true = np.asarray(y_true, dtype=np.float64)
     y_score = np.asarray(y_score, dtype=np.float64)
     t = np.asarray([thresholds[label] for label in labels])
@@ -138,28 +182,42 @@ def compute_metrics(labels: list[str], y_true: np.ndarray, y_score: np.ndarray,
         p, r, f, _ = precision_recall_fscore_support(yt, yp, average="binary", zero_division=0)
         ap = average_precision_score(yt, ys) if yt.any() else float("nan")
         per_label.append(LabelMetrics(label, float(t[j]), float(p), float(r), float(f), float(ap), int(yt.sum()),
-                                      int(k.sum()), float(yp.mean()) if len(yp) else float("nan")))
+                                      int(k.sum()), float(yp.mean()) if len(yp) else float("nan"),
+                                      expected_calibration_error(yt, ys, n_bins)))
     # micro-F1 and Hamming loss over every known (row, label) cell
     micro = f1_score(truth[known], y_pred[known], zero_division=0) if known.any() else float("nan")
     hamming = hamming_loss(truth[known], y_pred[known]) if known.any() else float("nan")
     full = known.all(axis=1)  # subset accuracy needs the whole truth of a row
     subset = accuracy_score(truth[full], y_pred[full]) if full.any() else float("nan")
     aps = [m.average_precision for m in per_label if not math.isnan(m.average_precision)]
+    eces = [m.ece for m in per_label if not math.isnan(m.ece)]
     return Report(per_label=per_label, micro_f1=float(micro), macro_f1=float(np.mean([m.f1 for m in per_label])),
                   mean_average_precision=float(np.mean(aps)) if aps else float("nan"),
-                  subset_accuracy=float(subset), hamming_loss=float(hamming), rows=int(len(y_true)))
+                  subset_accuracy=float(subset), hamming_loss=float(hamming), rows=int(len(y_true)),
+                  macro_ece=float(np.mean(eces)) if eces else float("nan"), ece_bins=n_bins)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return buf.getvalue()
 
 
 def plot_pr_curves(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, thresholds: dict[str, float],
                    title: str = "") -> bytes:
     """PNG bytes: each label's precision-recall curve with its threshold marked."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    fig, ax = _pyplot().subplots(figsize=(6, 5), dpi=100)
     for j, label in enumerate(labels):
         known = ~np.isnan(y_true[:, j])
         yt, ys = y_true[known, j].astype(int), y_score[known, j]
@@ -179,8 +237,34 @@ def plot_pr_curves(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, t
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(title or "precision-recall per label (dots: decision thresholds)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def plot_reliability(labels: list[str], y_true: np.ndarray, y_score: np.ndarray, n_bins: int = ECE_BINS,
+                     title: str = "") -> bytes:
+    """PNG bytes: a reliability diagram, one line per label (mean probability against observed frequency
+    per bin, the diagonal is perfect calibration) over the rows per bin; unknown truth is left out."""
+    y_true, y_score = np.asarray(y_true, dtype=np.float64), np.asarray(y_score, dtype=np.float64)
+    fig, (top, bottom) = _pyplot().subplots(2, 1, figsize=(6, 7), dpi=100, sharex=True,
+                                            gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for j, label in enumerate(labels):
+        mean_pred, observed, counts = calibration_bins(y_true[:, j], y_score[:, j], n_bins)
+        if not counts.any():
+            continue
+        filled = counts > 0
+        ece = expected_calibration_error(y_true[:, j], y_score[:, j], n_bins)
+        line, = top.plot(mean_pred[filled], observed[filled], "o-", markersize=5, label=f"{label} (ECE {ece:.3f})")
+        bottom.stairs(counts, edges, color=line.get_color(), linewidth=1.5)
+    top.set_ylabel("observed frequency of the label")
+    top.set_xlim(0, 1)
+    top.set_ylim(-0.02, 1.02)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(title or f"reliability per label ({n_bins} equal-width bins)")
+    bottom.set_yscale("symlog", linthresh=1)
+    bottom.set_xlabel("predicted probability")
+    bottom.set_ylabel("rows per bin")
+    bottom.grid(alpha=0.3)
+    return _png(fig)
