@@ -37,7 +37,8 @@ def _make_dataset(args: argparse.Namespace) -> int:
     from ..synth import SynthConfig, make_dataset
 
     out = make_dataset(args.out, SynthConfig(train=args.train, val=args.val, test=args.test, seed=args.seed,
-                                             width=args.width, height=args.height, kind=args.kind))
+                                             width=args.width, height=args.height, kind=args.kind,
+                                             shift=args.shift))
     for split, uri in out.items():
         print(f"{split:<6} {uri}")
     return 0

@@ -24,29 +24,41 @@ log = logging.getLogger(__name__)
 
 # ---- thresholds ----------------------------------------------------------------------------
 
+POLICIES = "'f1', 'plateau:D', 'shrink:A', 'fixed:T' or 'precision:P'"
+
+
 def parse_policy(policy: str) -> tuple[str, float | None]:
-    """``f1`` or ``precision:P`` (0 < P <= 1)."""
+    """``f1``; ``plateau:D`` (0 <= D < 1); ``shrink:A`` (0 <= A <= 1); ``fixed:T`` (0 < T < 1);
+    ``precision:P`` (0 < P <= 1)."""
     if policy == "f1":
         return "f1", None
     kind, _, value = policy.partition(":")
-    if kind == "precision":
-        try:
-            target = float(value)
-        except ValueError:
-            target = -1.0
-        if 0.0 < target <= 1.0:
-            return "precision", target
-    raise ValueError(f"unknown threshold policy {policy!r}: use 'f1' or 'precision:P' with 0 < P <= 1")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    bounds = {"plateau": (0.0, 1.0, True, False), "shrink": (0.0, 1.0, True, True),
+              "fixed": (0.0, 1.0, False, False), "precision": (0.0, 1.0, False, True)}
+    if kind in bounds:
+        low, high, low_in, high_in = bounds[kind]
+        if (low < number or (low_in and number == low)) and (number < high or (high_in and number == high)):
+            return kind, number
+    raise ValueError(f"unknown threshold policy {policy!r}: use {POLICIES}")
 
 
 def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1") -> float:
     """One label's decision threshold from validation truth (0/1) and scores.
 
-    ``f1``: the threshold that maximises F1. ``precision:P``: the lowest threshold whose
-    precision reaches P (the most recall at that precision); if none does, the threshold of
-    the highest precision, with a warning. A label with no positive example gets 0.5.
+    ``f1``: the threshold that maximises F1. ``plateau:D``: the median of the thresholds whose F1
+    is within D of the best, the middle of the plateau rather than its spike, which a small
+    validation set places by chance. ``shrink:A``: A times the F1 threshold plus (1 - A) times 0.5.
+    ``fixed:T``: T. ``precision:P``: the lowest threshold whose precision reaches P (the most recall
+    at that precision); if none does, the threshold of the highest precision, with a warning.
+    A label with no positive (or no negative) example gets 0.5.
     """
-    kind, target = parse_policy(policy)
+    kind, value = parse_policy(policy)
+    if kind == "fixed":
+        return float(value)
     y_true = np.asarray(y_true).astype(int)
     y_score = np.asarray(y_score, dtype=np.float64)
     if y_true.sum() == 0 or y_true.sum() == len(y_true):
@@ -55,15 +67,20 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1"
         return 0.5
     precision, recall, thresholds = precision_recall_curve(y_true, y_score)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
-    if kind == "f1":
+    if kind in ("f1", "plateau", "shrink"):
         f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
                        where=(precision + recall) > 0)
-        return float(thresholds[int(np.argmax(f1))])
-    reaching = np.flatnonzero(precision >= target)
+        best = float(thresholds[int(np.argmax(f1))])
+        if kind == "f1":
+            return best
+        if kind == "shrink":
+            return float(value * best + (1 - value) * 0.5)
+        return float(np.median(thresholds[f1 >= f1.max() - value]))
+    reaching = np.flatnonzero(precision >= value)
     if len(reaching) == 0:
-        best = int(np.argmax(precision))
-        log.warning("no threshold reaches precision %.3f (best %.3f): using the best", target, precision[best])
-        return float(thresholds[best])
+        best_at = int(np.argmax(precision))
+        log.warning("no threshold reaches precision %.3f (best %.3f): using the best", value, precision[best_at])
+        return float(thresholds[best_at])
     return float(thresholds[reaching[0]])  # thresholds ascend: the first is the lowest
 
 

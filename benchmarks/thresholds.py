@@ -1,0 +1,123 @@
+"""Which threshold policy transfers: each kind trained once, every policy scored on the same predictions.
+
+    python -m benchmarks.thresholds --kinds street,glyphs,shapes --out benchmarks/thresholds-results.jsonl
+
+Per kind: a dataset with ``shift=True`` (training and validation in one view, the test split in
+another: ``synth.new_view``), and a second set in the other view drawn with another seed, the
+*shifted validation*. One model per kind, trained with the defaults. Then for every policy the
+thresholds are chosen on the validation split (the first view) exactly as ``train`` chooses them,
+and macro-F1 is measured on the validation split, the shifted validation and the shifted test.
+
+The policy is chosen on the shifted validation only (the mean over kinds); the shifted test is
+reported beside it, never used to choose, with the F1 that the best thresholds for the test
+pictures would give (``oracle``), which no policy can know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from mlbatch.core import manifest
+from mlbatch.model.loaded import load_model
+from mlbatch.synth import SynthConfig, make_dataset
+from mlbatch.train import TrainConfig, train
+from mlbatch.train.evaluate import predict_labeled
+from mlbatch.train.metrics import choose_thresholds
+
+POLICIES = ["f1", "plateau:0.01", "plateau:0.02", "plateau:0.05", "shrink:0.5", "fixed:0.5"]
+
+
+def _macro_f1(y: np.ndarray, scores: np.ndarray, thresholds: list[float]) -> float:
+    out = []
+    for j, t in enumerate(thresholds):
+        known = ~np.isnan(y[:, j])
+        out.append(f1_score(y[known, j].astype(int), scores[known, j] >= t, zero_division=0.0))
+    return float(np.mean(out))
+
+
+def _oracle(y: np.ndarray, scores: np.ndarray) -> float:
+    """Macro-F1 with each label's best threshold for these very pictures (a bound, not a policy)."""
+    labels = [str(j) for j in range(y.shape[1])]
+    best = choose_thresholds(labels, y, scores, "f1")
+    return _macro_f1(y, scores, [best[x] for x in labels])
+
+
+def run(kind: str, workdir: str, seed: int) -> list[dict]:
+    root = os.path.join(workdir, f"{kind}-shift")
+    if not os.path.exists(os.path.join(root, "test.parquet")):
+        make_dataset(root, SynthConfig(kind=kind, shift=True, seed=seed))
+    shifted_val = os.path.join(workdir, f"{kind}-shift-val")
+    if not os.path.exists(os.path.join(shifted_val, "test.parquet")):
+        make_dataset(shifted_val, SynthConfig(kind=kind, shift=True, train=0, val=0, test=500, seed=seed + 1000))
+    out = os.path.join(workdir, "models", f"{kind}-shift")
+    started = time.monotonic()
+    if not os.path.exists(os.path.join(out, "mlbatch-model.json")):
+        train(TrainConfig(manifests=[f"{root}/train.parquet"], val_manifests=[f"{root}/val.parquet"], output=out,
+                          progress=False))
+    seconds = time.monotonic() - started
+    model = load_model(out)
+    sets = {"val": f"{root}/val.parquet", "shifted_val": f"{shifted_val}/test.parquet", "test": f"{root}/test.parquet"}
+    data = {name: manifest.read_labeled([uri], model.labels) for name, uri in sets.items()}
+    scores = {name: predict_labeled(model, d) for name, d in data.items()}
+    rows = []
+    for policy in POLICIES:
+        chosen = choose_thresholds(model.labels, data["val"].targets, scores["val"], policy)
+        ts = [chosen[x] for x in model.labels]
+        row = {"kind": kind, "policy": policy, "train_seconds": round(seconds, 1),
+               "thresholds": {x: round(chosen[x], 3) for x in model.labels}}
+        for name in sets:
+            row[f"{name}_macro_f1"] = round(_macro_f1(data[name].targets, scores[name], ts), 4)
+        row["test_oracle_macro_f1"] = round(_oracle(data["test"].targets, scores["test"]), 4)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    out = ["| policy | " + " | ".join(f"{k}: shifted val / shifted test" for k in kinds) + " | mean shifted val |",
+           "| --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        cells = {r["kind"]: r for r in rows if r["policy"] == policy}
+        mean = np.mean([cells[k]["shifted_val_macro_f1"] for k in kinds if k in cells])
+        out.append(f"| {policy} | " + " | ".join(
+            f"{cells[k]['shifted_val_macro_f1']:.3f} / {cells[k]['test_macro_f1']:.3f}" if k in cells else ""
+            for k in kinds) + f" | {mean:.4f} |")
+    oracle = {r["kind"]: r["test_oracle_macro_f1"] for r in rows}
+    out.append("| (best thresholds for the test pictures) | " + " | ".join(f"- / {oracle[k]:.3f}" for k in kinds)
+               + " | |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default="street,glyphs,shapes")
+    parser.add_argument("--workdir", default="/tmp/mlbatch-thresholds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="append results here (JSON lines)")
+    parser.add_argument("--table", default=None, metavar="JSONL", help="print the table of these results")
+    args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    for kind in args.kinds.split(","):
+        for row in run(kind, args.workdir, args.seed):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
