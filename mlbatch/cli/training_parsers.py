@@ -95,6 +95,10 @@ def add_training_parsers(sub: Any) -> None:
                         "middle of the thresholds within D of the best F1), 'shrink:A' (A x the F1 threshold + "
                         "(1 - A) x 0.5), 'fixed:T', or 'precision:P' (lowest threshold reaching precision P) "
                         "(default: %(default)s)")
+    p.add_argument("--calibration", default=TrainConfig.calibration, choices=["none", "platt"],
+                   help="platt: fit each label's probability to the frequencies seen on validation data (Platt "
+                        "scaling, before the thresholds), recorded in the package and applied by evaluate, predict "
+                        "and label alike (default: %(default)s)")
     p.add_argument("--name", default=TrainConfig.name, help="model name recorded in the package (default: %(default)s)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

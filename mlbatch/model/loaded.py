@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from ..core import images
+from . import calibration
 from .net import MultiLabelNet
 from .package import PackageError, read_package
 from .refs import resolve
@@ -27,6 +28,8 @@ class LoadedModel:
         self.net = net.to(device).eval()
         self.device = device
         self.spec = net.spec
+        ab = calibration.coefficients(meta.get("calibration"), self.labels)
+        self._calibration = None if ab is None else tuple(torch.from_numpy(v).to(device) for v in ab)
 
     @property
     def labels(self) -> list[str]:
@@ -60,7 +63,10 @@ class LoadedModel:
                 logits = self.net(x)
         else:
             logits = self.net(x)
-        return torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)
+        logits = logits.float()
+        if self._calibration is not None:   # the package's Platt scaling, the same for every caller
+            logits = logits * self._calibration[0] + self._calibration[1]
+        return torch.sigmoid(logits).cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
     def predict_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:

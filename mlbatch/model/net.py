@@ -53,8 +53,11 @@ class MultiLabelNet(nn.Module):
 
 
 def save_package(net: MultiLabelNet, uri: str, thresholds: dict[str, float], name: str = "mlbatch-multilabel",
-                 training: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``net`` as a model package at ``uri``; returns the metadata written."""
+                 training: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``net`` as a model package at ``uri``; returns the metadata written.
+
+    The version is the weights' digest; with a calibration, the digest of both (it changes every
+    probability, so a run, a resume and the registry must tell the two apart)."""
     spec = net.spec
     missing = set(spec.labels) - set(thresholds)
     if missing:
@@ -62,11 +65,14 @@ def save_package(net: MultiLabelNet, uri: str, thresholds: dict[str, float], nam
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     weights = save_safetensors(state)
     digest = hashlib.sha256(weights).hexdigest()
+    calibrated = calibration is not None and calibration.get("method", "none") != "none"
+    version = hashlib.sha256(weights + json.dumps(calibration, sort_keys=True).encode()).hexdigest() if calibrated \
+        else digest
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name,
-        "version": digest[:12],
+        "version": version[:12],
         "labels": spec.labels,
         "thresholds": {label: float(thresholds[label]) for label in spec.labels},
         "backbone": {"name": spec.backbone, "kwargs": spec.backbone_kwargs},
@@ -74,6 +80,7 @@ def save_package(net: MultiLabelNet, uri: str, thresholds: dict[str, float], nam
         "dropout": spec.dropout,
         "input": {"size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std), "color": "RGB"},
         "training": training or {},
+        "calibration": calibration or {"method": "none"},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "weights": {"file": WEIGHTS_FILE, "sha256": digest, "bytes": len(weights)},
     }

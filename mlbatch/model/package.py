@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from ..core import storage
 from ..core.names import NameError_, check_inside, check_segment
 from ..core.table import column_name
+from . import calibration
 
 FORMAT = "mlbatch-model"
 FORMAT_VERSION = 1
@@ -112,6 +113,7 @@ def check_description(meta: dict[str, Any]) -> None:
     thresholds = meta["thresholds"]
     if not isinstance(thresholds, dict) or not all(_number(v, float, 0.0, 1.0) for v in thresholds.values()):
         raise ValueError("thresholds: expected an object of numbers in [0, 1]")
+    calibration.check(meta.get("calibration"), meta["labels"])
 
 
 def _read_package_file(uri: str, name: str) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..model.calibration import METHODS as CALIBRATIONS
 
 # Augmentations by name. The default ones preserve labels in any domain; flips and quarter
 # turns do not (digits, text, left/right signs, "above"), so they are options to switch on.
@@ -50,6 +51,7 @@ class TrainConfig:
     augment: tuple[str, ...] = DEFAULT_AUGMENT
     pos_weight: bool = False                 # weight positives by negatives/positives per label
     threshold_policy: str = "f1"
+    calibration: str = "none"   # none | platt: per-label Platt scaling fitted on validation, before the thresholds
     seed: int = 0
     name: str = "mlbatch-multilabel"
     progress: bool = True
@@ -70,5 +72,7 @@ class TrainConfig:
             if self.val_manifests:
                 raise ValueError("a validation group column splits the training manifests; it cannot be combined "
                                  "with validation manifests (give one or the other)")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
         if self.epochs < 1 or self.patience < 1 or self.time_budget <= 0:
             raise ValueError("epochs and patience must be at least 1 and the time budget positive")

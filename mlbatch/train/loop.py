@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..core import images, manifest
+from ..model import calibration
 from ..model.net import MultiLabelNet, save_package
 from ..model.spec import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from ..model.weights import InitialWeights, load_backbone_weights, read_initial_weights
@@ -311,7 +312,9 @@ def train(config: TrainConfig) -> dict:
             break
     log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(history), stopped, best[1], best[0])
     net.load_state_dict(best[2])
-    val_scores = scores(data.x_val)
+    raw = scores(data.x_val)
+    fitted = calibration.fit(labels, data.y_val, raw, config.calibration)
+    val_scores = calibration.apply(fitted, labels, raw)   # what the package will give
     thresholds = choose_thresholds(labels, data.y_val, val_scores, config.threshold_policy)
     val_report = compute_metrics(labels, data.y_val, val_scores, thresholds)
     summary = {
@@ -334,4 +337,4 @@ def train(config: TrainConfig) -> dict:
                        "per_label": {m.label: {"f1": m.f1, "precision": m.precision, "recall": m.recall,
                                                "average_precision": m.average_precision} for m in val_report.per_label}},
     }
-    return save_package(net, config.output, thresholds, name=config.name, training=summary)
+    return save_package(net, config.output, thresholds, name=config.name, training=summary, calibration=fitted)
