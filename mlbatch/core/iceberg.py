@@ -44,8 +44,8 @@ def catalog(name: str, output: str) -> Any:
     from pyiceberg.utils.config import Config
 
     config = Config().get_catalog_config(name)
-    if config:
-        return load_catalog(name, **_aws_defaults(config))
+    if config:   # given whole: PyIceberg's own copy of the configuration is read once, when it is imported
+        return load_catalog(name, **{**config, **_aws_defaults(config)})
     if storage.is_remote(output):
         raise TableError(f"no PyIceberg catalog {name!r} is configured (.pyiceberg.yaml or "
                          f"PYICEBERG_CATALOG__{name.upper()}__URI ...): an embedded one is only made beside a "
