@@ -6,7 +6,6 @@ local inputs, failures and argument checks.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -71,23 +70,6 @@ def _pool(runs: list[dict], label: str, metric: str) -> float:
     return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
 
 
-def _release(fifo: Path, data: bytes) -> None:
-    """Hand a reader blocked on the FIFO its bytes (if one is still there), then make it a plain file."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:  # ENXIO: nobody is reading
-            raise
-    else:
-        try:
-            os.write(fd, data)
-        except OSError:
-            pass
-        os.close(fd)
-    fifo.unlink()
-    fifo.write_bytes(data)
-
-
 def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     src = make_dataset(f"{bucket}/src", SynthConfig(train=0, val=0, test=105, seed=5))["test"]
     pool = storage.read_parquet(src)
@@ -135,11 +117,9 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     assert len([r for r in rows_now if r["run_id"] == old_a_run and r["source_manifest"] == b]) == 12
     assert s2["drift"]["compared_with"] == [D1] and s2["drift"]["status"] in ("ok", "drift")
 
-    # ---- night 3: a run killed part way (one image blocks), resumed by the next attempt ---------
-    fifo = tmp_path / "slow.jpg"
-    os.mkfifo(fifo)
-    blocked = dict(rows[69], id="blocked", image_uri=str(fifo))
-    d = put("2025-03-03/cam-d", rows[46:69] + [blocked])  # 24 rows, the blocking one last
+    # ---- night 3: a run killed part way (a long manifest: 240 units), resumed by the next attempt ----
+    long = [dict(r, id=f"{r['id']}-{k}") for k in range(40) for r in rows[46:70]]   # 960 rows, each image 40 times
+    d = put("2025-03-03/cam-d", long)
     cmd = [sys.executable, "jobs/nightly.py", "--input", incoming, "--model", v1, "--output", out, "--date", D3,
            "--batch-size", "4", "--rows-per-file", "4", "--concurrency", "1"]
     env = {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1"}
@@ -151,18 +131,17 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
             assert proc.poll() is None, f"the run ended before it was killed: {proc.stdout.read().decode()[-3000:]}"
             assert time.monotonic() < deadline, "no output files appeared"
             time.sleep(0.2)
-        time.sleep(1.0)
+        time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    _release(fifo, storage.read_bytes(rows[69]["image_uri"]))
     partial = storage.list_files(f"{out}/dt={D3}", suffix=".parquet")
     assert partial and d not in load_state(out)["manifests"]
     e = put("2025-03-03/cam-e", rows[70:81])          # arrives later that night
     s3 = nightly(_config(incoming, v1, out, D3))
     by = {x["manifest"]: x for x in s3["labeled"]}
     assert set(by) == {d, e} and s3["unchanged"] == 3
-    assert by[d]["resumed"] and by[d]["attempts"] == 2 and by[d]["rows"] == 24 and by[d]["errors"] == 0
+    assert by[d]["resumed"] and by[d]["attempts"] == 2 and by[d]["rows"] == 960 and by[d]["errors"] == 0
     assert not by[e]["resumed"]
 
     # drift history: the trailing nights pooled from the recorded runs; tonight from the partition itself
@@ -175,7 +154,7 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
                          f"avg(label_pedestrian::INT) AS pedestrian, avg(prob_car) AS p_car, avg(prob_bus) AS p_bus, "
                          f"avg(prob_pedestrian) AS p_pedestrian, count(*) AS n FROM labels "
                          f"WHERE dt = DATE '{D3}' AND status = 'ok'").to_pylist()[0]
-    assert tonight["n"] == s3["night"]["ok"] == 35
+    assert tonight["n"] == s3["night"]["ok"] == 960 + 11
     for x in LABELS:
         entry = drift["labels"][x]
         assert entry["positive_rate"]["tonight"] == pytest.approx(tonight[x], abs=1e-5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
-import threading
 import time
 
 import pyarrow as pa
@@ -104,24 +103,28 @@ def test_a_negative_stall_limit_is_refused_before_anything_runs(tmp_path):
                           output=str(tmp_path / "out"), stall_seconds=-1, progress=False))
 
 
-def _blocking_manifest(tmp_path, jpeg: bytes, writer_after: float | None) -> str:
-    """A manifest of 4 rows whose first image is a named pipe: fetching it waits until a writer comes."""
-    import os
-
-    fifo = tmp_path / "slow.jpg"
-    os.mkfifo(fifo)
+def _manifest(tmp_path, jpeg: bytes) -> str:
+    """A manifest of 4 small images."""
     images = []
-    for i in range(3):
+    for i in range(4):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg)
         images.append(str(tmp_path / f"{i}.jpg"))
-    pq.write_table(pa.table({"image_uri": [str(fifo), *images]}), tmp_path / "m.parquet")
-    if writer_after is not None:
-        def write() -> None:
-            time.sleep(writer_after)
-            with open(fifo, "wb") as f:
-                f.write(jpeg)
-        threading.Thread(target=write, daemon=True).start()
+    pq.write_table(pa.table({"image_uri": images}), tmp_path / "m.parquet")
     return str(tmp_path / "m.parquet")
+
+
+def _hold_every_cpu(seconds: float):
+    """Someone else's task holding every CPU of the cluster for ``seconds``: no stage of a run can start
+    meanwhile, so nothing moves (a named pipe did this before fetch refused pipes)."""
+    @ray.remote(num_cpus=ray.cluster_resources()["CPU"])
+    def hold(s: float) -> None:
+        time.sleep(s)
+
+    ref = hold.remote(seconds)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return ref
 
 
 def _jpeg() -> bytes:
@@ -134,29 +137,27 @@ def _jpeg() -> bytes:
 
 
 def test_a_stalled_run_ends_with_mlbatchs_message_not_rays(ray_cluster, tmp_path, small_model):
-    data = _blocking_manifest(tmp_path, _jpeg(), writer_after=None)
+    data = _manifest(tmp_path, _jpeg())
+    holder = _hold_every_cpu(120)
     started = time.monotonic()
-    with pytest.raises(JobError) as stalled:
-        label(LabelConfig(manifests=[data], model=small_model, output=str(tmp_path / "out"), batch_size=4,
-                          run_id="stuck", stall_seconds=3, progress=False))
+    try:
+        with pytest.raises(JobError) as stalled:
+            label(LabelConfig(manifests=[data], model=small_model, output=str(tmp_path / "out"), batch_size=4,
+                              run_id="stuck", stall_seconds=3, progress=False))
+    finally:
+        ray.cancel(holder, force=True)
     message = str(stalled.value)
     assert time.monotonic() - started < 120
     assert message.startswith("run stuck: no rows committed for 3 s (--stall-seconds); 0 of 4 rows committed")
-    assert "run again with --resume" in message and "Ray Data's operators still running: " in message
+    assert "run again with --resume" in message and "free on the cluster: CPU 0 of 4" in message, message
     assert "execution_no_progress_timeout_s" not in message   # Ray's advice to raise its limit is not ours
-    import os
-    try:   # let a fetch still blocked on the pipe go (never wait here for a reader)
-        fd = os.open(tmp_path / "slow.jpg", os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, b"x")
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def test_stall_seconds_zero_outlasts_a_low_limit_left_in_rays_context(ray_cluster, tmp_path, small_model):
     """Ray's limit set low through its public setting, as a user's code or the environment may: a run with
-    --stall-seconds 0 (never) still waits out a 6 s fetch and completes."""
-    data = _blocking_manifest(tmp_path, _jpeg(), writer_after=6)
+    --stall-seconds 0 (never) still waits out 6 s in which the cluster is busy with other work, and completes."""
+    data = _manifest(tmp_path, _jpeg())
+    _hold_every_cpu(6)
     ctx = ray.data.DataContext.get_current()
     before, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 1
     try:
