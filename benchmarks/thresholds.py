@@ -28,8 +28,9 @@ from mlbatch.core import manifest
 from mlbatch.model.loaded import load_model
 from mlbatch.synth import SynthConfig, make_dataset
 from mlbatch.train import TrainConfig, train
+from mlbatch.train.config import DEFAULT_AUGMENT
 from mlbatch.train.evaluate import predict_labeled
-from mlbatch.train.metrics import choose_thresholds
+from mlbatch.train.metrics import choose_thresholds, expected_calibration_error
 
 POLICIES = ["f1", "plateau:0.01", "plateau:0.02", "plateau:0.05", "shrink:0.5", "fixed:0.5"]
 
@@ -49,32 +50,45 @@ def _oracle(y: np.ndarray, scores: np.ndarray) -> float:
     return _macro_f1(y, scores, [best[x] for x in labels])
 
 
-def run(kind: str, workdir: str, seed: int) -> list[dict]:
+def _macro_ece(y: np.ndarray, scores: np.ndarray) -> float:
+    return round(float(np.mean([expected_calibration_error(y[:, j], scores[:, j]) for j in range(y.shape[1])])), 4)
+
+
+def run(kind: str, workdir: str, seed: int, augment: tuple[str, ...] | None = None) -> list[dict]:
     root = os.path.join(workdir, f"{kind}-shift")
     if not os.path.exists(os.path.join(root, "test.parquet")):
         make_dataset(root, SynthConfig(kind=kind, shift=True, seed=seed))
     shifted_val = os.path.join(workdir, f"{kind}-shift-val")
     if not os.path.exists(os.path.join(shifted_val, "test.parquet")):
         make_dataset(shifted_val, SynthConfig(kind=kind, shift=True, train=0, val=0, test=500, seed=seed + 1000))
-    out = os.path.join(workdir, "models", f"{kind}-shift")
-    started = time.monotonic()
+    in_view = os.path.join(workdir, f"{kind}-in-view-test")
+    if not os.path.exists(os.path.join(in_view, "test.parquet")):
+        make_dataset(in_view, SynthConfig(kind=kind, train=0, val=0, test=500, seed=seed + 2000))
+    recipe = {} if augment is None else {"augment": augment}
+    out = os.path.join(workdir, "models", f"{kind}-shift" + ("" if augment is None else "-" + "-".join(augment)))
+    seconds = None
     if not os.path.exists(os.path.join(out, "mlbatch-model.json")):
+        started = time.monotonic()
         train(TrainConfig(manifests=[f"{root}/train.parquet"], val_manifests=[f"{root}/val.parquet"], output=out,
-                          progress=False))
-    seconds = time.monotonic() - started
+                          progress=False, **recipe))
+        seconds = round(time.monotonic() - started, 1)
     model = load_model(out)
-    sets = {"val": f"{root}/val.parquet", "shifted_val": f"{shifted_val}/test.parquet", "test": f"{root}/test.parquet"}
+    sets = {"val": f"{root}/val.parquet", "shifted_val": f"{shifted_val}/test.parquet", "test": f"{root}/test.parquet",
+            "in_view_test": f"{in_view}/test.parquet"}
     data = {name: manifest.read_labeled([uri], model.labels) for name, uri in sets.items()}
     scores = {name: predict_labeled(model, d) for name, d in data.items()}
     rows = []
     for policy in POLICIES:
         chosen = choose_thresholds(model.labels, data["val"].targets, scores["val"], policy)
         ts = [chosen[x] for x in model.labels]
-        row = {"kind": kind, "policy": policy, "train_seconds": round(seconds, 1),
+        row = {"kind": kind, "policy": policy, "augment": list(augment or DEFAULT_AUGMENT),
+               "train_seconds": seconds,
                "thresholds": {x: round(chosen[x], 3) for x in model.labels}}
         for name in sets:
             row[f"{name}_macro_f1"] = round(_macro_f1(data[name].targets, scores[name], ts), 4)
         row["test_oracle_macro_f1"] = round(_oracle(data["test"].targets, scores["test"]), 4)
+        for name in ("in_view_test", "test"):
+            row[f"{name}_macro_ece"] = _macro_ece(data[name].targets, scores[name])
         rows.append(row)
     return rows
 
@@ -100,6 +114,8 @@ def main() -> None:
     parser.add_argument("--kinds", default="street,glyphs,shapes")
     parser.add_argument("--workdir", default="/tmp/mlbatch-thresholds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", default=None, help="train with these augmentations (comma-separated; "
+                        "default: train's default), in a model folder of their own")
     parser.add_argument("--out", default=None, help="append results here (JSON lines)")
     parser.add_argument("--table", default=None, metavar="JSONL", help="print the table of these results")
     args = parser.parse_args()
@@ -110,7 +126,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for kind in args.kinds.split(","):
-        for row in run(kind, args.workdir, args.seed):
+        augment = tuple(args.augment.split(",")) if args.augment else None
+        for row in run(kind, args.workdir, args.seed, augment):
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.out:

@@ -254,6 +254,25 @@ def test_augmentations_do_what_they_are_named_and_nothing_else():
     assert not torch.equal(default, x.float())  # ...but they do change the pictures
 
 
+def test_zoom_shrinks_half_the_pictures_whole_and_balance_moves_red_against_blue():
+    import torch
+    from mlbatch.train.loop import augment
+    x = torch.full((64, 3, 32, 32), 100, dtype=torch.uint8)
+    x[:, :, 8:24, 8:24] = 250                                   # a bright square, well inside the frame
+    zoomed = augment(x, torch.Generator().manual_seed(0), ("zoom",))
+    bright = (zoomed[:, 0] > 200).sum(dim=(1, 2))
+    same = torch.tensor([torch.equal(z, x[i].float()) for i, z in enumerate(zoomed)])
+    assert 16 < int(same.sum()) < 48                            # about half are left as they are
+    assert (bright[same] == 256).all()
+    assert ((bright[~same] < 256) & (bright[~same] >= 0.6 * 0.6 * 256)).all()   # shrunk to 70-100%, not cut
+    assert (zoomed[~same, :, 0, 0] - zoomed[~same].mean(dim=(2, 3))).abs().max() < 60   # a border, no black
+    plain = torch.full((16, 3, 8, 8), 100, dtype=torch.uint8)
+    balanced = augment(plain, torch.Generator().manual_seed(1), ("balance",))
+    red, green, blue = (balanced[:, c].mean(dim=(1, 2)) / 100 - 1 for c in range(3))
+    assert torch.allclose(green, torch.zeros(16)) and torch.allclose(red, -blue, atol=1e-5)
+    assert red.abs().max() <= 0.2 + 1e-6 and red.abs().max() > 0.05
+
+
 def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_path, capsys):
     model = tmp_path / "m"
     assert main(["train", "--manifest", small_dataset["train"], "--val-manifest", small_dataset["val"],
@@ -263,6 +282,7 @@ def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_pat
     assert meta["training"]["augment"] == ["hflip", "color"]
     assert main(["train", "--manifest", small_dataset["train"], "--output", str(tmp_path / "n"),
                  "--augment", "rotate"]) == 2
-    assert "unknown augmentation 'rotate'; choose from shift, color, hflip, vflip" in capsys.readouterr().err
+    assert ("unknown augmentation 'rotate'; choose from shift, color, zoom, balance, hflip, vflip"
+            in capsys.readouterr().err)
     from mlbatch.train.config import DEFAULT_AUGMENT
     assert "hflip" not in DEFAULT_AUGMENT and "vflip" not in DEFAULT_AUGMENT

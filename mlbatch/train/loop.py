@@ -88,6 +88,22 @@ def _normalise(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
+def _zoom_out(x: torch.Tensor, scales: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+    """Each picture shrunk by its scale and put at its place (0-1 of the free room) on its mean colour."""
+    n, c, h, w = x.shape
+    out = x.mean(dim=(2, 3), keepdim=True).expand(n, c, h, w).clone()
+    for i in range(n):
+        if float(scales[i]) >= 1.0:
+            out[i] = x[i]
+            continue
+        sh, sw = max(1, round(h * float(scales[i]))), max(1, round(w * float(scales[i])))
+        small = torch.nn.functional.interpolate(x[i:i + 1], size=(sh, sw), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        dy, dx = int(float(places[i, 0]) * (h - sh + 1) * 0.999), int(float(places[i, 1]) * (w - sw + 1) * 0.999)
+        out[i, :, dy:dy + sh, dx:dx + sw] = small[0]
+    return out
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> torch.Tensor:
     """The augmentations ``names`` (see ``config.AUGMENTATIONS``) on a uint8 batch -> float batch, 0-255."""
     n, _, h, w = x.shape
@@ -101,6 +117,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> to
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
         offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
         x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+    if "zoom" in names:
+        scales = torch.rand(n, generator=gen) * 0.3 + 0.7
+        scales = torch.where(torch.rand(n, generator=gen) < 0.5, scales, torch.ones(n))   # half the pictures
+        x = _zoom_out(x, scales, torch.rand(n, 2, generator=gen))
+    if "balance" in names:
+        warm = (torch.rand(n, 1, 1, generator=gen) - 0.5) * 0.4
+        x = x * torch.cat([1 + warm, torch.ones_like(warm), 1 - warm], dim=1).unsqueeze(-1)
     if "color" in names:
         gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
