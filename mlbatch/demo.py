@@ -1,4 +1,4 @@
-"""The end-to-end demo on embedded defaults: local files, a local Ray instance, no credentials.
+"""The end-to-end demo on embedded defaults: local files, the local engine (Ray where one is running), no credentials.
 
     make-dataset -> train -> evaluate (test split) -> register + promote (the first champion)
     night 1: nightly on REGISTRY/NAME@champion -> query

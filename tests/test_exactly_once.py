@@ -23,8 +23,8 @@ from mlbatch.label.config import OutputBusy
 from mlbatch.nightly import NightlyConfig, NightlyError, nightly
 from mlbatch.nightly.state import load_state
 from mlbatch.review.views import query
+from runs import TUNING
 
-TUNING = dict(batch_size=16, concurrency=1, progress=False)
 
 
 def _rows(uri: str, n: int, out: str) -> str:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,18 +23,7 @@ from mlbatch.core import fetch, images, storage
 from mlbatch.label import decoder
 from mlbatch.review.views import query
 
-SECRET = "SECRET-CONTENT-7f3a9c"
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _memory_bomb() -> bytes:
-    """A small PNG whose header claims 7500 x 7500 RGBA: under the pixel limit, over the decode budget."""
-    header = struct.pack(">IIBBBBB", 7500, 7500, 8, 6, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _chunk(b"IEND", b""))
+from badrows import MAX_BYTES, SECRET, bad_input_manifest, memory_bomb
 
 
 def test_local_objects_that_are_not_files_are_refused_at_once(tmp_path):
@@ -66,7 +53,7 @@ def test_an_s3_object_over_the_limit_is_not_read(bucket):
 
 def test_a_decode_that_would_take_too_much_memory_is_an_error():
     with pytest.raises(images.ImageError, match=r"too large to decode: 7500x7500 RGBA needs 225000000 bytes"):
-        images.decode(_memory_bomb())
+        images.decode(memory_bomb())
 
 
 def test_a_decoder_that_stalls_is_replaced_and_its_image_becomes_an_error_row(small_dataset, monkeypatch):
@@ -94,38 +81,21 @@ def test_a_decoder_that_stalls_is_replaced_and_its_image_becomes_an_error_row(sm
 
 def test_hostile_rows_end_as_error_rows_in_seconds_through_the_cli(ray_cluster, bucket, tmp_path, small_dataset,
                                                                   small_model, capsys, caplog):
-    good = pq.read_table(small_dataset["test"]).slice(0, 4).select(["id", "image_uri"]).to_pylist()
-    fifo = tmp_path / "pipe.jpg"
-    os.mkfifo(fifo)
-    (tmp_path / "folder.jpg").mkdir()
-    secret = tmp_path / "notes.jpg"
-    secret.write_text(f"password file {SECRET}\n")
-    storage.write_bytes(f"{bucket}/big.jpg", b"\1" * 300_000)
-    storage.write_bytes(f"{bucket}/bomb.png", _memory_bomb())
-    hostile = {"pipe": (str(fifo), "not an object: a named pipe"),
-               "zero": ("/dev/zero", "not an object: a character device"),
-               "stdin": ("/dev/stdin", "not an object: "),
-               "folder": (str(tmp_path / "folder.jpg"), "not an object: a folder"),
-               "big": (f"{bucket}/big.jpg", "object too large: 300000 bytes, over the limit of 200000"),
-               "bomb": (f"{bucket}/bomb.png", "image too large to decode: 7500x7500 RGBA"),
-               "secret": (str(secret), "not an image")}
-    rows = good + [{"id": k, "image_uri": uri} for k, (uri, _) in hostile.items()]
-    manifest = str(tmp_path / "hostile.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    manifest, hostile, good = bad_input_manifest(tmp_path, bucket, small_dataset["test"])
     out = str(tmp_path / "out")
     started = time.monotonic()
-    code = main(["label", "--manifest", manifest, "--model", small_model, "--output", out, "--max-bytes", "200000",
+    code = main(["label", "--manifest", manifest, "--model", small_model, "--output", out, "--max-bytes", str(MAX_BYTES),
                  "--max-error-rate", "1", "--batch-size", "8", "--concurrency", "1"])
     wall = time.monotonic() - started
     assert code == 0 and wall < 300, wall            # ended by itself, far from the 900 s stall limit
     table = query(out, "SELECT * FROM labels")
     by_id = {r["id"]: r for r in table.to_pylist()}
-    assert len(by_id) == len(rows)
+    assert len(by_id) == len(good) + len(hostile)
     for key, (_, message) in hostile.items():
         assert by_id[key]["status"] == "error" and by_id[key]["error"].startswith(message), (key, by_id[key]["error"])
-    assert all(by_id[r["id"]]["status"] == "ok" for r in good)
+    assert all(by_id[i]["status"] == "ok" for i in good)
     summary = json.loads(Path(out, "_run.json").read_text())
-    assert summary["arguments"]["max_bytes"] == 200_000 and summary["errors"] == len(hostile)
+    assert summary["arguments"]["max_bytes"] == MAX_BYTES and summary["errors"] == len(hostile)
     # nothing from outside the data, and no credential, in the output, the summary or what was printed
     seen = [json.dumps(table.to_pylist(), default=str), Path(out, "_run.json").read_text(),
             *capsys.readouterr(), caplog.text]

@@ -14,8 +14,8 @@ from mlbatch.core import iceberg, storage
 from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.label import commit
 from mlbatch.review.views import query
+from runs import TUNING
 
-TUNING = dict(batch_size=16, concurrency=1, progress=False)
 TABLE = "labels.street"
 
 

@@ -18,8 +18,8 @@ from mlbatch.nightly import publish as publish_mod
 from mlbatch.nightly.state import load_state
 from mlbatch.review.views import query
 from mlbatch.synth import SynthConfig, make_dataset
+from runs import TUNING
 
-TUNING = dict(batch_size=16, concurrency=1, progress=False)
 TABLE = "labels.nightly"
 D1, D2, D3, D4 = (f"2025-04-0{i}" for i in range(1, 5))
 

@@ -27,11 +27,11 @@ from mlbatch.nightly.report import nightly_table
 from mlbatch.nightly.state import load_state
 from mlbatch.review.views import query
 from mlbatch.synth import SynthConfig, make_dataset
+from runs import TUNING
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["car", "bus", "pedestrian"]
 D1, D2, D3, D4, D5, D6 = (f"2025-03-0{i}" for i in range(1, 7))
-TUNING = dict(batch_size=16, concurrency=1, progress=False)
 
 
 def _config(input_uri: str, model: str, output: str, day: str, **kw) -> NightlyConfig:

@@ -16,7 +16,7 @@ import ray
 from mlbatch.label import JobError, LabelConfig, label, ray_compat
 
 NAMES = [ray_compat.STREAMING_GEN_BUFFER, ray_compat.CURRENT_EXECUTOR, ray_compat.TOPOLOGY,
-         ray_compat.OUTPUT_BLOCK_STATS]
+         ray_compat.OUTPUT_BLOCK_STATS, ray_compat.BOOTSTRAP]
 
 
 def test_the_pinned_ray_has_every_private_name_mlbatch_uses(caplog):
@@ -43,11 +43,13 @@ def test_private_ray_names_appear_in_ray_compat_alone():
 @pytest.mark.parametrize("name", NAMES)
 def test_a_private_name_missing_from_ray_is_reported_once_with_its_cost(name, monkeypatch, caplog):
     """Simulated by asking for a name this Ray does not have, in place of the real one."""
-    cost = "start labeling a few seconds late" if name == ray_compat.STREAMING_GEN_BUFFER else "driver's memory grows"
+    cost = {ray_compat.STREAMING_GEN_BUFFER: "start labeling a few seconds late",
+            ray_compat.BOOTSTRAP: "does not see a Ray instance started with `ray start`"}.get(name, "driver's memory grows")
     monkeypatch.setattr(ray_compat, {ray_compat.STREAMING_GEN_BUFFER: "STREAMING_GEN_BUFFER",
                                      ray_compat.CURRENT_EXECUTOR: "CURRENT_EXECUTOR",
                                      ray_compat.TOPOLOGY: "TOPOLOGY",
-                                     ray_compat.OUTPUT_BLOCK_STATS: "OUTPUT_BLOCK_STATS"}[name], "_mlbatch_gone")
+                                     ray_compat.OUTPUT_BLOCK_STATS: "OUTPUT_BLOCK_STATS",
+                                     ray_compat.BOOTSTRAP: "BOOTSTRAP"}[name], "_mlbatch_gone")
     with caplog.at_level(logging.WARNING, logger="mlbatch.label.ray_compat"):
         missing = ray_compat.check(force=True)
         assert ray_compat.check() == missing          # checked once: the second call reads the first answer
@@ -98,7 +100,7 @@ def test_stall_seconds_is_ray_datas_public_no_progress_limit(seconds, ray_limit)
 
 
 def test_a_negative_stall_limit_is_refused_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match=re.escape("--stall-seconds -1: must be 0 (never) or more")):
+    with pytest.raises(JobError, match=re.escape("--stall-seconds -1: must be 0 (never) or more")):
         label(LabelConfig(manifests=[str(tmp_path / "none.parquet")], model=str(tmp_path / "m"),
                           output=str(tmp_path / "out"), stall_seconds=-1, progress=False))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..label.config import DECODERS, LAYOUTS, MODES, LabelConfig, LabelOptions, default
+from ..label.config import DECODERS, ENGINES, LAYOUTS, MODES, LabelConfig, LabelOptions, default
 from ..nightly.config import NightlyConfig
 from ..review.export import ExportConfig
 
@@ -78,6 +78,11 @@ def _add_table_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_job_tuning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, default=default(LabelOptions, "engine"),
+                   help="ray: Ray Data on the cluster; local: this machine alone, one process tree without Ray "
+                        "(no ~12 s of Ray start-up; the same output, resume and lease); auto: ray when RAY_ADDRESS "
+                        "is set (a cluster, `ray job submit`, KubeRay) or a Ray instance is running on this "
+                        "machine (`ray start`: a warm start), else local (default: %(default)s)")
     p.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="manifest column holding image URIs (default: %(default)s)")
     p.add_argument("--id-column", default=None,
                    help="manifest column of unique ids that users join on; checked unique on the cluster "
@@ -167,12 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, locally, in a few minutes",
                        description="make-dataset, train, evaluate, register the model as champion, label a night's "
-                                   "arrivals on a local Ray instance (nightly on REGISTRY/NAME@champion) and query "
-                                   "them, export the least certain rows for review, answer them from the generator's "
-                                   "truth (through Label Studio's API with --label-studio, else as a file in its "
-                                   "export format), import the answers, retrain from the champion with them, promote "
-                                   "or refuse, and label the next night on the champion. Needs no credentials and "
-                                   "downloads nothing.")
+                                   "arrivals with the local engine (nightly on REGISTRY/NAME@champion; on Ray "
+                                   "where one is running) and query them, export the least certain rows for "
+                                   "review, answer them from the generator's truth (through Label Studio's API with "
+                                   "--label-studio, else as a file in its export format), import the answers, "
+                                   "retrain from the champion with them, promote or refuse, and label the next night "
+                                   "on the champion. Needs no credentials and downloads nothing.")
     p.add_argument("--workdir", default="mlbatch-demo", help="where to write everything (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a small dataset and 3 epochs: a smoke test, not a model")
     p.add_argument("--label-studio", default=None, metavar="URL",
@@ -180,9 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY"), metavar="TOKEN",
                    help="its legacy API token (default: $LABEL_STUDIO_API_KEY)")
 
-    p = sub.add_parser("label", help="label the images of Parquet manifests on Ray", epilog=EPILOG,
-                       description="Stream manifests' images through a pool of Ray actors holding the model and "
-                                   "write the manifests back out with label_*, prob_*, labels and status columns.")
+    p = sub.add_parser("label", help="label the images of Parquet manifests (on Ray, or this machine alone)",
+                       epilog=EPILOG,
+                       description="Stream manifests' images through the model (a pool of Ray actors on a cluster, "
+                                   "or this machine's cores with --engine local, the default where no Ray is there "
+                                   "to use) and write the manifests back out with label_*, prob_*, labels and "
+                                   "status columns.")
     add_label_arguments(p)
 
     p = sub.add_parser("nightly", help="label the manifests that arrived since the last run", epilog=EPILOG,

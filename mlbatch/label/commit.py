@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import pyarrow as pa
+
 from ..core import storage
 from ..core.lease import Lease, LeaseHeld, LeaseLost
 from .config import JobError, LabelConfig, OutputBusy
@@ -172,6 +174,16 @@ class Run:
     total: Stats                            # the whole run
     todo: list[tuple[int, int, int]]
     files_written: int = 0
+
+    def add_markers(self, markers: pa.Table) -> None:
+        """Count the commit markers the write stage returned (``unit``, ``file_index``, ``marker``) into the run."""
+        for unit, file_index, text in zip(*(markers.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
+            stats = Stats.from_dict(json.loads(text))
+            rows, row_sum = self.done.get(unit, (0, 0))
+            self.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
+            self.file_stats[file_index].add(stats)
+            self.total.add(stats)
+            self.files_written += 1
 
 
 def plan_record(config: LabelConfig, plan: Plan) -> dict[str, Any]:

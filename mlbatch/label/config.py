@@ -19,6 +19,7 @@ from ..core.lease import DEFAULT_TTL_SECONDS
 LAYOUTS = ("auto", "fused", "split")
 DECODERS = ("pil", "torchvision")  # who decodes: PIL on CPU before predicting, or the predictor (``jpeg``)
 MODES = ("error", "overwrite", "append")   # an output holding another run's rows: refuse, replace, add beside
+ENGINES = ("auto", "local", "ray")   # who runs the stages: Ray Data, or this machine's process tree (``engine``)
 
 
 class JobError(RuntimeError):
@@ -33,6 +34,7 @@ class OutputBusy(JobError):
 class LabelOptions:
     """How to label: the flags ``mlbatch label`` and ``mlbatch nightly`` share."""
 
+    engine: str = "auto"                               # auto | local | ray (``engine.choose_engine``)
     uri_column: str = manifest.URI_COLUMN
     id_column: str | None = None                       # checked unique (on the cluster); rows are identified by position
     batch_size: int = 64
@@ -64,6 +66,17 @@ class LabelConfig(LabelOptions):
     catalog: str = DEFAULT_CATALOG  # its PyIceberg catalog (an embedded SQLite one beside a local output)
     state_dir: str | None = None   # where _run.json, _SUCCESS and _units go (default: the output folder)
     extra_summary: dict[str, Any] = field(default_factory=dict)  # recorded in _run.json (nightly uses it)
+
+
+def check_choices(config: LabelOptions) -> None:
+    """Refuse a named choice or limit no engine knows, before anything is planned or removed."""
+    for flag, value, allowed in (("--engine", config.engine, ENGINES), ("--decode", config.decode, DECODERS),
+                                 ("--layout", config.layout, LAYOUTS), ("--mode", getattr(config, "mode", "error"),
+                                                                        MODES)):
+        if value not in allowed:
+            raise JobError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if config.stall_seconds < 0:
+        raise JobError(f"--stall-seconds {config.stall_seconds:g}: must be 0 (never) or more")
 
 
 def options_of(config: LabelOptions) -> dict[str, Any]:

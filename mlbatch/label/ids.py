@@ -1,4 +1,5 @@
-"""The ``--id-column`` check: ids non-null and unique, decided on the cluster; the driver holds none."""
+"""The ``--id-column`` check: ids non-null and unique, decided on the cluster (the driver holds none), or
+in this process for the local engine."""
 
 from __future__ import annotations
 
@@ -7,40 +8,45 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from ..core import manifest
-from .pipeline import DECODE_CPUS, units_dataset
 from .plan import Plan
 from .stages import read_range
 
 ONE_TASK_ID_CHECK_ROWS = 10_000_000   # checked by one task up to here, a cluster group-by beyond
 
 
-def check_ids(plan: Plan, column: str) -> None:
-    """Ids non-null (from the footers' null counts) and unique (a group-by on the cluster); the driver holds none."""
-    _check_null_ids(plan, column)
-    _check_unique_ids(plan, column)
+def check_ids(plan: Plan, column: str, on_ray: bool = True) -> None:
+    """Ids non-null (from the footers' null counts) and unique (a group-by); on the cluster unless not ``on_ray``."""
+    _check_null_ids(plan, column, on_ray)
+    _check_unique_ids(plan, column, on_ray)
 
 
-def _check_null_ids(plan: Plan, column: str) -> None:
+def _remote(fn: Any) -> Any:
+    import ray
+
+    from .pipeline import DECODE_CPUS
+
+    return lambda *args: ray.get(ray.remote(num_cpus=DECODE_CPUS)(fn).remote(*args))
+
+
+def _check_null_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """Only a file whose footer counts nulls (or has no statistics) is read, by a task on the cluster."""
+    first_null = _remote(_first_null) if on_ray else _first_null
     for i in plan.null_id_files:
         uri = plan.files[i]
-        row = ray.get(_first_null.remote(uri, column))
+        row = first_null(uri, column)
         if row is not None:
             raise manifest.ManifestError(f"manifest {uri}: row {row}: id column {column!r} is null; "
                                          "ids must be unique and non-null")
 
 
-def _first_null_local(uri: str, column: str) -> int | None:
+def _first_null(uri: str, column: str) -> int | None:
     col = read_range(uri, 0, 1 << 62, [column]).column(0)
     if col.null_count == 0:
         return None
     return int(pc.index(pc.is_null(col), True).as_py())
 
-
-_first_null = ray.remote(num_cpus=DECODE_CPUS)(_first_null_local)
 
 
 def _read_ids(batch: pa.Table, column: str) -> pa.Table:
@@ -53,18 +59,22 @@ def _read_ids(batch: pa.Table, column: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _check_unique_ids(plan: Plan, column: str) -> None:
+def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """Every id once, checked on the cluster, never collected in the driver.
 
     Up to ``ONE_TASK_ID_CHECK_ROWS`` rows it is one task (Arrow's hash group-by over the ids: about a
     second, where Ray Data's distributed group-by pays ~10-20 s of shuffle start-up); beyond, a
-    group-by on the cluster, a shuffle of the ids.
+    group-by on the cluster, a shuffle of the ids. The local engine runs the one task's work here.
     """
-    if plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
-        dup = ray.get(_duplicate_id_task.remote(plan.units, plan.files, column))
+    if not on_ray:
+        dup = _duplicate_id(plan.units, plan.files, column)
+    elif plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
+        dup = _remote(_duplicate_id)(plan.units, plan.files, column)
     else:
         from ray.data.aggregate import Count, Max, Min
         from ray.data.expressions import col
+
+        from .pipeline import DECODE_CPUS, units_dataset
 
         ds = units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column},
                                                                   batch_size=1, batch_format="pyarrow",
@@ -91,5 +101,3 @@ def _duplicate_id(units: list[tuple[int, int, int]], files: list[str], column: s
     first = groups.sort_by("pos_max").slice(0, 1).to_pylist()[0]
     return {"id": first["id"], "first": first["pos_min"], "last": first["pos_max"]}
 
-
-_duplicate_id_task = ray.remote(num_cpus=DECODE_CPUS)(_duplicate_id)

@@ -1,8 +1,9 @@
-"""The labeling job: manifests in, the same manifests with multi-hot label columns out, on Ray Data.
+"""The labeling job: manifests in, the same manifests with multi-hot label columns out, on Ray Data or
+on this machine alone (``engine``).
 
 ``label()`` reads as its steps: plan (Parquet footers, no rows) -> prepare (fresh, or resume the
-committed units) -> pipeline (the layout on Ray Data, streaming commits) -> summary (the markers'
-statistics added up, ``_run.json``, ``_SUCCESS``). Every input row leaves as exactly one output
+committed units) -> pipeline (the layout on Ray Data, or the local engine; commits stream) ->
+summary (the markers' statistics added up, ``_run.json``, ``_SUCCESS``). Every input row leaves as exactly one output
 row, an error row if its image cannot be read; the job itself fails only for job-level faults
 (``JobError``): unreadable or schema-invalid manifests, duplicate ids, a refused model package, an
 unwritable output, a stalled cluster, or too many error rows.
@@ -10,18 +11,17 @@ unwritable output, a stalled cluster, or too many error rows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from typing import Any
-
-import ray
+from typing import Any, Iterator
 
 from ..core import iceberg, storage
-from . import commit, ray_compat
-from .config import DECODERS, MODES, JobError, LabelConfig
+from . import commit
+from .config import JobError, LabelConfig, check_choices
+from .engine import choose_engine, connect_ray
 from .ids import check_ids
-from .pipeline import run_pipeline
 from .plan import make_plan
 from .summary import finish
 
@@ -33,11 +33,9 @@ NOTHING_TO_RUN = {"layout": None, "concurrency": None, "num_gpus": None, "device
 def label(config: LabelConfig) -> dict[str, Any]:
     """Run one labeling job and return its summary (also written to ``STATE/_run.json``)."""
     started = time.time()
-    if config.decode not in DECODERS:  # before anything is planned or removed
-        raise JobError(f"--decode {config.decode!r}: choose one of {', '.join(DECODERS)}")
-    if config.mode not in MODES:
-        raise JobError(f"--mode {config.mode!r}: choose one of {', '.join(MODES)}")
-    ray_compat.stall_settings(config.stall_seconds)  # a bad limit is refused before anything is removed
+    check_choices(config)   # before anything is planned or removed
+    engine, why = choose_engine(config.engine)
+    log.info("%s engine: %s", engine, why)
     plan = make_plan(config)
     output, state = commit.output_dirs(config)
     commit.check_writable(output)
@@ -47,16 +45,30 @@ def label(config: LabelConfig) -> dict[str, Any]:
             log.info("run %s is already complete in %s: nothing to resume (%d unmarked files removed)",
                      plan.run_id, output, swept)
             return publish(config, done) if config.table else done
-        if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)
-        with ray_compat.data_context(config.progress, config.stall_seconds):
+        with _engine(engine, config) as run_units:
             if config.id_column:
-                check_ids(plan, config.id_column)
+                check_ids(plan, config.id_column, on_ray=engine == "ray")
             run = commit.prepare(config, plan)
-            predictor = run_pipeline(run) if run.todo else NOTHING_TO_RUN
+            predictor = run_units(run) if run.todo else NOTHING_TO_RUN
         lease.check()
-        summary = finish(run, started, predictor)
+        summary = finish(run, started, {**predictor, "engine": engine, "engine_reason": why})
         return publish(config, summary) if config.table else summary
+
+
+@contextlib.contextmanager
+def _engine(engine: str, config: LabelConfig) -> Iterator[Any]:
+    """The engine's function from a prepared run to its predictor's set-up; Ray connected (or started) for ray."""
+    if engine == "local":
+        from .local import run_local
+
+        yield run_local
+        return
+    from . import ray_compat
+    from .pipeline import run_pipeline
+
+    connect_ray()
+    with ray_compat.data_context(config.progress, config.stall_seconds):
+        yield run_pipeline
 
 
 def publish(config: LabelConfig, summary: dict[str, Any]) -> dict[str, Any]:

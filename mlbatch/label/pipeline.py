@@ -22,7 +22,6 @@ the decode tasks instead and says exactly why an object could not be read.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 from typing import Any, Iterator
 
@@ -30,12 +29,10 @@ import pyarrow as pa
 import ray
 from ray.data.exceptions import ExecutionTimeoutError
 
-from ..core.table import file_metadata, output_columns, renamed_inputs
 from . import ray_compat
 from .commit import Run
 from .config import LAYOUTS, JobError
-from .stages import Predictor, UnitLabeler, decode_batch, read_units, write_units
-from .stats import Stats
+from .stages import Predictor, UnitLabeler, decode_batch, read_units, wiring, write_units
 
 log = logging.getLogger(__name__)
 
@@ -106,61 +103,41 @@ def run_pipeline(run: Run) -> dict[str, Any]:
     else:
         concurrency = max(1, int(cpus // 2))
     device = _predictor_device_check(num_gpus) if num_gpus > 0 else "cpu"
-    labels = plan.meta["labels"]
-    renames = renamed_inputs(plan.schema.names, labels)
-    if renames:
-        log.info("manifest columns kept under new names (the output uses their names): %s", renames)
-    metadata = file_metadata(labels, plan.thresholds, plan.meta["name"], plan.meta["version"], plan.run_id)
+    wired = wiring(run)
+    if wired["renames"]:
+        log.info("manifest columns kept under new names (the output uses their names): %s", wired["renames"])
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
-    columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
-    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, %s layout, %s predictor actors, "
-             "device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo), len(plan.files),
-             run.output, plan.run_id, layout, concurrency, device, config.decode)
-
-    uri_col = renames.get(config.uri_column, config.uri_column)
-    predictor_args = {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
-                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels}
+    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, ray engine, %s layout, %s "
+             "predictor actors, device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo),
+             len(plan.files), run.output, plan.run_id, layout, concurrency, device, config.decode)
     ds = units_dataset(run.todo, plan.files)
     if layout == "fused":
-        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={
-                                **predictor_args, "renames": renames, "uri_column": uri_col,
-                                "batch_size": config.batch_size, "max_bytes": config.max_bytes},
+        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={**wired["predictor"], **wired["labeler"]},
                             batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
                             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     else:
-        ds = ds.map_batches(read_units, fn_kwargs={"renames": renames}, batch_size=1, batch_format="pyarrow",
+        ds = ds.map_batches(read_units, fn_kwargs={"renames": wired["renames"]}, batch_size=1, batch_format="pyarrow",
                             num_cpus=DECODE_CPUS, **TASK_RETRIES)
         # Blocks of a few batches: a unit is read as one block, so without this a single task would
         # fetch every image of it. Small blocks spread the fetching over the cluster.
         ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
         # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
         # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
-        ds = ds.map_batches(decode_batch, fn_kwargs={"uri_column": uri_col, "size": plan.meta["input"]["size"],
-                                                       "max_pixels": config.max_pixels,
-                                                       "max_bytes": config.max_bytes,
-                                                       "fetch_only": config.decode != "pil"},
-                            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=DECODE_CPUS,
+        ds = ds.map_batches(decode_batch, fn_kwargs=wired["decode"], batch_format="pyarrow",
+                            batch_size=config.batch_size, num_cpus=DECODE_CPUS,
                             **TASK_RETRIES)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs=predictor_args,
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs=wired["predictor"],
                             batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
                             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
     # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
-    ds = ds.map_batches(write_units, fn_kwargs={"output": run.output, "markers": run.markers, "run_id": plan.run_id,
-                                                "attempt": run.attempt, "rows_per_unit": config.rows_per_file,
-                                                "columns": columns, "labels": labels, "metadata": metadata},
-                        batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=WRITE_CPUS, **TASK_RETRIES)
+    ds = ds.map_batches(write_units, fn_kwargs=wired["write"], batch_format="pyarrow",
+                        batch_size=config.rows_per_file, num_cpus=WRITE_CPUS, **TASK_RETRIES)
     for batch in _stream(ds, run):
-        for unit, file_index, text in zip(*(batch.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
-            stats = Stats.from_dict(json.loads(text))
-            rows, row_sum = run.done.get(unit, (0, 0))
-            run.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
-            run.file_stats[file_index].add(stats)
-            run.total.add(stats)
-            run.files_written += 1
-    return {"layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
+        run.add_markers(batch)
+    return {"engine": "ray", "layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
             "decode": config.decode}
 
 

@@ -34,6 +34,9 @@ TOPOLOGY = "_topology"
 # MapOperator attribute: a BlockStats (~0.5 KiB) for every block the operator has output, kept for
 # Dataset.stats(): at 256-row blocks a billion rows would hold several GB in the driver.
 OUTPUT_BLOCK_STATS = "_output_blocks_stats"
+# ray._private.services function: the address of the instance `ray start` last made on this machine (from
+# its record in Ray's temporary folder), which ``ray.init()`` connects to; None without one.
+BOOTSTRAP = "find_bootstrap_address"
 
 _MEMORY = "Ray Data's per-block statistics are kept, so the driver's memory grows with the blocks of a run"
 
@@ -66,6 +69,28 @@ def _map_operator_init() -> Any:
     return MapOperator.__init__
 
 
+def _services() -> Any:
+    from ray._private import services
+    return services
+
+
+_NO_WARM_START = ("`--engine auto` does not see a Ray instance started with `ray start` on this machine, and labels "
+                  "locally unless RAY_ADDRESS is set")
+
+
+def running_instance() -> str | None:
+    """The address of the Ray instance running on this machine that ``ray.init()`` would join, or None.
+
+    Only this name is checked here (not ``check()``, which imports Ray Data), so choosing the engine stays quick.
+    """
+    find = getattr(_services(), BOOTSTRAP, None)
+    if not callable(find):
+        log.warning("Ray %s lacks ray._private.services.%s, which mlbatch uses (read from Ray 2.60): %s",
+                    ray.__version__, BOOTSTRAP, _NO_WARM_START)
+        return None
+    return find(None)
+
+
 def private_names() -> list[PrivateName]:
     """Every private Ray name mlbatch uses, with its check."""
     return [
@@ -78,6 +103,8 @@ def private_names() -> list[PrivateName]:
                     lambda: TOPOLOGY in _code_names(_streaming_executor_execute), _MEMORY),
         PrivateName(OUTPUT_BLOCK_STATS, "MapOperator.__init__",
                     lambda: OUTPUT_BLOCK_STATS in _code_names(_map_operator_init), _MEMORY),
+        PrivateName(BOOTSTRAP, "ray._private.services", lambda: callable(getattr(_services(), BOOTSTRAP, None)),
+                    _NO_WARM_START),
     ]
 
 
@@ -98,9 +125,8 @@ def check(force: bool = False) -> list[str]:
 
 
 def stall_settings(stall_seconds: float) -> dict[str, Any]:
-    """``--stall-seconds`` as Ray Data's public no-progress limit: 0 (never) is -1, anything else as given."""
-    if stall_seconds < 0:
-        raise ValueError(f"--stall-seconds {stall_seconds}: must be 0 (never) or more")
+    """``--stall-seconds`` (checked by ``config.check_choices``) as Ray Data's public no-progress limit: 0
+    (never) is -1, anything else as given."""
     return {"execution_no_progress_timeout_s": float(stall_seconds) if stall_seconds > 0 else -1.0}
 
 

@@ -1,5 +1,6 @@
-"""The stages of labeling, as functions and callable classes that know no layout: read a unit, fetch and
-decode, predict, write and commit. ``pipeline`` wires them into Ray Data one way or another.
+"""The stages of labeling, as functions and callable classes that know no engine or layout: read a unit,
+fetch and decode, predict, write and commit. ``pipeline`` wires them into Ray Data one way or another,
+``local`` into one process tree; ``wiring`` gives both the same arguments. No Ray here.
 
 Every input row leaves as exactly one output row: a row whose image cannot be fetched or decoded
 becomes an *error row* (``status = 'error'`` and the reason) instead of stopping the job.
@@ -16,11 +17,11 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from ..core import fetch, images, storage
-from ..core.table import SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, predicted_columns
-from .commit import data_file_name, marker_uri, unit_id
+from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
+                          predicted_columns, renamed_inputs)
+from .commit import Run, data_file_name, marker_uri, unit_id
 from .decoder import decode_uris
 from .stats import Stats
 
@@ -28,6 +29,28 @@ PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_fi
 log = logging.getLogger(__name__)
 
 FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
+
+
+def wiring(run: Run) -> dict[str, Any]:
+    """The stages' arguments for a run, the same for every engine and layout: ``predictor`` (Predictor's),
+    ``labeler`` (UnitLabeler's beyond those), ``decode`` (decode_batch's) and ``write`` (write_units')."""
+    config, plan = run.config, run.plan
+    labels = plan.meta["labels"]
+    renames = renamed_inputs(plan.schema.names, labels)
+    metadata = file_metadata(labels, plan.thresholds, plan.meta["name"], plan.meta["version"], plan.run_id)
+    columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
+    uri_column = renames.get(config.uri_column, config.uri_column)
+    return {
+        "renames": renames,
+        "predictor": {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
+                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels},
+        "labeler": {"renames": renames, "uri_column": uri_column, "batch_size": config.batch_size,
+                    "max_bytes": config.max_bytes},
+        "decode": {"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
+                   "max_bytes": config.max_bytes, "fetch_only": config.decode != "pil"},
+        "write": {"output": run.output, "markers": run.markers, "run_id": plan.run_id, "attempt": run.attempt,
+                  "rows_per_unit": config.rows_per_file, "columns": columns, "labels": labels, "metadata": metadata},
+    }
 
 
 def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
@@ -77,21 +100,26 @@ class Predictor:
     """Loads the model once per actor; predicts a batch of pixels and writes the label columns.
 
     ``decode="torchvision"``: the batch holds the objects' encoded bytes, decoded here on the
-    predictor's device (``jpeg``; PIL on the CPU for what that will not decode).
+    predictor's device (``jpeg``; PIL on the CPU for what that will not decode). ``device``: where to
+    predict; by default CUDA when Ray gave this actor a GPU and CUDA sees it, else the CPU.
     """
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes],
-                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS):
+                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS, device: str | None = None):
         import torch  # here, not at the top: the driver and the decode tasks never need torch
 
         from ..model.loaded import load_model
 
-        self.device = "cpu"
-        if ray.get_gpu_ids():
-            if torch.cuda.is_available():
-                self.device = "cuda"
-            else:
-                log.debug("this actor holds a GPU but no CUDA device is visible: predicting on CPU")
+        if device is None:
+            import ray
+
+            device = "cpu"
+            if ray.get_gpu_ids():
+                if torch.cuda.is_available():
+                    device = "cuda"
+                else:
+                    log.debug("this actor holds a GPU but no CUDA device is visible: predicting on CPU")
+        self.device = device
         self.model = load_model(model_uri, device=self.device)
         self.labels = self.model.labels
         self.thresholds = np.asarray([thresholds[x] for x in self.labels], np.float32)
@@ -154,14 +182,14 @@ class UnitLabeler(Predictor):
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
                  max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS,
-                 max_bytes: int = fetch.DEFAULT_MAX_BYTES):
+                 max_bytes: int = fetch.DEFAULT_MAX_BYTES, device: str | None = None):
         from .decoder import HelperPool
 
         # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
         self.decoders = HelperPool(threads)
         import torch
 
-        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels)
+        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels, device)
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size, self.max_bytes = renames, uri_column, batch_size, max_bytes
@@ -172,12 +200,19 @@ class UnitLabeler(Predictor):
                                                        self.max_pixels, self.max_bytes,
                                                        fetch_only=self.decode != "pil"))
 
-    def __del__(self) -> None:
-        # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it (a
-        # killed actor's helpers see their stdin close and end too)
+    def close(self) -> None:
+        """End the helper processes (a killed labeler's helpers see their stdin close and end too)."""
         decoders = getattr(self, "decoders", None)
         if decoders is not None:
             decoders.close()
+            self.decoders = None
+        ahead = getattr(self, "ahead", None)
+        if ahead is not None:
+            ahead.shutdown(wait=False)
+
+    def __del__(self) -> None:
+        # Ray Data drops the labeler when its actor shuts down gracefully: end its helpers with it
+        self.close()
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         rows = read_units(units, self.renames)

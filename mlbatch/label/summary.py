@@ -93,6 +93,7 @@ def summary_table(summary: dict[str, Any]) -> str:
              f"rows in {summary['rows_in']}, out {summary['rows_out']}: {summary['ok']} ok, {summary['errors']} errors "
              f"({summary['error_rate']:.2%})   {summary['wall_seconds']}s, {summary['rows_per_second']} rows/s",
              f"model {summary['model']['name']} {summary['model']['version']}   "
+             f"engine: {summary['predictor'].get('engine')} ({summary['predictor'].get('engine_reason')})",
              f"predictor device: {summary['predictor']['device']}, layout: {summary['predictor'].get('layout')}, "
              f"decode: {summary['predictor'].get('decode')}",
              f"{'label':<16}{'threshold':>10}{'positive rate':>15}{'mean prob':>11}"]

@@ -1,0 +1,178 @@
+"""The local engine and the choice of engine (issue 22).
+
+The local engine labels on this machine without Ray: the same rows, error rows and resume as Ray's
+engine. ``--engine auto`` labels locally unless Ray is there to use, and uses a Ray instance already
+running on the machine (a warm start) rather than starting a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mlbatch.core import storage
+from mlbatch.core.manifest import ManifestError
+from mlbatch.label import JobError, LabelConfig, label
+from mlbatch.label import engine as engines
+from mlbatch.synth import SynthConfig, make_dataset
+
+from badrows import MAX_BYTES, bad_input_manifest
+from procs import kill_when
+
+SAME_EXACTLY = ["id", "image_uri", "source_manifest", "source_row", "status", "error", "labels", "label_car",
+                "label_bus", "label_pedestrian", "model_name", "model_version"]
+PROBS = ["prob_car", "prob_bus", "prob_pedestrian"]
+
+
+def _output(out: str | Path) -> pa.Table:
+    files = [e.uri for e in storage.list_files(str(out), suffix=".parquet")]
+    return pa.concat_tables([storage.read_parquet(f) for f in files]).sort_by([("source_row", "ascending")])
+
+
+def _assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+    """Row for row the same values; probabilities to 1e-5 (null where the other is null)."""
+    assert a.num_rows == b.num_rows
+    assert a.schema.remove_metadata() == b.schema.remove_metadata()
+    for name in SAME_EXACTLY:
+        assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
+    for name in PROBS:
+        x, y = a.column(name).to_numpy(zero_copy_only=False), b.column(name).to_numpy(zero_copy_only=False)
+        np.testing.assert_array_equal(np.isnan(x.astype(float)), np.isnan(y.astype(float)))
+        np.testing.assert_allclose(x.astype(float), y.astype(float), atol=1e-5, equal_nan=True)
+
+
+def _env(**changes) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+# ---- the same output ------------------------------------------------------------------------
+
+def test_both_engines_label_the_bad_input_matrix_alike(ray_cluster, bucket, tmp_path, small_dataset, small_model):
+    manifest, bad, good = bad_input_manifest(tmp_path, bucket, small_dataset["test"])
+    summaries = {}
+    for engine in ("local", "ray"):
+        summaries[engine] = label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / engine),
+                                              engine=engine, id_column="id", max_bytes=MAX_BYTES,
+                                              max_error_rate=1.0, batch_size=8, progress=False))
+        assert summaries[engine]["predictor"]["engine"] == engine
+    local, on_ray = _output(tmp_path / "local"), _output(tmp_path / "ray")
+    _assert_same_rows(local, on_ray)
+    by_id = {r["id"]: r for r in local.to_pylist()}
+    for key, (_, message) in bad.items():
+        assert by_id[key]["status"] == "error" and by_id[key]["error"].startswith(message), (key, by_id[key]["error"])
+    assert [by_id[i]["status"] for i in good] == ["ok"] * len(good)
+    for field in ("rows_out", "ok", "errors", "top_errors", "labels"):
+        assert summaries["local"][field] == summaries["ray"][field], field
+    assert summaries["local"]["predictor"]["engine_reason"] == "--engine local"
+
+
+def test_the_local_engine_checks_ids_and_refuses_a_repeated_one(tmp_path, small_dataset, small_model):
+    table = storage.read_parquet(small_dataset["test"]).slice(0, 6)
+    ids = table.column("id").to_pylist()
+    repeated = table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids[:5] + ids[:1]))
+    storage.write_parquet(repeated, str(tmp_path / "m.parquet"))
+    with pytest.raises(ManifestError, match=rf"row 5: id {ids[0]!r} already appears at .* row 0"):
+        label(LabelConfig(manifests=[str(tmp_path / "m.parquet")], model=small_model, output=str(tmp_path / "out"),
+                          engine="local", id_column="id", progress=False))
+    assert not list(tmp_path.glob("out/*.parquet"))
+
+
+@pytest.mark.parametrize("resumed_by", ["local", "ray"])
+def test_a_killed_local_run_resumes_every_row_once_on_either_engine(ray_cluster, tmp_path, small_model, resumed_by):
+    data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=400, seed=21))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", data["test"], "--model", small_model,
+            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-file", "16"]
+    kill_when(args + ["--engine", "local"], _env(), lambda: len(list(out.glob("*.parquet"))) >= 3)
+    partial = _output(out).num_rows
+    assert 0 < partial < 400 and not (out / "_SUCCESS").exists()
+
+    resumed = subprocess.run(args + ["--resume", "--engine", resumed_by], env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "rows in 400, out 400: 400 ok" in resumed.stdout
+    summary = json.loads((out / "_run.json").read_text())
+    assert summary["attempts"] == 2 and summary["predictor"]["engine"] == resumed_by
+    table = _output(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(set(table.column("id").to_pylist()))
+    clean = label(LabelConfig(manifests=[data["test"]], model=small_model, output=str(tmp_path / "clean"),
+                              engine="ray", progress=False))
+    assert clean["rows_out"] == 400
+    _assert_same_rows(table, _output(tmp_path / "clean"))
+
+
+# ---- which engine --------------------------------------------------------------------------
+
+def test_an_unknown_engine_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(JobError, match=r"--engine 'spark': choose one of auto, local, ray"):
+        label(LabelConfig(manifests=[str(tmp_path / "none.parquet")], model="m", output=str(tmp_path / "o"),
+                          engine="spark", progress=False))
+
+
+def test_auto_labels_locally_without_starting_ray_when_none_is_there(tmp_path, small_dataset, small_model):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mlb-", dir="/tmp"))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "mlbatch.cli", "label", "--manifest", small_dataset["test"],
+                           "--model", small_model, "--output", str(out)],
+                          env=_env(RAY_ADDRESS=None, RAY_TMPDIR=str(ray_tmp)), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "engine: local (no Ray cluster given (RAY_ADDRESS unset) and none running on this machine)" in done.stdout
+    assert json.loads((out / "_run.json").read_text())["predictor"]["engine"] == "local"
+    assert list(ray_tmp.iterdir()) == []            # no Ray session was made
+    ray_tmp.rmdir()
+
+
+def test_auto_uses_the_ray_instance_running_on_this_machine_and_says_so(tmp_path, small_dataset, small_model):
+    """`ray start` on the machine, no RAY_ADDRESS: the run joins it (a warm start); once it is gone, local."""
+    ray_tmp = tempfile.mkdtemp(prefix="mlb-", dir="/tmp")   # short: Ray's socket paths have a length limit
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(RAY_ADDRESS=None, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", small_dataset["test"], "--model", small_model]
+    try:
+        record = Path(ray_tmp, "ray", "ray_current_cluster")
+        deadline = time.monotonic() + 90
+        while not (record.exists() and engines._listening(record.read_text().strip())):
+            assert head.poll() is None and time.monotonic() < deadline, "ray start did not come up"
+            time.sleep(0.5)
+        warm = subprocess.run(args + ["--output", str(tmp_path / "warm")], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert warm.returncode == 0, warm.stderr[-3000:]
+        address = record.read_text().strip()                      # this machine's address, and the port given
+        assert address.endswith(f":{port}")
+        assert f"using the Ray instance already running at {address} (a warm start" in warm.stderr
+        summary = json.loads((tmp_path / "warm" / "_run.json").read_text())
+        assert summary["predictor"]["engine"] == "ray"
+        assert summary["predictor"]["engine_reason"] == f"a Ray instance is running on this machine ({address})"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    # the record of the killed instance stays behind: it is not followed
+    assert record.exists()
+    cold = subprocess.run(args + ["--output", str(tmp_path / "cold")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert json.loads((tmp_path / "cold" / "_run.json").read_text())["predictor"]["engine"] == "local"
+    subprocess.run(["rm", "-rf", ray_tmp], check=False)
