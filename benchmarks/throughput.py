@@ -84,10 +84,11 @@ def _tree(pid: int) -> list[int]:
 
 
 class PeakPSS:
-    """Samples the PSS of a process tree every 100 ms and keeps the largest sum (MiB)."""
+    """Samples the PSS of a process tree every ``interval`` seconds and keeps the largest sum (MiB)."""
 
-    def __init__(self, pid: int | None = None, samples: list[tuple[float, float]] | None = None):
-        self.pid = pid or os.getpid()
+    def __init__(self, pid: int | None = None, samples: list[tuple[float, float]] | None = None,
+                 interval: float = 0.1):
+        self.pid, self.interval = pid or os.getpid(), interval
         self.peak = 0.0
         self.samples = samples   # (seconds since start, MiB) of every sample, when a list is given
         self._stop = threading.Event()
@@ -100,7 +101,7 @@ class PeakPSS:
             self.peak = max(self.peak, now)
             if self.samples is not None:
                 self.samples.append((time.perf_counter() - start, now))
-            self._stop.wait(0.1)
+            self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakPSS":
         self._thread.start()

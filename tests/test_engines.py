@@ -140,6 +140,15 @@ def test_auto_labels_locally_without_starting_ray_when_none_is_there(tmp_path, s
     ray_tmp.rmdir()
 
 
+def test_choosing_the_local_engine_does_not_import_ray(tmp_path):
+    """Auto on a machine without Ray costs no import of Ray (about a second of every small run)."""
+    probe = ("import sys; from mlbatch.label.engine import choose_engine; "
+             "print(choose_engine('auto')[0], 'ray' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], env=_env(RAY_ADDRESS=None, RAY_TMPDIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["local", "False"], done.stderr[-2000:]
+
+
 def test_auto_uses_the_ray_instance_running_on_this_machine_and_says_so(tmp_path, small_dataset, small_model):
     """`ray start` on the machine, no RAY_ADDRESS: the run joins it (a warm start); once it is gone, local."""
     ray_tmp = tempfile.mkdtemp(prefix="mlb-", dir="/tmp")   # short: Ray's socket paths have a length limit

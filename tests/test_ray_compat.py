@@ -16,7 +16,7 @@ import ray
 from mlbatch.label import JobError, LabelConfig, label, ray_compat
 
 NAMES = [ray_compat.STREAMING_GEN_BUFFER, ray_compat.CURRENT_EXECUTOR, ray_compat.TOPOLOGY,
-         ray_compat.OUTPUT_BLOCK_STATS, ray_compat.BOOTSTRAP]
+         ray_compat.OUTPUT_BLOCK_STATS, ray_compat.BOOTSTRAP, ray_compat.ADDRESS_RECORD]
 
 
 def test_the_pinned_ray_has_every_private_name_mlbatch_uses(caplog):
@@ -44,12 +44,15 @@ def test_private_ray_names_appear_in_ray_compat_alone():
 def test_a_private_name_missing_from_ray_is_reported_once_with_its_cost(name, monkeypatch, caplog):
     """Simulated by asking for a name this Ray does not have, in place of the real one."""
     cost = {ray_compat.STREAMING_GEN_BUFFER: "start labeling a few seconds late",
-            ray_compat.BOOTSTRAP: "does not see a Ray instance started with `ray start`"}.get(name, "driver's memory grows")
+            ray_compat.BOOTSTRAP: "does not see a Ray instance started with `ray start`",
+            ray_compat.ADDRESS_RECORD: "does not see a Ray instance started with `ray start`"}.get(
+                name, "driver's memory grows")
     monkeypatch.setattr(ray_compat, {ray_compat.STREAMING_GEN_BUFFER: "STREAMING_GEN_BUFFER",
                                      ray_compat.CURRENT_EXECUTOR: "CURRENT_EXECUTOR",
                                      ray_compat.TOPOLOGY: "TOPOLOGY",
                                      ray_compat.OUTPUT_BLOCK_STATS: "OUTPUT_BLOCK_STATS",
-                                     ray_compat.BOOTSTRAP: "BOOTSTRAP"}[name], "_mlbatch_gone")
+                                     ray_compat.BOOTSTRAP: "BOOTSTRAP",
+                                     ray_compat.ADDRESS_RECORD: "ADDRESS_RECORD"}[name], "_mlbatch_gone")
     with caplog.at_level(logging.WARNING, logger="mlbatch.label.ray_compat"):
         missing = ray_compat.check(force=True)
         assert ray_compat.check() == missing          # checked once: the second call reads the first answer

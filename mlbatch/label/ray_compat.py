@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import ray
+if TYPE_CHECKING:   # Ray is imported where it is used: choosing the engine reads `address_record` without it
+    import ray
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ OUTPUT_BLOCK_STATS = "_output_blocks_stats"
 # ray._private.services function: the address of the instance `ray start` last made on this machine (from
 # its record in Ray's temporary folder), which ``ray.init()`` connects to; None without one.
 BOOTSTRAP = "find_bootstrap_address"
+# Where that record lives (ray._common.utils.get_ray_address_file): read here without importing Ray, so that
+# `--engine auto` on a machine without Ray does not pay Ray's import (~1 s) to learn that.
+ADDRESS_RECORD = "get_ray_address_file"
 
 _MEMORY = "Ray Data's per-block statistics are kept, so the driver's memory grows with the blocks of a run"
 
@@ -78,13 +84,29 @@ _NO_WARM_START = ("`--engine auto` does not see a Ray instance started with `ray
                   "locally unless RAY_ADDRESS is set")
 
 
+def address_record() -> str:
+    """The file in which `ray start` records its address (Ray's default temporary folder; checked in ``check``)."""
+    base = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return os.path.join(base or "/tmp", "ray", "ray_current_cluster")
+
+
+def _ray_address_record() -> str | None:
+    from ray._common import utils
+    get = getattr(utils, ADDRESS_RECORD, None)
+    return get(None) if callable(get) else None
+
+
 def running_instance() -> str | None:
     """The address of the Ray instance running on this machine that ``ray.init()`` would join, or None.
 
-    Only this name is checked here (not ``check()``, which imports Ray Data), so choosing the engine stays quick.
+    Ray is imported only when the record exists. Only this name is checked here (not ``check()``, which
+    imports Ray Data), so choosing the engine stays quick.
     """
+    if not os.path.exists(address_record()):
+        return None
     find = getattr(_services(), BOOTSTRAP, None)
     if not callable(find):
+        import ray
         log.warning("Ray %s lacks ray._private.services.%s, which mlbatch uses (read from Ray 2.60): %s",
                     ray.__version__, BOOTSTRAP, _NO_WARM_START)
         return None
@@ -93,6 +115,7 @@ def running_instance() -> str | None:
 
 def private_names() -> list[PrivateName]:
     """Every private Ray name mlbatch uses, with its check."""
+    import ray
     return [
         PrivateName(STREAMING_GEN_BUFFER, "ray.data.DataContext",
                     lambda: hasattr(ray.data.DataContext.get_current(), STREAMING_GEN_BUFFER),
@@ -105,6 +128,8 @@ def private_names() -> list[PrivateName]:
                     lambda: OUTPUT_BLOCK_STATS in _code_names(_map_operator_init), _MEMORY),
         PrivateName(BOOTSTRAP, "ray._private.services", lambda: callable(getattr(_services(), BOOTSTRAP, None)),
                     _NO_WARM_START),
+        PrivateName(ADDRESS_RECORD, "ray._common.utils", lambda: _ray_address_record() == address_record(),
+                    _NO_WARM_START),
     ]
 
 
@@ -115,6 +140,7 @@ def check(force: bool = False) -> list[str]:
     """The private names this Ray lacks (each logged once per process, with what it costs)."""
     global _missing
     if _missing is None or force:
+        import ray
         _missing = []
         for p in private_names():
             if not p.present():
@@ -136,6 +162,7 @@ def data_context(progress: bool, stall_seconds: float) -> Iterator[None]:
     settings: dict[str, Any] = {"enable_progress_bars": progress, **stall_settings(stall_seconds)}
     if STREAMING_GEN_BUFFER not in check():
         settings[STREAMING_GEN_BUFFER] = None
+    import ray
     ctx = ray.data.DataContext.get_current()
     old = {name: getattr(ctx, name) for name in settings}
     for name, value in settings.items():
