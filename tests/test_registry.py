@@ -162,17 +162,17 @@ def test_two_promotions_at_once_leave_one_champion(where, versions, small_datase
         t.join()
     monkeypatch.undo()
     alias = _alias(reg)
-    assert alias["version"] in (v["good"], v["nudged"])
-    winner = next(w for w in ("good", "nudged") if v[w] == alias["version"])
-    loser = "nudged" if winner == "good" else "good"
-    # Exactly one promotion won against the broken champion; the other lost the swap, compared itself with the
-    # winner, and was promoted over it only if it beat it (then the alias is two generations on).
+    # Exactly one promotion won the swap against the broken champion. The other lost it, compared itself with
+    # that one, and was promoted over it only if it beat it (then the alias is two generations on, and holds it).
     promoted_over_broken = [w for w, d in decisions.items() if d.promoted and d.champion == v["broken"]]
     assert len(promoted_over_broken) == 1
-    assert decisions[loser].champion == v[promoted_over_broken[0]] or decisions[loser].champion == v["broken"] and \
-        not decisions[loser].promoted
-    assert alias["generation"] == 2 + sum(d.promoted and d.champion != v["broken"] for d in decisions.values())
-    assert alias["previous"] == decisions[winner].champion
+    first = promoted_over_broken[0]
+    other = "nudged" if first == "good" else "good"
+    assert decisions[other].champion == v[first] or (decisions[other].champion == v["broken"]
+                                                      and not decisions[other].promoted)
+    assert alias["version"] == (v[other] if decisions[other].promoted else v[first])
+    assert alias["generation"] == 2 + decisions[other].promoted
+    assert alias["previous"] == (v[first] if decisions[other].promoted else v["broken"])
 
 
 def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_dataset, tmp_path):
