@@ -3,8 +3,8 @@ on this machine alone (``engine``).
 
 ``label()`` reads as its steps: plan (Parquet footers, no rows) -> prepare (fresh, or resume the
 committed units) -> pipeline (the layout on Ray Data, or the local engine; commits stream) ->
-summary (the markers' statistics added up, ``_run.json``, ``_SUCCESS``). Every input row leaves as exactly one output
-row, an error row if its image cannot be read; the job itself fails only for job-level faults
+summary (the markers' statistics added up, ``_run.json``, ``_SUCCESS``). Every input row leaves as
+exactly one output row, an error row if its image cannot be read; the job itself fails only for job-level faults
 (``JobError``): unreadable or schema-invalid manifests, duplicate ids, a refused model package, an
 unwritable output, a stalled cluster, or too many error rows.
 """
