@@ -16,8 +16,6 @@ import os
 import socket
 import sys
 
-from .config import JobError
-
 log = logging.getLogger(__name__)
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
@@ -40,10 +38,8 @@ def _listening(address: str, timeout: float = 1.0) -> bool:
 
 def choose_engine(requested: str) -> tuple[str, str]:
     """The engine for ``--engine requested`` and why, in words for the log and the summary."""
-    if requested in ("local", "ray"):
+    if requested != "auto":   # local or ray: ``config.check_choices`` refused anything else
         return requested, f"--engine {requested}"
-    if requested != "auto":
-        raise JobError(f"--engine {requested!r}: choose one of auto, local, ray")
     if _connected():
         return "ray", "this process is already connected to Ray"
     if os.environ.get(ADDRESS_VARIABLE):
@@ -62,12 +58,12 @@ def _running() -> str | None:
     return address if address and _listening(address) else None
 
 
-def connect_ray() -> str:
-    """Connect to the Ray that ``choose_engine`` found, or start one for this run; what it is, in words."""
+def connect_ray() -> None:
+    """Connect to the Ray that ``choose_engine`` found, or start one for this run, and say which."""
     import ray
 
     if ray.is_initialized():
-        return "the Ray this process is connected to"
+        return
     found = os.environ.get(ADDRESS_VARIABLE) or _running()
     # Ray's own search (RAY_ADDRESS, then the instance `ray start` made) where there is something to find;
     # "local" starts one without following a record that a killed instance left behind
@@ -75,6 +71,5 @@ def connect_ray() -> str:
     where = ray.get_runtime_context().gcs_address
     if found:
         log.info("using the Ray instance already running at %s (a warm start: no Ray started for this run)", where)
-        return f"the running Ray instance at {where}"
-    log.info("started a Ray instance for this run at %s; it ends with the run", where)
-    return f"a Ray instance started for this run at {where}"
+    else:
+        log.info("started a Ray instance for this run at %s; it ends with the run", where)
