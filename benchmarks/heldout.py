@@ -18,7 +18,6 @@ the F1 the best test thresholds would give (no policy can know them), the macro 
 from __future__ import annotations
 
 import argparse
-import ast
 import io
 import json
 import logging
@@ -34,10 +33,9 @@ from mlbatch.core import manifest
 from mlbatch.model.loaded import load_model
 from mlbatch.train import TrainConfig, train
 from mlbatch.train.evaluate import predict_labeled
-from mlbatch.model.convert import EFFICIENTNET_LITE0, convert_weights
 from mlbatch.train.metrics import choose_thresholds
 
-from .thresholds import POLICIES, _macro_ece, _macro_f1, _oracle
+from .thresholds import POLICIES, _macro_ece, _macro_f1, _oracle, calibrated, parse_recipe, train_settings
 
 SIZE = 96
 COUNTS = {"train": 2400, "val": 500, "test": 600}
@@ -95,45 +93,34 @@ def make(folder: str, out: str, seed: int = 0) -> dict[str, str]:
 def judge(data: dict[str, str], out: str, recipe: dict, workdir: str) -> list[dict]:
     """Train with ``recipe`` (TrainConfig overrides) once; for the package's own thresholds and for every
     policy (chosen on validation, as ``train`` chooses), the test as ``mlbatch evaluate`` would see it."""
-    recipe = dict(recipe)
-    if recipe.pop("pretrained_lite0", False):
-        weights = os.path.join(workdir, "lite0.safetensors")
-        if not os.path.exists(weights):
-            convert_weights(weights)
-        recipe.update(backbone=EFFICIENTNET_LITE0, backbone_weights=weights)
+    settings = train_settings(recipe, workdir)
     seconds = None
     if not os.path.exists(os.path.join(out, "mlbatch-model.json")):
         started = time.monotonic()
         train(TrainConfig(manifests=[data["train"]], val_manifests=[data["val"]], output=out, progress=False,
-                          **recipe))
+                          **settings))
         seconds = round(time.monotonic() - started, 1)
     model = load_model(out)
     val, test = (manifest.read_labeled([data[s]], model.labels) for s in ("val", "test"))
-    val_scores, scores = predict_labeled(model, val), predict_labeled(model, test)
+    raw = {"val": predict_labeled(model, val), "test": predict_labeled(model, test)}
+    by_calibration = calibrated(model, val.targets, raw)
     y = test.targets
-    common = {"train_seconds": seconds, "test_oracle_macro_f1": round(_oracle(y, scores), 4),
-              "test_macro_ece": _macro_ece(y, scores)}
     rows = []
-    for policy in ["package", *POLICIES]:
-        chosen = model.thresholds if policy == "package" else choose_thresholds(model.labels, val.targets,
-                                                                               val_scores, policy)
-        ts = [chosen[x] for x in model.labels]
-        rows.append({"policy": policy, "val_macro_f1": round(_macro_f1(val.targets, val_scores, ts), 4),
-                     "test_macro_f1": round(_macro_f1(y, scores, ts), 4), **common,
-                     "thresholds": {x: round(t, 3) for x, t in zip(model.labels, ts)}})
+    for method, scores in by_calibration.items():
+        common = {"calibration": method, "train_seconds": seconds,
+                  "test_oracle_macro_f1": round(_oracle(y, scores["test"]), 4),
+                  "test_macro_ece": _macro_ece(y, scores["test"])}
+        for policy in ["package", *POLICIES]:
+            if policy == "package" and method == "platt":
+                continue  # the package's thresholds were chosen on the uncalibrated scores
+            chosen = model.thresholds if policy == "package" else choose_thresholds(model.labels, val.targets,
+                                                                                   scores["val"], policy)
+            ts = [chosen[x] for x in model.labels]
+            rows.append({"policy": policy, **common,
+                         "val_macro_f1": round(_macro_f1(val.targets, scores["val"], ts), 4),
+                         "test_macro_f1": round(_macro_f1(y, scores["test"], ts), 4),
+                         "thresholds": {x: round(t, 3) for x, t in zip(model.labels, ts)}})
     return rows
-
-
-def _recipe(text: str) -> tuple[str, dict]:
-    name, _, body = text.partition("=")
-    settings = {}
-    for part in filter(None, body.split(";")):
-        key, _, value = part.partition("=")
-        try:
-            settings[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            settings[key] = value
-    return name, settings
 
 
 def main() -> None:
@@ -149,7 +136,7 @@ def main() -> None:
     data_dir = os.path.join(args.workdir, "data")
     data = ({s: os.path.join(data_dir, f"{s}.parquet") for s in COUNTS}
             if os.path.exists(os.path.join(data_dir, "test.parquet")) else make(args.photos, data_dir))
-    for name, recipe in [("defaults", {}), *map(_recipe, args.recipe)]:
+    for name, recipe in [("defaults", {}), *map(parse_recipe, args.recipe)]:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
         for row in judge(data, os.path.join(args.workdir, "models", name), recipe, args.workdir):
             row = {"recipe": name, "settings": settings, **row}

@@ -2,6 +2,7 @@
 
     python -m benchmarks.peers --images 20000 --rounds 3 --json benchmarks/peers-20000.json
     python -m benchmarks.peers --images 20000 --daft-python /path/to/venv-with-daft/bin/python
+    python -m benchmarks.peers --images 200000 --rounds 1 --smaller benchmarks/peers-20000.json
 
 Every contender is a fresh process (Python start, imports, model load and the write included) that
 reads the same manifest of 640x480 JPEG frames and writes Parquet with one probability per label,
@@ -22,6 +23,11 @@ Rounds run the contenders one after another, in a rotated order, so a slow minut
 falls on all of them. Peak memory is the PSS of each contender's process tree, sampled every
 second (sampling a tree of Ray's ~20 processes every 100 ms costs a third of a core). Timings
 live here, never in tests.
+
+Two sizes separate a contender's fixed cost (start-up, model load, shutdown) from its streaming
+rate: with ``--smaller REPORT`` (a run at fewer frames, best the same session's) the table adds
+streaming = (N - n) / (T - t) per contender, its start-up t - n / streaming, and the streaming
+rate as a fraction of the hand loop's ("h").
 """
 
 from __future__ import annotations
@@ -172,15 +178,36 @@ def medians(results: list[dict]) -> dict[str, dict]:
     return out
 
 
+def streaming(small: dict, large: dict) -> dict[str, dict]:
+    """Per contender of both reports: streaming img/s and fixed start-up seconds, from the medians."""
+    out = {}
+    for name, big in large["medians"].items():
+        little = small["medians"].get(name)
+        if little is None or big["seconds"] <= little["seconds"]:
+            continue
+        rate = (large["images"] - small["images"]) / (big["seconds"] - little["seconds"])
+        out[name] = {"images_per_second": round(rate, 1),
+                     "startup_seconds": round(little["seconds"] - small["images"] / rate, 1)}
+    return out
+
+
 def table(report: dict) -> str:
-    m = report["medians"]
+    m, stream = report["medians"], report.get("streaming", {})
+    hand = stream.get("hand loop", {}).get("images_per_second")
+    extra = " streaming img/s | start-up s | streaming / h |" if stream else ""
     lines = [f"{report['images']} frames, {report['rounds']} rounds, {report['cpus']} CPUs (medians; peak PSS the "
-             "largest of the rounds)",
-             "| contender | img/s | seconds | peak PSS MiB | vs mlbatch local |", "| --- | --- | --- | --- | --- |"]
+             "largest of the rounds)" + (f"; streaming from {report['smaller_images']} frames" if stream else ""),
+             "| contender | img/s | seconds | peak PSS MiB | vs mlbatch local |" + extra,
+             "| --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if stream else "")]
     base = m.get("mlbatch local", {}).get("images_per_second")
     for name, v in m.items():
         ratio = f"{v['images_per_second'] / base:.2f}x" if base else ""
-        lines.append(f"| {name} | {v['images_per_second']:.0f} | {v['seconds']:.1f} | {v['peak_pss_mib']:.0f} | {ratio} |")
+        row = f"| {name} | {v['images_per_second']:.0f} | {v['seconds']:.1f} | {v['peak_pss_mib']:.0f} | {ratio} |"
+        if stream:
+            st = stream.get(name)
+            row += (f" {st['images_per_second']:.0f} | {st['startup_seconds']:.1f} | "
+                    f"{st['images_per_second'] / hand:.2f} |" if st and hand else " | | |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -192,10 +219,22 @@ def main() -> None:
     parser.add_argument("--daft-python", default=None, metavar="PYTHON",
                         help="an interpreter with Daft installed that imports mlbatch (without it, no Daft row)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    parser.add_argument("--smaller", default=None, metavar="REPORT",
+                        help="the JSON of a run at fewer frames: adds each contender's streaming rate and start-up")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: print the table of --json (with --smaller's streaming)")
     args = parser.parse_args()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-peers-")
-    report = run(args.images, args.rounds, workdir, args.daft_python)
-    if args.json:
+    if args.report_only:
+        with open(args.json) as f:
+            report = json.load(f)
+    else:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-peers-")
+        report = run(args.images, args.rounds, workdir, args.daft_python)
+    if args.smaller:
+        with open(args.smaller) as f:
+            small = json.load(f)
+        report["smaller_images"], report["streaming"] = small["images"], streaming(small, report)
+    if args.json and (args.smaller or not args.report_only):
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     print(table(report))

@@ -1,6 +1,7 @@
 """Which threshold policy transfers: each kind trained once, every policy scored on the same predictions.
 
     python -m benchmarks.thresholds --kinds street,glyphs,shapes --out benchmarks/thresholds-results.jsonl
+    python -m benchmarks.thresholds --recipe 'frozen=pretrained_lite0=True;freeze_backbone=True' --no-defaults
 
 Per kind: a dataset with ``shift=True`` (training and validation in one view, the test split in
 another: ``synth.new_view``), and a second set in the other view drawn with another seed, the
@@ -11,11 +12,18 @@ and macro-F1 is measured on the validation split, the shifted validation and the
 The policy is chosen on the shifted validation only (the mean over kinds); the shifted test is
 reported beside it, never used to choose, with the F1 that the best thresholds for the test
 pictures would give (``oracle``), which no policy can know.
+
+Each policy is scored twice: on the model's probabilities, and after per-label Platt scaling fitted
+on the validation split (``calibration: platt``), exactly as ``train --calibration platt`` fits it on
+the same predictions. ``--recipe 'NAME=KEY=VALUE;KEY=VALUE'`` trains a model per kind with those
+``TrainConfig`` settings besides the defaults (``pretrained_lite0=True``: EfficientNet-Lite0's
+ImageNet weights, converted once).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -25,10 +33,11 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from mlbatch.core import manifest
+from mlbatch.model import calibration
+from mlbatch.model.convert import EFFICIENTNET_LITE0, convert_weights
 from mlbatch.model.loaded import load_model
 from mlbatch.synth import SynthConfig, make_dataset
 from mlbatch.train import TrainConfig, train
-from mlbatch.train.config import DEFAULT_AUGMENT
 from mlbatch.train.evaluate import predict_labeled
 from mlbatch.train.metrics import choose_thresholds, expected_calibration_error
 
@@ -54,7 +63,40 @@ def _macro_ece(y: np.ndarray, scores: np.ndarray) -> float:
     return round(float(np.mean([expected_calibration_error(y[:, j], scores[:, j]) for j in range(y.shape[1])])), 4)
 
 
-def run(kind: str, workdir: str, seed: int, augment: tuple[str, ...] | None = None) -> list[dict]:
+def parse_recipe(text: str) -> tuple[str, dict]:
+    """``NAME=KEY=VALUE;KEY=VALUE`` -> (NAME, TrainConfig overrides), values as Python literals."""
+    name, _, body = text.partition("=")
+    settings = {}
+    for part in filter(None, body.split(";")):
+        key, _, value = part.partition("=")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return name, settings
+
+
+def train_settings(recipe: dict, workdir: str) -> dict:
+    """A recipe as TrainConfig keywords: ``pretrained_lite0`` becomes Lite0's converted ImageNet weights."""
+    recipe = dict(recipe)
+    if recipe.pop("pretrained_lite0", False):
+        weights = os.path.join(workdir, "lite0.safetensors")
+        if not os.path.exists(weights):
+            convert_weights(weights)
+        recipe.update(backbone=EFFICIENTNET_LITE0, backbone_weights=weights)
+    return recipe
+
+
+def calibrated(model, y_val: np.ndarray, raw: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Scores by calibration: a calibrated package's own, else the raw ones and per-label Platt scaling fitted
+    on ``raw["val"]`` as ``train --calibration platt`` fits it."""
+    if model.meta.get("calibration", {}).get("method", "none") != "none":
+        return {"package": raw}
+    platt = calibration.fit(model.labels, y_val, raw["val"], "platt")
+    return {"none": raw, "platt": {s: calibration.apply(platt, model.labels, v) for s, v in raw.items()}}
+
+
+def run(kind: str, workdir: str, seed: int, name: str = "defaults", recipe: dict | None = None) -> list[dict]:
     root = os.path.join(workdir, f"{kind}-shift")
     if not os.path.exists(os.path.join(root, "test.parquet")):
         make_dataset(root, SynthConfig(kind=kind, shift=True, seed=seed))
@@ -64,32 +106,32 @@ def run(kind: str, workdir: str, seed: int, augment: tuple[str, ...] | None = No
     in_view = os.path.join(workdir, f"{kind}-in-view-test")
     if not os.path.exists(os.path.join(in_view, "test.parquet")):
         make_dataset(in_view, SynthConfig(kind=kind, train=0, val=0, test=500, seed=seed + 2000))
-    recipe = {} if augment is None else {"augment": augment}
-    out = os.path.join(workdir, "models", f"{kind}-shift" + ("" if augment is None else "-" + "-".join(augment)))
+    out = os.path.join(workdir, "models", f"{kind}-shift" + ("" if name == "defaults" else "-" + name))
     seconds = None
     if not os.path.exists(os.path.join(out, "mlbatch-model.json")):
         started = time.monotonic()
         train(TrainConfig(manifests=[f"{root}/train.parquet"], val_manifests=[f"{root}/val.parquet"], output=out,
-                          progress=False, **recipe))
+                          progress=False, **train_settings(recipe or {}, workdir)))
         seconds = round(time.monotonic() - started, 1)
     model = load_model(out)
     sets = {"val": f"{root}/val.parquet", "shifted_val": f"{shifted_val}/test.parquet", "test": f"{root}/test.parquet",
             "in_view_test": f"{in_view}/test.parquet"}
-    data = {name: manifest.read_labeled([uri], model.labels) for name, uri in sets.items()}
-    scores = {name: predict_labeled(model, d) for name, d in data.items()}
+    data = {s: manifest.read_labeled([uri], model.labels) for s, uri in sets.items()}
+    raw = {s: predict_labeled(model, d) for s, d in data.items()}
+    by_calibration = calibrated(model, data["val"].targets, raw)
     rows = []
-    for policy in POLICIES:
-        chosen = choose_thresholds(model.labels, data["val"].targets, scores["val"], policy)
-        ts = [chosen[x] for x in model.labels]
-        row = {"kind": kind, "policy": policy, "augment": list(augment or DEFAULT_AUGMENT),
-               "train_seconds": seconds,
-               "thresholds": {x: round(chosen[x], 3) for x in model.labels}}
-        for name in sets:
-            row[f"{name}_macro_f1"] = round(_macro_f1(data[name].targets, scores[name], ts), 4)
-        row["test_oracle_macro_f1"] = round(_oracle(data["test"].targets, scores["test"]), 4)
-        for name in ("in_view_test", "test"):
-            row[f"{name}_macro_ece"] = _macro_ece(data[name].targets, scores[name])
-        rows.append(row)
+    for method, scores in by_calibration.items():
+        for policy in POLICIES:
+            chosen = choose_thresholds(model.labels, data["val"].targets, scores["val"], policy)
+            ts = [chosen[x] for x in model.labels]
+            row = {"kind": kind, "recipe": name, "settings": recipe or {}, "calibration": method, "policy": policy,
+                   "train_seconds": seconds, "thresholds": {x: round(chosen[x], 3) for x in model.labels}}
+            for s in sets:
+                row[f"{s}_macro_f1"] = round(_macro_f1(data[s].targets, scores[s], ts), 4)
+            row["test_oracle_macro_f1"] = round(_oracle(data["test"].targets, scores["test"]), 4)
+            for s in ("in_view_test", "test"):
+                row[f"{s}_macro_ece"] = _macro_ece(data[s].targets, scores[s])
+            rows.append(row)
     return rows
 
 
@@ -97,16 +139,23 @@ def table(rows: list[dict]) -> str:
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
     out = ["| policy | " + " | ".join(f"{k}: shifted val / shifted test" for k in kinds) + " | mean shifted val |",
            "| --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        cells = {r["kind"]: r for r in rows if r["policy"] == policy}
+    for key in dict.fromkeys(_key(r) for r in rows):
+        cells = {r["kind"]: r for r in rows if _key(r) == key}
+        policy = key
         mean = np.mean([cells[k]["shifted_val_macro_f1"] for k in kinds if k in cells])
         out.append(f"| {policy} | " + " | ".join(
             f"{cells[k]['shifted_val_macro_f1']:.3f} / {cells[k]['test_macro_f1']:.3f}" if k in cells else ""
             for k in kinds) + f" | {mean:.4f} |")
-    oracle = {r["kind"]: r["test_oracle_macro_f1"] for r in rows}
-    out.append("| (best thresholds for the test pictures) | " + " | ".join(f"- / {oracle[k]:.3f}" for k in kinds)
-               + " | |")
+    for recipe in dict.fromkeys(r.get("recipe", "defaults") for r in rows):
+        oracle = {r["kind"]: r["test_oracle_macro_f1"] for r in rows if r.get("recipe", "defaults") == recipe}
+        out.append(f"| {recipe}: best thresholds for the test pictures | "
+                   + " | ".join(f"- / {oracle[k]:.3f}" if k in oracle else "" for k in kinds) + " | |")
     return "\n".join(out)
+
+
+def _key(row: dict) -> str:
+    """Rows of earlier runs have no recipe (the defaults) and no calibration (none)."""
+    return f"{row.get('recipe', 'defaults')}, {row.get('calibration', 'none')}, {row['policy']}"
 
 
 def main() -> None:
@@ -114,8 +163,10 @@ def main() -> None:
     parser.add_argument("--kinds", default="street,glyphs,shapes")
     parser.add_argument("--workdir", default="/tmp/mlbatch-thresholds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--augment", default=None, help="train with these augmentations (comma-separated; "
-                        "default: train's default), in a model folder of their own")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
+                        help="also train with these TrainConfig settings, e.g. "
+                             "'zoom=augment=(\"shift\",\"color\",\"zoom\")', in a model folder of its own")
+    parser.add_argument("--no-defaults", action="store_true", help="only the --recipe models")
     parser.add_argument("--out", default=None, help="append results here (JSON lines)")
     parser.add_argument("--table", default=None, metavar="JSONL", help="print the table of these results")
     args = parser.parse_args()
@@ -124,15 +175,16 @@ def main() -> None:
             print(table([json.loads(line) for line in f if line.strip()]))
         return
     logging.basicConfig(level=logging.WARNING)
+    recipes = ([] if args.no_defaults else [("defaults", {})]) + [parse_recipe(r) for r in args.recipe]
     rows = []
-    for kind in args.kinds.split(","):
-        augment = tuple(args.augment.split(",")) if args.augment else None
-        for row in run(kind, args.workdir, args.seed, augment):
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    for name, recipe in recipes:
+        for kind in args.kinds.split(","):
+            for row in run(kind, args.workdir, args.seed, name, recipe):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     print(table(rows))
 
 

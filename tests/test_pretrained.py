@@ -224,3 +224,49 @@ def test_train_command_with_pretrained_flags_and_help(small_dataset, lite0, tmp_
     text = capsys.readouterr().out
     for words in ("--freeze-backbone", "--pretrained", "convert-weights", "adding a label", "hflip"):
         assert words in text, words
+
+
+# ---- a frozen backbone's features: more than its last map ------------------------------------
+
+def test_pooled_stage_maps_take_the_converted_weights_and_label_as_trained(small_dataset, lite0, tmp_path, capsys):
+    out = str(tmp_path / "maps")
+    assert main(["train", "--manifest", small_dataset["train"], "--val-manifest", small_dataset["val"],
+                 "--output", out, "--backbone-weights", lite0, "--freeze-backbone",
+                 "--backbone-kwargs", "feature_maps=2", "--epochs", "2", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "maps" / "mlbatch-model.json").read_text())
+    assert meta["backbone"] == {"name": EFFICIENTNET_LITE0, "kwargs": {"feature_maps": 2}}
+    packaged, original = load_file(f"{out}/model.safetensors"), load_file(lite0)
+    assert all(torch.equal(packaged[f"backbone.{k}"], v) for k, v in original.items())  # the same names, unchanged
+
+    # the package rebuilds the same features: the final map and the last two stage outputs (112 and 320
+    # channels), each average and max pooled, computed here by timm itself
+    model = mlbatch.load_model(out)
+    plain = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()
+    plain.load_state_dict({k: v for k, v in original.items() if not k.startswith("classifier")})
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        final, stages = plain.forward_intermediates(x, indices=2)
+        expected = torch.cat([p for m in (final, *stages) for p in (m.mean((2, 3)), m.amax((2, 3)))], 1)
+        got = model.net.backbone(x)
+    assert got.shape == (3, 2 * (1280 + 112 + 320)) and model.net.backbone.out_features == got.shape[1]
+    torch.testing.assert_close(got, expected)
+
+
+def test_backbone_arguments_are_checked_and_a_packages_own_are_kept(small_dataset, tmp_path, capsys):
+    common = ["train", "--manifest", small_dataset["train"], "--val-manifest", small_dataset["val"], "--epochs", "1",
+              "--image-size", "32", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--backbone", EFFICIENTNET_LITE0,
+                 "--backbone-kwargs", "feature_maps=9"]) == 2
+    assert "feature_maps=9: timm model 'tf_efficientnet_lite0' has 5 stage outputs" in capsys.readouterr().err
+    assert main([*common, "--output", str(tmp_path / "b"), "--backbone-kwargs", "depth=3"]) == 2
+    assert "'depth' is not allowed for cnn-small (allowed: width)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--output", str(tmp_path / "c"), "--backbone-kwargs", "width"])
+    assert "'width': expected KEY=VALUE" in capsys.readouterr().err
+
+    # a narrower cnn-small, then a new model on its frozen backbone: the package's width comes with it
+    assert main([*common, "--output", str(tmp_path / "narrow"), "--backbone-kwargs", "width=8"]) == 0
+    meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
+                             output=str(tmp_path / "on-narrow"), backbone_weights=str(tmp_path / "narrow"),
+                             freeze_backbone=True, image_size=32, epochs=1, progress=False))
+    assert meta["backbone"] == {"name": "cnn-small", "kwargs": {"width": 8}}

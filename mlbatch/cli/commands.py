@@ -52,6 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
         val_group_column=args.val_group_column,
         labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,
+        backbone_kwargs=dict(args.backbone_kwargs),
         backbone_weights=args.backbone_weights, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
         augment=augment, epochs=args.epochs, patience=args.patience, time_budget=args.time_budget,
         batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale, image_size=args.image_size,

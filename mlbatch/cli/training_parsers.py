@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 from typing import Any
 
 from ..model.spec import DEFAULT_BACKBONE
@@ -66,6 +67,11 @@ def add_training_parsers(sub: Any) -> None:
                    help="label names in output order (default: inferred from the manifests)")
     p.add_argument("--backbone", default=None, help=f"{DEFAULT_BACKBONE} (default), resnet-mini, timm:NAME, "
                    "torchvision:NAME; with --backbone-weights the default is the backbone the weights record")
+    p.add_argument("--backbone-kwargs", nargs="+", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="arguments to the backbone, recorded in the package: feature_maps=N (timm: also pool "
+                        "the last N stage outputs, for a frozen backbone: see docs/training.md), drop_rate=F "
+                        "(timm), width=N (cnn-small, resnet-mini) (default: none, or those of a --backbone-weights "
+                        "package)")
     p.add_argument("--backbone-weights", default=None, metavar="URI",
                    help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "
                         "state dict (.pt/.pth, read with weights_only=True), an mlbatch model package or a registry "
@@ -120,3 +126,14 @@ def add_training_parsers(sub: Any) -> None:
     p.add_argument("--model", required=True, metavar="MODEL_URI", help=MODEL_HELP)
     p.add_argument("--manifest", action="append", required=True, metavar="URI", help="labeled manifest; repeatable")
     p.add_argument("--report", default=None, metavar="DIR", help="write metrics.json and pr_curves.png here")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a Python literal (``3``, ``0.5``, ``True``), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. feature_maps=3")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value

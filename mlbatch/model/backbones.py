@@ -10,6 +10,11 @@ A backbone maps a batch of images (B, 3, H, W) to features (B, F) and says F in
 - a registered name: the few backbones that no library offers in the form we want. A new one
   is one function decorated with ``@register("name")``.
 
+Keyword arguments go to the library's factory (a package may carry only those in
+``package.BACKBONE_KWARGS``), except ``feature_maps=N`` on a ``timm:`` backbone, which is mlbatch's:
+the features are then the model's own final map and its last N stage outputs, each average and max
+pooled (``_PooledMaps``).
+
 ``head_keys`` on the returned module names the state-dict prefixes of the classifier that was
 removed, so that a foreign checkpoint of the whole network loads into the backbone exactly.
 """
@@ -43,16 +48,19 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
     ``pretrained`` loads the library's own pretrained weights (``timm:``/``torchvision:`` only).
     """
-    if name.startswith("timm:"):
-        return _timm(name.split(":", 1)[1], pretrained, **kwargs)
-    if name.startswith("torchvision:"):
-        return _torchvision(name.split(":", 1)[1], pretrained, **kwargs)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
-    if pretrained:
-        raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm: or torchvision: backbone, "
-                         "or give initial weights with --backbone-weights")
-    return _finish(_REGISTRY[name](**kwargs), head_keys=(), input_size=64)
+    try:
+        if name.startswith("timm:"):
+            return _timm(name.split(":", 1)[1], pretrained, **kwargs)
+        if name.startswith("torchvision:"):
+            return _torchvision(name.split(":", 1)[1], pretrained, **kwargs)
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+        if pretrained:
+            raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm: or torchvision: backbone, "
+                             "or give initial weights with --backbone-weights")
+        return _finish(_REGISTRY[name](**kwargs), head_keys=(), input_size=64)
+    except TypeError as exc:  # an argument the factory does not take
+        raise ValueError(f"backbone {name!r} with arguments {kwargs}: {exc}") from None
 
 
 def _finish(model: nn.Module, head_keys: tuple[str, ...], input_size: int) -> nn.Module:
@@ -110,12 +118,39 @@ def resnet_mini(width: int = 32, blocks: int = 2) -> nn.Module:
                   stem_width=width, global_pool="catavgmax")
 
 
+class _PooledMaps(nn.Module):
+    """A timm model's final feature map and its last ``maps`` stage outputs, each average and max pooled,
+    side by side. A frozen ImageNet network's last map is 2x2 at 64 pixels and says "what" in ImageNet's
+    terms; the earlier maps keep the colour, texture and small parts that other data's labels ask about.
+
+    It holds the model's own modules under their own names, so the model's state dict (a converted
+    checkpoint, a package) loads into it unchanged."""
+
+    def __init__(self, model: nn.Module, maps: int):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_model", model)  # not registered: its modules are registered above
+        self.maps = maps
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        final, stages = self._model.forward_intermediates(x, indices=self.maps)
+        if final.ndim != 4:
+            raise ValueError("feature_maps needs a convolutional timm model, whose maps are (batch, C, H, W)")
+        return torch.cat([pooled for m in (final, *stages) for pooled in (m.mean(dim=(2, 3)), m.amax(dim=(2, 3)))],
+                         dim=1)
+
+
 # ---- the field's libraries -----------------------------------------------------------------
 
-def _timm(arch: str, pretrained: bool, **kwargs) -> nn.Module:
+def _timm(arch: str, pretrained: bool, feature_maps: int | None = None, **kwargs) -> nn.Module:
     import timm
     if not timm.is_model(arch.split(".")[0]):
         raise ValueError(f"timm has no model {arch!r} (see timm.list_models())")
+    if feature_maps is not None and (isinstance(feature_maps, bool) or not isinstance(feature_maps, int)
+                                     or feature_maps < 1):
+        raise ValueError(f"feature_maps={feature_maps!r}: expected a whole number of stage outputs, at least 1")
     try:
         model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as exc:  # the hub unreachable, or no pretrained weights for that name
@@ -125,6 +160,14 @@ def _timm(arch: str, pretrained: bool, **kwargs) -> nn.Module:
                          f"{str(exc)[:300]}. Where no hub is reachable, pass a safetensors file with "
                          "--backbone-weights (see mlbatch convert-weights)") from None
     head = model.pretrained_cfg.get("classifier", "classifier")
+    if feature_maps is not None:
+        stages = len(getattr(model, "feature_info", []) or [])
+        if not hasattr(model, "forward_intermediates") or not stages:
+            raise ValueError(f"timm model {arch!r} gives no stage outputs (forward_intermediates); "
+                             "feature_maps needs them")
+        if feature_maps > stages:
+            raise ValueError(f"feature_maps={feature_maps}: timm model {arch!r} has {stages} stage outputs")
+        model = _PooledMaps(model, feature_maps)
     return _finish(model, head_keys=(head,) if isinstance(head, str) else tuple(head),
                    input_size=model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
 

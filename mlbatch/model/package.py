@@ -34,7 +34,7 @@ MAX_INPUT_SIZE = 1024   # pixels a side: far above any backbone's input, far bel
 BACKBONE_KWARGS: dict[str, dict[str, tuple[type, float, float]]] = {
     "cnn-small": {"width": (int, 1, 1024)},
     "resnet-mini": {"width": (int, 1, 1024), "blocks": (int, 1, 16)},
-    "timm": {"drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0)},
+    "timm": {"drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0), "feature_maps": (int, 1, 16)},
     "torchvision": {"dropout": (float, 0.0, 1.0)},
 }
 _BACKBONE_RE = re.compile(r"(?:(timm|torchvision):)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

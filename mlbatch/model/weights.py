@@ -52,6 +52,7 @@ class InitialWeights:
     source: str
     sha256: str
     backbone: str | None = None              # the backbone they were made for, when recorded
+    backbone_kwargs: dict | None = None      # and its arguments (a package records them)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -67,13 +68,14 @@ def read_initial_weights(uri: str) -> InitialWeights:
         tensors = load_safetensors(weights)
         state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
         return InitialWeights(state, uri, meta["weights"]["sha256"], meta["backbone"]["name"],
-                              tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]))
+                              dict(meta["backbone"].get("kwargs") or {}), tuple(meta["input"]["mean"]),
+                              tuple(meta["input"]["std"]))
     data = storage.read_bytes(uri)
     digest = hashlib.sha256(data).hexdigest()
     state = read_state_dict(uri, data)
     header = safetensors_metadata(data) if not uri.lower().endswith((".pt", ".pth", ".bin")) else {}
     floats = (lambda key: tuple(json.loads(header[key])) if key in header else None)
-    return InitialWeights(state, uri, digest, header.get("backbone"), floats("mean"), floats("std"))
+    return InitialWeights(state, uri, digest, header.get("backbone"), None, floats("mean"), floats("std"))
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

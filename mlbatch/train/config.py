@@ -39,6 +39,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     val_group_column: str | None = None      # hold out whole groups (a camera, a day) of this column
     backbone: str | None = None              # default: the one backbone_weights records, else cnn-small
+    backbone_kwargs: dict = field(default_factory=dict)  # to the backbone's factory; default: what a package records
     backbone_weights: str | None = None      # safetensors / .pt state dict / model package to start from
     pretrained: bool = False                 # the backbone library's own pretrained weights (needs its hub)
     freeze_backbone: bool = False            # train only the hidden layer and heads, on features computed once
@@ -64,6 +65,8 @@ class TrainConfig:
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
             raise ValueError(f"unknown augmentation {unknown[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
+        if not isinstance(self.backbone_kwargs, dict) or not all(isinstance(k, str) for k in self.backbone_kwargs):
+            raise ValueError("backbone_kwargs: expected a mapping of argument names to values")
         if self.pretrained and self.backbone_weights:
             raise ValueError("give either pretrained (the library's hub weights) or backbone_weights, not both")
         if self.freeze_backbone and not (self.pretrained or self.backbone_weights):

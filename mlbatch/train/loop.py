@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ..core import images, manifest
 from ..model import calibration
 from ..model.net import MultiLabelNet, save_package
+from ..model.package import check_backbone
 from ..model.spec import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from ..model.weights import InitialWeights, load_backbone_weights, read_initial_weights
 from .config import TrainConfig
@@ -216,11 +217,15 @@ def _build(config: TrainConfig, labels: list[str]) -> tuple[MultiLabelNet, dict]
     """The network with its initial weights, and where they came from (recorded in the package)."""
     init: InitialWeights | None = read_initial_weights(config.backbone_weights) if config.backbone_weights else None
     backbone = config.backbone or (init.backbone if init and init.backbone else DEFAULT_BACKBONE)
+    kwargs = config.backbone_kwargs
+    if not kwargs and init and init.backbone_kwargs and backbone == init.backbone:
+        kwargs = init.backbone_kwargs  # the package's own backbone, as it was built
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if init and init.mean:
         mean, std = init.mean, init.std
-    spec = ModelSpec(labels=labels, backbone=backbone, hidden=config.hidden, image_size=config.image_size,
-                     mean=mean, std=std)
+    check_backbone({"name": backbone, "kwargs": kwargs})  # what a package may carry, before any work
+    spec = ModelSpec(labels=labels, backbone=backbone, backbone_kwargs=dict(kwargs), hidden=config.hidden,
+                     image_size=config.image_size, mean=mean, std=std)
     net = MultiLabelNet(spec, pretrained=config.pretrained)
     source: dict = {"weights": "random"}
     if init:
