@@ -149,11 +149,14 @@ def measure(name: str, command: list[str], n: int, output: str) -> dict:
             "peak_pss_mib": round(mem.peak, 0)}
 
 
-def run(n: int, rounds: int, workdir: str, daft_python: str | None) -> dict:
+def run(n: int, rounds: int, workdir: str, daft_python: str | None, only: list[str] | None = None) -> dict:
     manifest = make_frames(os.path.join(workdir, "frames"), n, 640, 480)
     model = make_package(os.path.join(workdir, "model"), LABELS)
     contenders = _contenders(daft_python)
-    names = list(contenders)
+    unknown = sorted(set(only or []) - set(contenders))
+    if unknown:
+        raise SystemExit(f"--only: no contender {unknown[0]!r}; choose from {', '.join(contenders)}")
+    names = [name for name in contenders if not only or name in only]
     results = []
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -218,18 +221,22 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep frames and outputs here (default: a temporary folder)")
     parser.add_argument("--daft-python", default=None, metavar="PYTHON",
                         help="an interpreter with Daft installed that imports mlbatch (without it, no Daft row)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="measure only these contenders (e.g. 'mlbatch local' 'hand loop')")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     parser.add_argument("--smaller", default=None, metavar="REPORT",
                         help="the JSON of a run at fewer frames: adds each contender's streaming rate and start-up")
     parser.add_argument("--report-only", action="store_true",
                         help="measure nothing: print the table of --json (with --smaller's streaming)")
     args = parser.parse_args()
+    if args.report_only and not args.json:
+        parser.error("--report-only prints the table of a report: give it with --json")
     if args.report_only:
         with open(args.json) as f:
             report = json.load(f)
     else:
         workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-peers-")
-        report = run(args.images, args.rounds, workdir, args.daft_python)
+        report = run(args.images, args.rounds, workdir, args.daft_python, args.only)
     if args.smaller:
         with open(args.smaller) as f:
             small = json.load(f)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import fetch, images, storage
+from ..core import fetch, heap, images, storage
 from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
                           predicted_columns, renamed_inputs)
 from .commit import Run, data_file_name, marker_uri, unit_id
@@ -53,27 +53,55 @@ def wiring(run: Run) -> dict[str, Any]:
     }
 
 
+def _groups(pf: pq.ParquetFile, start: int, stop: int) -> tuple[tuple[int, ...], int]:
+    """The row groups that hold rows ``[start, stop)``, and the file row their first one starts at."""
+    groups, first, offset = [], None, 0
+    for i in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += n
+    return tuple(groups), first or 0
+
+
 def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
-        groups, first, offset = [], None, 0
-        for i in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if offset < stop and offset + n > start:
-                groups.append(i)
-                first = offset if first is None else first
-            offset += n
+        groups, first = _groups(pf, start, stop)
         table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(start - (first or 0), stop - start)
+    return table.slice(start - first, stop - start)
 
 
-def read_units(batch: pa.Table, renames: dict[str, str]) -> pa.Table:
+class RowGroupReader:
+    """``read_range`` that keeps the row groups it read last: the units cut from one large row group (a
+    manifest written in one piece holds up to a million rows in one) then read it once, not once per unit.
+    It holds at most one unit's row groups, which reading that unit needs anyway."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._table: pa.Table | None = None
+        self._first = 0
+
+    def __call__(self, uri: str, start: int, stop: int) -> pa.Table:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            groups, first = _groups(pf, start, stop)
+            if self._key != (uri, groups):
+                self._key, self._table = None, None   # the old groups go before the new ones come
+                self._table = pf.read_row_groups(groups)
+                self._key, self._first = (uri, groups), first
+        return self._table.slice(start - self._first, stop - start)
+
+
+def read_units(batch: pa.Table, renames: dict[str, str], read: Any = read_range) -> pa.Table:
     """Read units of work (rows of ``file, uri, start, stop``): their rows, identity columns appended."""
     tables = []
     for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
-        t = read_range(uri, start, stop).replace_schema_metadata(None)
+        t = read(uri, start, stop).replace_schema_metadata(None)
         t = t.rename_columns([renames.get(n, n) for n in t.column_names])
         n = t.num_rows
         t = t.append_column(SOURCE_MANIFEST, pa.array([uri] * n, pa.string()))
@@ -194,6 +222,7 @@ class UnitLabeler(Predictor):
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size, self.max_bytes = renames, uri_column, batch_size, max_bytes
         self.ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-decode")
+        self.read = RowGroupReader()
 
     def _decode(self, rows: pa.Table) -> pa.Table:
         return _with_pixels(rows, self.decoders.decode(rows.column(self.uri_column).to_pylist(), self.size,
@@ -215,13 +244,15 @@ class UnitLabeler(Predictor):
         self.close()
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
-        rows = read_units(units, self.renames)
+        rows = read_units(units, self.renames, self.read)
         batches = [rows.slice(i, self.batch_size) for i in range(0, rows.num_rows, self.batch_size)]
         pending = self.ahead.submit(self._decode, batches[0]) if batches else None
         for i in range(len(batches)):
             decoded = pending.result()
             pending = self.ahead.submit(self._decode, batches[i + 1]) if i + 1 < len(batches) else None
             yield Predictor.__call__(self, decoded)
+        del rows, batches, decoded
+        heap.release_freed_memory()   # what this unit freed, back to the system (core/heap.py)
 
 
 def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,

@@ -1,0 +1,89 @@
+"""What a long labeling run holds does not grow with rows (issue 22).
+
+A manifest written in one piece has one row group of up to a million rows, and every unit of work cut
+from it read that whole row group again; and the labeler kept the native memory each unit freed
+(glibc's heap, fragmented by torch's activations), so its process grew for the first ~70,000 rows
+(benchmarks/NOTES.md, "The local engine's memory"). Now a labeler reads a row group once for all the
+units it holds, and gives freed memory back after each unit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlbatch.core import heap, storage
+from mlbatch.label import LabelConfig, label
+from mlbatch.label import stages
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.parametrize("row_group_rows, reads", [(60, 1), (25, 3)])
+def test_units_cut_from_one_row_group_read_it_once_and_keep_their_rows(tmp_path, monkeypatch, small_dataset,
+                                                                       small_model, row_group_rows, reads):
+    manifest = str(tmp_path / "m.parquet")
+    source = storage.read_parquet(small_dataset["test"])   # 60 rows
+    pq.write_table(source, manifest, row_group_size=row_group_rows)
+    read_groups, released = [], []
+    original = pq.ParquetFile.read_row_groups
+
+    def counting(self, row_groups, *args, **kwargs):
+        if "status" not in self.schema_arrow.names:   # the manifest, not the output
+            read_groups.append(tuple(row_groups))
+        return original(self, row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
+    monkeypatch.setattr(heap, "release_freed_memory", lambda: released.append(1) or True)
+    label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
+                      rows_per_file=20, progress=False))
+
+    # 3 units of 20 rows: one row group of 60 read once; groups of 25 each read once per unit that needs them
+    assert len(read_groups) == reads, read_groups
+    out = _output(tmp_path / "out")
+    assert out.column("source_row").to_pylist() == list(range(60))
+    assert out.column("id").to_pylist() == source.column("id").to_pylist()
+    assert out.column("image_uri").to_pylist() == source.column("image_uri").to_pylist()
+    assert len(released) == 3   # once after each unit
+
+
+def _output(out) -> pa.Table:
+    files = [e.uri for e in storage.list_files(str(out), suffix=".parquet")]
+    return pa.concat_tables([storage.read_parquet(f) for f in files]).sort_by("source_row")
+
+
+def test_the_row_group_reader_reads_again_when_the_unit_needs_other_groups(tmp_path):
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"n": list(range(100))}), manifest, row_group_size=40)
+    read = stages.RowGroupReader()
+    assert read(manifest, 0, 10).column("n").to_pylist() == list(range(10))
+    assert read(manifest, 30, 50).column("n").to_pylist() == list(range(30, 50))   # groups 0 and 1
+    assert read(manifest, 85, 100).column("n").to_pylist() == list(range(85, 100))  # group 2 only
+    assert read(manifest, 0, 100).column("n").to_pylist() == list(range(100))
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = 64 * 1024                         # below malloc's mmap threshold: on the heap
+    blocks = [libc.malloc(block) for _ in range(4096)]   # 256 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, block)            # touched, so resident
+    before = _rss_mib()
+    for b in blocks[:-1]:                     # the last one stays, so the heap's top cannot shrink by itself
+        libc.free(b)
+    kept = _rss_mib()
+    try:
+        assert heap.release_freed_memory() is True
+        after = _rss_mib()
+    finally:
+        libc.free(blocks[-1])
+    assert before - kept < 64, (before, kept)   # what malloc keeps on its own
+    assert kept - after > 200, (kept, after)    # what release gives back
