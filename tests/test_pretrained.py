@@ -262,6 +262,11 @@ def test_backbone_arguments_are_checked_and_a_packages_own_are_kept(small_datase
     assert "'depth' is not allowed for cnn-small (allowed: width)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*common, "--output", str(tmp_path / "c"), "--backbone-kwargs", "width"])
+    # the library without the CLI's allow-list: a factory's own refusal, named as given
+    with pytest.raises(ValueError, match=r"backbone 'cnn-small' with arguments \{'depth': 3\}: .*'depth'"):
+        create_backbone("cnn-small", depth=3)
+    with pytest.raises(ValueError, match=r"backbone 'timm:resnet18' with arguments \{'depth': 3\}"):
+        create_backbone("timm:resnet18", depth=3)
     assert "'width': expected KEY=VALUE" in capsys.readouterr().err
 
     # a narrower cnn-small, then a new model on its frozen backbone: the package's width comes with it

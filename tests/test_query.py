@@ -12,7 +12,6 @@ import json
 from datetime import date, datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from mlbatch.core import storage

@@ -33,7 +33,6 @@ import ray
 import torch
 from PIL import Image, ImageOps
 
-import mlbatch
 from faultproxy import KINDS, FaultProxy
 from procs import kill_when
 from mlbatch.core import fetch, storage

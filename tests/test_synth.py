@@ -193,7 +193,7 @@ def test_other_kinds_are_deterministic_multi_label_datasets(tmp_path, kind):
     from mlbatch.synth import KINDS
     labels = KINDS[kind].labels
     a = make_dataset(str(tmp_path / "a"), SynthConfig(kind=kind, train=300, val=0, test=0, seed=1))
-    b = make_dataset(str(tmp_path / "b"), SynthConfig(kind=kind, train=300, val=0, test=0, seed=1))
+    make_dataset(str(tmp_path / "b"), SynthConfig(kind=kind, train=300, val=0, test=0, seed=1))
     assert _files(tmp_path / "a" / "images") == _files(tmp_path / "b" / "images")
     table = pq.read_table(a["train"])
     assert table.schema.names == ["id", "image_uri", *labels, "split"]

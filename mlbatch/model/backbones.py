@@ -48,19 +48,25 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
     ``pretrained`` loads the library's own pretrained weights (``timm:``/``torchvision:`` only).
     """
+    if name.startswith("timm:"):
+        return _timm(name.split(":", 1)[1], pretrained, **kwargs)
+    if name.startswith("torchvision:"):
+        return _torchvision(name.split(":", 1)[1], pretrained, **kwargs)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
+    if pretrained:
+        raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm: or torchvision: backbone, "
+                         "or give initial weights with --backbone-weights")
     try:
-        if name.startswith("timm:"):
-            return _timm(name.split(":", 1)[1], pretrained, **kwargs)
-        if name.startswith("torchvision:"):
-            return _torchvision(name.split(":", 1)[1], pretrained, **kwargs)
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
-        if pretrained:
-            raise ValueError(f"backbone {name!r} has no pretrained weights; use a timm: or torchvision: backbone, "
-                             "or give initial weights with --backbone-weights")
-        return _finish(_REGISTRY[name](**kwargs), head_keys=(), input_size=64)
-    except TypeError as exc:  # an argument the factory does not take
-        raise ValueError(f"backbone {name!r} with arguments {kwargs}: {exc}") from None
+        model = _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise _bad_arguments(name, kwargs, exc) from None
+    return _finish(model, head_keys=(), input_size=64)
+
+
+def _bad_arguments(name: str, kwargs: dict, exc: TypeError) -> ValueError:
+    """A factory's TypeError (an argument it does not take, or of the wrong type), named as the user gave it."""
+    return ValueError(f"backbone {name!r} with arguments {kwargs}: {exc}")
 
 
 def _finish(model: nn.Module, head_keys: tuple[str, ...], input_size: int) -> nn.Module:
@@ -153,6 +159,8 @@ def _timm(arch: str, pretrained: bool, feature_maps: int | None = None, **kwargs
         raise ValueError(f"feature_maps={feature_maps!r}: expected a whole number of stage outputs, at least 1")
     try:
         model = timm.create_model(arch, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as exc:
+        raise _bad_arguments(f"timm:{arch}", kwargs, exc) from None
     except Exception as exc:  # the hub unreachable, or no pretrained weights for that name
         if not pretrained:
             raise
@@ -178,6 +186,8 @@ def _torchvision(arch: str, pretrained: bool, **kwargs) -> nn.Module:
         raise ValueError(f"torchvision has no model {arch!r} (see torchvision.models.list_models())")
     try:
         model = torchvision.models.get_model(arch, weights="DEFAULT" if pretrained else None, **kwargs)
+    except TypeError as exc:
+        raise _bad_arguments(f"torchvision:{arch}", kwargs, exc) from None
     except Exception as exc:
         if not pretrained:
             raise

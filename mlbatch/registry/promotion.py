@@ -117,7 +117,7 @@ def promote(config: PromoteConfig) -> Decision:
     check_segment(config.alias, "alias")
     if config.metric not in METRICS:
         raise RegistryError(f"--metric {config.metric!r}: use one of {', '.join(METRICS)}")
-    candidate_uri = resolve(f"{config.registry.rstrip('/')}/{name}@{version}")
+    resolve(f"{config.registry.rstrip('/')}/{name}@{version}")   # a version the registry lacks: refused before evaluating
     reports: dict[str, Any] = {}
 
     def report(v: str):

@@ -124,7 +124,6 @@ def draw_shapes(rng: np.random.Generator, width: int = 64, height: int = 64) -> 
         (w, h), Image.BILINEAR)) for _ in range(3)], -1)
     pixels = np.clip(grey + tint + noise, 0, 255)
     img = Image.fromarray(pixels.astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(img)
     s = min(w, h)
     n = int(rng.integers(1, 7))
     truth = {label: False for label in SHAPE_LABELS}
