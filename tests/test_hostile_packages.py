@@ -92,6 +92,7 @@ def test_a_changed_weights_file_error_shows_no_digest_of_it(package, tmp_path):
      "'pretrained_cfg_overlay' is not allowed"),
     ({"backbone__kwargs": {"width": 10**9}}, "backbone.kwargs.width"),
     ({"backbone__kwargs": {"width": True}}, "backbone.kwargs.width"),
+    ({"backbone__kwargs": {"standardize": 3}}, "backbone.kwargs.standardize"),
     ({"backbone__name": "timm:resnet18", "backbone__kwargs": {"feature_maps": 10**6}}, "backbone.kwargs.feature_maps"),
     ({"backbone__name": "timm:../../x"}, "backbone: expected"),
     ({"input__size": 100000}, "input.size"),

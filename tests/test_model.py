@@ -80,6 +80,33 @@ def test_library_backbones_give_features(name, features):
 
 # ---- the loss ------------------------------------------------------------------------------
 
+def test_a_standardizing_cnn_small_sees_a_new_white_balance_and_contrast_as_the_same_picture(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    camera = x * torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1) * 0.8 + 0.1   # warmer, 80% contrast, brighter
+
+    def change(backbone):
+        backbone.eval()
+        with torch.no_grad():
+            a, b = backbone(x), backbone(camera)
+        return float((a - b).norm() / a.norm())
+
+    assert change(create_backbone("cnn-small", standardize=1)) < 0.05   # 0.025 (the 0.05 floor of the std)
+    assert change(create_backbone("cnn-small")) > 0.1
+    camera = x * 0.8 + 0.1                                                   # standardize=2: one deviation for all
+    assert change(create_backbone("cnn-small", standardize=2)) < 0.05
+    # recorded in the package and rebuilt from it: the same probabilities after loading
+    spec = ModelSpec(labels=LABELS, image_size=32, backbone_kwargs={"standardize": 1})
+    net = MultiLabelNet(spec).eval()
+    save_package(net, str(tmp_path / "pkg"), THRESHOLDS)
+    model = mlbatch.load_model(str(tmp_path / "pkg"))
+    assert model.meta["backbone"] == {"name": "cnn-small", "kwargs": {"standardize": 1}}
+    pictures = _pictures()
+    with torch.no_grad():
+        direct = net.predict_proba(torch.from_numpy(np.stack([model.preprocess(p) for p in pictures]))).numpy()
+    np.testing.assert_array_equal(model.predict(pictures), direct)
+
+
 def test_masked_bce_ignores_unknown_labels():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.7, -2.0]], requires_grad=True)
     targets = torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, float("nan")]])

@@ -259,7 +259,7 @@ def test_backbone_arguments_are_checked_and_a_packages_own_are_kept(small_datase
                  "--backbone-kwargs", "feature_maps=9"]) == 2
     assert "feature_maps=9: timm model 'tf_efficientnet_lite0' has 5 stage outputs" in capsys.readouterr().err
     assert main([*common, "--output", str(tmp_path / "b"), "--backbone-kwargs", "depth=3"]) == 2
-    assert "'depth' is not allowed for cnn-small (allowed: width)" in capsys.readouterr().err
+    assert "'depth' is not allowed for cnn-small (allowed: standardize, width)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*common, "--output", str(tmp_path / "c"), "--backbone-kwargs", "width"])
     # the library without the CLI's allow-list: a factory's own refusal, named as given

@@ -32,7 +32,7 @@ MAX_INPUT_SIZE = 1024   # pixels a side: far above any backbone's input, far bel
 # each value: a package comes from someone else, so nothing else reaches timm or torchvision (timm's
 # checkpoint_path, say, would make it load any local file).
 BACKBONE_KWARGS: dict[str, dict[str, tuple[type, float, float]]] = {
-    "cnn-small": {"width": (int, 1, 1024)},
+    "cnn-small": {"width": (int, 1, 1024), "standardize": (int, 0, 2)},
     "resnet-mini": {"width": (int, 1, 1024), "blocks": (int, 1, 16)},
     "timm": {"drop_rate": (float, 0.0, 1.0), "drop_path_rate": (float, 0.0, 1.0), "feature_maps": (int, 1, 16)},
     "torchvision": {"dropout": (float, 0.0, 1.0)},
