@@ -251,8 +251,7 @@ class UnitLabeler(Predictor):
             decoded = pending.result()
             pending = self.ahead.submit(self._decode, batches[i + 1]) if i + 1 < len(batches) else None
             yield Predictor.__call__(self, decoded)
-        del rows, batches, decoded
-        heap.release_freed_memory()   # what this unit freed, back to the system (core/heap.py)
+        heap.release_freed_memory()   # what this unit's batches freed, back to the system (core/heap.py)
 
 
 def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,
