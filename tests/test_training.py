@@ -213,7 +213,7 @@ def test_training_stops_early_and_keeps_the_best_epoch(small_dataset, tmp_path):
     from mlbatch.train import TrainConfig, train
     meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
                              output=str(tmp_path / "m"), image_size=32, epochs=40, patience=2, lr=1e-6,
-                             progress=False))
+                             lr_schedule="plateau", progress=False))
     t = meta["training"]
     maps = [h["val_map"] for h in t["history"]]
     # at a learning rate this small validation soon stops improving: two epochs after the best, it stops
@@ -228,7 +228,23 @@ def test_training_stops_early_and_keeps_the_best_epoch(small_dataset, tmp_path):
     assert meta["training"]["stopped"] == "time budget of 0s" and meta["training"]["epochs"] == 1
 
 
-def _asymmetric_batch(n: int = 16) -> "torch.Tensor":
+def test_the_cosine_runs_its_plan_and_keeps_its_latest_epoch_of_equals(small_dataset, tmp_path):
+    """Patience does not cut a cosine short; of epochs within 0.001 of the best mAP the last is kept."""
+    from mlbatch.train import TrainConfig, train
+    meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
+                             output=str(tmp_path / "m"), image_size=32, epochs=6, patience=1, lr=1e-4,
+                             progress=False))
+    t = meta["training"]
+    maps = [h["val_map"] for h in t["history"]]
+    assert t["stopped"] == "the cosine's 6 epochs are done" and t["epochs"] == 6
+    # kept: the last epoch whose mAP came within 0.001 of every epoch before it
+    kept = max(e for e in range(1, 7) if maps[e - 1] >= max(maps[:e - 1], default=0) - 1e-3)
+    assert t["best_epoch"] == kept
+    assert t["validation"]["map"] == pytest.approx(maps[kept - 1], abs=1e-4)
+    assert t["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+def _asymmetric_batch(n: int = 16):  # -> torch.Tensor (torch is imported inside the tests)
     import torch
     x = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     x[:, :, 8:24, 2:10] = 255  # a bar on the left
@@ -273,6 +289,26 @@ def test_zoom_shrinks_half_the_pictures_whole_and_balance_moves_red_against_blue
     assert red.abs().max() <= 0.2 + 1e-6 and red.abs().max() > 0.05
 
 
+def test_blur_softens_the_edges_of_half_the_pictures_and_keeps_their_light():
+    import torch
+    from PIL import Image, ImageFilter
+    from mlbatch.train.loop import _blur, augment
+    x = torch.full((64, 3, 32, 32), 20, dtype=torch.uint8)
+    x[:, :, 10:22, 10:22] = 230
+    blurred = augment(x, torch.Generator().manual_seed(0), ("blur",))
+    same = torch.tensor([torch.equal(b, x[i].float()) for i, b in enumerate(blurred)])
+    assert 16 < int(same.sum()) < 48                                   # about half
+    soft = blurred[~same]
+    assert torch.allclose(soft.sum(dim=(2, 3)), x[~same].float().sum(dim=(2, 3)), rtol=1e-4)   # no light lost
+    edge = soft[:, 0, 15, 9]                                           # just outside the square: lit a little
+    assert (edge > 20.5).all() and (edge < 125).all()
+    # the same Gaussian as Pillow's, within a grey level or two
+    one = _blur(x[:1].float(), torch.tensor([0.6]))[0, 0, 15].round()
+    pil = Image.fromarray(x[0].permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(0.6))
+    row = torch.from_numpy(np.asarray(pil)[15, :, 0].astype(np.float32))
+    assert (one - row).abs().max() <= 6
+
+
 def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_path, capsys):
     model = tmp_path / "m"
     assert main(["train", "--manifest", small_dataset["train"], "--val-manifest", small_dataset["val"],
@@ -282,7 +318,7 @@ def test_augmentation_options_are_recorded_in_the_package(small_dataset, tmp_pat
     assert meta["training"]["augment"] == ["hflip", "color"]
     assert main(["train", "--manifest", small_dataset["train"], "--output", str(tmp_path / "n"),
                  "--augment", "rotate"]) == 2
-    assert ("unknown augmentation 'rotate'; choose from shift, color, zoom, balance, hflip, vflip"
+    assert ("unknown augmentation 'rotate'; choose from shift, color, zoom, balance, blur, hflip, vflip"
             in capsys.readouterr().err)
     from mlbatch.train.config import DEFAULT_AUGMENT
     assert "hflip" not in DEFAULT_AUGMENT and "vflip" not in DEFAULT_AUGMENT

@@ -9,6 +9,7 @@ from typing import Any
 from ..model.spec import DEFAULT_BACKBONE
 from ..synth import KINDS, SynthConfig
 from ..train.config import DEFAULT_AUGMENT, TrainConfig
+from ..train.schedule import SCHEDULES
 from .help import EPILOG, MODEL_HELP
 
 
@@ -38,8 +39,9 @@ def add_training_parsers(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train one shared-backbone network with a sigmoid output per label (BCE per label, unknown "
                     "truth masked),\nkeep the best epoch on validation data, choose each label's threshold on "
-                    "validation data, and write\na model package. Epochs run until validation mAP stops improving "
-                    "(--patience), the --time-budget\nwould be passed, or --epochs is reached.\n\n"
+                    "validation data, and write\na model package. The learning rate follows a cosine over the epochs that "
+                    "fit the --time-budget\n(at most --epochs); with --lr-schedule plateau, epochs run until "
+                    "validation mAP stops improving\n(--patience) instead.\n\n"
                     "Backbones, and which way to train them:\n"
                     "  from scratch (default: cnn-small)  no weights needed; thousands of pictures a label; fastest "
                     "to label with.\n"
@@ -87,12 +89,17 @@ def add_training_parsers(sub: Any) -> None:
                         "text, digits, arrows or left/right signs), vflip (aerial, microscope)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many epochs (default: %(default)s)")
     p.add_argument("--patience", type=int, default=TrainConfig.patience,
-                   help="stop when validation mAP has not improved for this many epochs (default: %(default)s)")
+                   help="with --lr-schedule plateau: stop when validation mAP has not improved for this many epochs "
+                        "(default: %(default)s)")
     p.add_argument("--time-budget", type=float, default=TrainConfig.time_budget, metavar="SECONDS",
                    help="start no epoch that would end past this many seconds of training (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=TrainConfig.lr,
                    help="learning rate of the hidden layer and heads (default: %(default)s)")
+    p.add_argument("--lr-schedule", default=TrainConfig.lr_schedule, choices=list(SCHEDULES),
+                   help="after a warm-up epoch: 'cosine' anneals the rate to zero over the epochs that fit the time "
+                        "budget; 'plateau' cuts it by 3 whenever validation mAP stalls for 3 epochs (default: "
+                        "%(default)s)")
     p.add_argument("--backbone-lr-scale", type=float, default=None, metavar="F", help="the backbone's learning rate "
                    "is --lr times this (default: 1 from scratch, 0.1 from pretrained weights)")
     p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")

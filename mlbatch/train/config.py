@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model.calibration import METHODS as CALIBRATIONS
+from .schedule import SCHEDULES
 
 # Augmentations by name. The default ones preserve labels in any domain; flips and quarter
 # turns do not (digits, text, left/right signs, "above"), so they are options to switch on.
@@ -22,6 +23,7 @@ AUGMENTATIONS = {
     "zoom": "shrink half the pictures to 70-100% of their side, at a random place on a border of their mean "
             "colour (everything stays in view: a farther camera)",
     "balance": "white balance up to 20% warmer or cooler (another camera, another light)",
+    "blur": "soften half the pictures with a Gaussian of 0.3-1 pixel (a softer lens, a focus slightly off)",
     "hflip": "mirror left-right (only where a mirrored picture has the same labels)",
     "vflip": "mirror top-bottom (aerial or microscope pictures)",
 }
@@ -45,11 +47,12 @@ class TrainConfig:
     freeze_backbone: bool = False            # train only the hidden layer and heads, on features computed once
     image_size: int = 64
     hidden: int = 256
-    epochs: int = 60                         # at most; training stops earlier by patience or time budget
-    patience: int = 8                        # stop when validation mAP has not improved for this many epochs
+    epochs: int = 60                         # at most; training stops earlier by time budget (or patience)
+    patience: int = 8                        # plateau schedule: stop when validation mAP has not improved this long
     time_budget: float = 270.0               # seconds for the epochs; no epoch starts that would pass it
     batch_size: int = 64
     lr: float = 3e-3
+    lr_schedule: str = "cosine"              # or "plateau": cut by 3 when validation stalls (train.schedule)
     backbone_lr_scale: float | None = None   # backbone lr = lr * this; default 1, or 0.1 from pretrained weights
     weight_decay: float = 1e-4
     augment: tuple[str, ...] = DEFAULT_AUGMENT
@@ -80,5 +83,7 @@ class TrainConfig:
                                  "with validation manifests (give one or the other)")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration {self.calibration!r}: choose one of {', '.join(CALIBRATIONS)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"learning-rate schedule {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.patience < 1 or self.time_budget <= 0:
             raise ValueError("epochs and patience must be at least 1 and the time budget positive")

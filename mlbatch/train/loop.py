@@ -9,8 +9,9 @@ The recipe, read top to bottom in ``train``:
 3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
    and train only the shared hidden layer and the heads on them (seconds, not minutes).
 4. Epochs until validation mAP stops improving (``patience``), the ``time_budget`` would be
-   passed, or ``epochs`` is reached; the learning rate warms up over the first epoch and is
-   cut by 3 when validation stalls for 3 epochs; the best epoch's weights are kept.
+   passed, or ``epochs`` is reached; the learning rate warms up over the first epoch and then
+   follows ``schedule`` (a cosine over the epochs that fit the budget); the best epoch's weights
+   are kept.
 5. Per-label thresholds on the validation scores; write the package with what was done.
 """
 
@@ -35,12 +36,9 @@ from ..model.spec import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, ModelSpe
 from ..model.weights import InitialWeights, load_backbone_weights, read_initial_weights
 from .config import TrainConfig
 from .metrics import choose_thresholds, compute_metrics, parse_policy
+from .schedule import MIN_DELTA, Schedule
 
 log = logging.getLogger(__name__)
-
-PLATEAU_EPOCHS = 3      # validation stalled this long: cut the learning rate
-PLATEAU_FACTOR = 0.3
-MIN_DELTA = 1e-3        # an improvement of validation mAP smaller than this is no improvement
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,14 +49,17 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Te
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
-def stop_reason(val_maps: list[float], epochs: int, patience: int, min_delta: float = MIN_DELTA) -> str | None:
+def stop_reason(val_maps: list[float], epochs: int, patience: int | None,
+                min_delta: float = MIN_DELTA) -> str | None:
     """Why training stops after the epochs whose validation mAPs are ``val_maps``, or None to go on.
 
     It stops when ``patience`` epochs in a row have not beaten the best earlier epoch by
-    ``min_delta``, or when ``epochs`` epochs are done.
+    ``min_delta`` (None: never), or when ``epochs`` epochs are done.
     """
     if len(val_maps) >= epochs:
         return f"reached {epochs} epochs"
+    if patience is None:
+        return None
     best_at = 0
     for i, value in enumerate(val_maps):
         if value > val_maps[best_at] + min_delta:
@@ -105,6 +106,19 @@ def _zoom_out(x: torch.Tensor, scales: torch.Tensor, places: torch.Tensor) -> to
     return out
 
 
+def _blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each picture through a separable Gaussian of its own sigma (0: unchanged), edges replicated."""
+    n, c, h, w = x.shape
+    taps = torch.arange(-2, 3, dtype=x.dtype)
+    kernels = torch.exp(-taps.square() / (2 * sigmas.clamp(min=1e-3).square().view(n, 1)))
+    kernels = torch.where(sigmas.view(n, 1) > 0, kernels, (taps == 0).to(x.dtype))
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)   # (n*c, 5)
+    flat = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate")
+    flat = torch.nn.functional.conv2d(flat, kernels.view(n * c, 1, 1, 5), groups=n * c)
+    flat = torch.nn.functional.conv2d(flat, kernels.view(n * c, 1, 5, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> torch.Tensor:
     """The augmentations ``names`` (see ``config.AUGMENTATIONS``) on a uint8 batch -> float batch, 0-255."""
     n, _, h, w = x.shape
@@ -122,6 +136,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> to
         scales = torch.rand(n, generator=gen) * 0.3 + 0.7
         scales = torch.where(torch.rand(n, generator=gen) < 0.5, scales, torch.ones(n))   # half the pictures
         x = _zoom_out(x, scales, torch.rand(n, 2, generator=gen))
+    if "blur" in names:
+        sigmas = torch.rand(n, generator=gen) * 0.7 + 0.3
+        x = _blur(x, torch.where(torch.rand(n, generator=gen) < 0.5, sigmas, torch.zeros(n)))
     if "balance" in names:
         warm = (torch.rand(n, 1, 1, generator=gen) - 0.5) * 0.4
         x = x * torch.cat([1 + warm, torch.ones_like(warm), 1 - warm], dim=1).unsqueeze(-1)
@@ -297,13 +314,10 @@ def train(config: TrainConfig) -> dict:
         pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(data.x_train) // config.batch_size)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, 0.1 + 0.9 * step / steps_per_epoch))
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=PLATEAU_FACTOR,
-                                                         patience=PLATEAU_EPOCHS - 1, threshold=MIN_DELTA,
-                                                         threshold_mode="abs")
+    schedule = Schedule(opt, config.lr_schedule, steps_per_epoch, config.epochs, config.time_budget)
     gen = torch.Generator().manual_seed(config.seed)
     y_train = torch.from_numpy(data.y_train)
-    best = (-1.0, 0, None)
+    best, best_map = (-1.0, 0, None), -1.0   # the kept epoch (its mAP, number, weights); the best mAP seen
     history: list[dict] = []
     stopped = None
     loop_started = time.monotonic()
@@ -321,19 +335,20 @@ def train(config: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if epoch == 1:
-                warmup.step()
+            schedule.step()
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         val_map = _map(data.y_val, scores(data.x_val))
-        plateau.step(val_map)
         history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
                         "lr": opt.param_groups[-1]["lr"]})
+        schedule.epoch_done(val_map, time.monotonic() - loop_started)
         log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
-        if val_map > best[0] + MIN_DELTA or best[2] is None:
+        if best[2] is None or schedule.keep(val_map, best_map):
             best = (val_map, epoch, copy.deepcopy(net.state_dict()))
+        best_map = max(best_map, val_map)
         elapsed = time.monotonic() - loop_started
-        stopped = stop_reason([h["val_map"] for h in history], config.epochs, config.patience)
+        stopped = schedule.finished() or stop_reason([h["val_map"] for h in history], config.epochs,
+                                                     config.patience if schedule.patience_ends_runs else None)
         if stopped is None and elapsed * (epoch + 1) / epoch > config.time_budget:
             stopped = f"time budget of {config.time_budget:.0f}s"
         if stopped:
