@@ -73,7 +73,7 @@ def add_training_parsers(sub: Any) -> None:
                    help="arguments to the backbone, recorded in the package: feature_maps=N (timm: also pool "
                         "the last N stage outputs, for a frozen backbone: see docs/training.md), drop_rate=F "
                         "(timm), width=N (cnn-small, resnet-mini), standardize=1 (cnn-small: each picture's channels to "
-                        "mean 0 and deviation 1, for a camera change where labels are not colours; 2: one "
+                        "mean 0 and deviation 1, for a camera change: see docs/training.md; 2: one "
                         "deviation for all channels) (default: none, or those of a --backbone-weights package)")
     p.add_argument("--backbone-weights", default=None, metavar="URI",
                    help="start the backbone from these weights: a .safetensors file (see convert-weights), a PyTorch "

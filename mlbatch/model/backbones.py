@@ -105,7 +105,8 @@ class _Features(nn.Sequential):
 class _Standardize(nn.Module):
     """Each picture to mean 0 and standard deviation 1, so the contrast and the tint of a new camera or a new
     light change (almost) nothing the network sees. ``per_channel``: each channel its own deviation too, which
-    also takes out a white balance, and with it the colours themselves. No weights."""
+    also takes out a white balance, and with it the picture's overall colour (colours within it stay apart).
+    No weights."""
 
     def __init__(self, per_channel: bool):
         super().__init__()
