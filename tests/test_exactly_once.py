@@ -167,6 +167,36 @@ def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path,
     assert again == done and not storage.exists(stray) and sum(n for *_, n in _count(out)) == 16
 
 
+def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_output_once(
+        tmp_path, small_dataset, small_model, monkeypatch, caplog):
+    """On Ray a killed driver's actors can finish a unit seconds after it died (seen in CI): after a resume
+    listed the commits, so the resume labels that unit too. The late copy must not double its rows."""
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**config))
+    # as if the first attempt was killed before it committed its last unit...
+    name = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]
+    files = [storage.join(out, name), commit.marker_uri(commit.markers_dir(out, "r"), name)]
+    saved = {uri: storage.read_bytes(uri) for uri in files}
+    for uri in [*files, storage.join(out, commit.SUCCESS_FILE), storage.join(out, commit.SUMMARY_FILE)]:
+        storage.delete(uri)
+    prepare = commit.prepare
+
+    def commits_late(*args, **kwargs):   # ...and its worker commits it just after the resume listed the commits
+        run = prepare(*args, **kwargs)
+        for uri, body in saved.items():
+            storage.write_bytes(uri, body)
+        return run
+
+    monkeypatch.setattr(commit, "prepare", commits_late)
+    again = label(LabelConfig(**config, resume=True))
+    assert again["rows_out"] == 32 and again["attempts"] == 2
+    assert _count(out) == [(os.path.abspath(manifest), row, 1) for row in range(32)]
+    assert not any(storage.exists(uri) for uri in files)           # the late copy, marker and data, is gone
+    assert "removed 1 commits of units this attempt labeled itself" in caplog.text
+
+
 # ---- nights ----------------------------------------------------------------------------------
 
 def _night(tmp_path, model: str, day: str, **kw) -> NightlyConfig:

@@ -149,6 +149,28 @@ def sweep_unmarked(output: str, state: str, run_id: str) -> int:
     return len(stale)
 
 
+def drop_late_commits(run: "Run") -> int:
+    """Remove the commits an earlier attempt made of units this attempt labeled itself; return how many.
+
+    On Ray the actors of a killed driver can finish a unit seconds after it died, after a resume has
+    listed the commits: the resume labels that unit too. Before the run is called whole, the late copy
+    goes (its marker first, then its data file), so each unit's rows are in the output once. The units
+    the resume kept are not touched.
+    """
+    if not run.attempt:
+        return 0
+    redone = {unit_id(f, a) for f, a, _ in run.todo}
+    late = [m for m in read_markers(run.markers)
+            if m["unit"] in redone and attempt_of(m["file"], run.plan.run_id) < run.attempt]
+    for m in late:
+        storage.delete(marker_uri(run.markers, m["file"]))
+        storage.delete(storage.join(run.output, m["file"]))
+    if late:
+        log.warning("removed %d commits of units this attempt labeled itself, made by an earlier attempt's workers "
+                    "after this one began (a killed run's actors finishing late): %s", len(late), late[0]["file"])
+    return len(late)
+
+
 def check_writable(output: str) -> None:
     """Fail before any compute if the output cannot be written."""
     probe = storage.join(output, f"_mlbatch_probe_{os.getpid()}_{int(time.time() * 1000)}")

@@ -51,6 +51,7 @@ def label(config: LabelConfig) -> dict[str, Any]:
             run = commit.prepare(config, plan)
             predictor = run_units(run) if run.todo else NOTHING_TO_RUN
         lease.check()
+        commit.drop_late_commits(run)   # a killed attempt's workers may have committed a unit this one redid
         summary = finish(run, started, {**predictor, "engine": engine, "engine_reason": why})
         return publish(config, summary) if config.table else summary
 
