@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
         backbone_kwargs=dict(args.backbone_kwargs),
         backbone_weights=args.backbone_weights, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
         augment=augment, epochs=args.epochs, patience=args.patience, time_budget=args.time_budget,
-        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, backbone_lr_scale=args.backbone_lr_scale, image_size=args.image_size,
+        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, backbone_lr_scale=args.backbone_lr_scale,
+        image_size=args.image_size,
         pos_weight=args.pos_weight, threshold_policy=args.threshold_policy, calibration=args.calibration,
         name=args.name, seed=args.seed,
         progress=not args.no_progress)

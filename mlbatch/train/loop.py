@@ -8,10 +8,10 @@ The recipe, read top to bottom in ``train``:
    library's hub; its input normalisation comes with the weights.
 3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
    and train only the shared hidden layer and the heads on them (seconds, not minutes).
-4. Epochs until validation mAP stops improving (``patience``), the ``time_budget`` would be
-   passed, or ``epochs`` is reached; the learning rate warms up over the first epoch and then
-   follows ``schedule`` (a cosine over the epochs that fit the budget); the best epoch's weights
-   are kept.
+4. Epochs under a learning-rate ``schedule`` (``schedule.py``): the default cosine runs the
+   epochs that fit the ``time_budget`` (at most ``epochs``) and keeps the latest epoch within
+   ``MIN_DELTA`` of the best validation mAP; ``plateau`` stops by ``patience`` and keeps the
+   best epoch.
 5. Per-label thresholds on the validation scores; write the package with what was done.
 """
 
