@@ -11,14 +11,16 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from mlbatch.cli import main
 from mlbatch.core import storage
 from mlbatch.core.lease import Lease, LeaseHeld, LeaseLost, lease_uri
+from mlbatch.core.table import SOURCE_ROW
 from mlbatch.label import JobError, LabelConfig, label
-from mlbatch.label import commit
+from mlbatch.label import commit, local
 from mlbatch.label.config import OutputBusy
 from mlbatch.nightly import NightlyConfig, NightlyError, nightly
 from mlbatch.nightly.state import load_state
@@ -195,6 +197,37 @@ def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_ou
     assert _count(out) == [(os.path.abspath(manifest), row, 1) for row in range(32)]
     assert not any(storage.exists(uri) for uri in files)           # the late copy, marker and data, is gone
     assert "removed 1 commits of units this attempt labeled itself" in caplog.text
+
+
+def test_a_killed_runs_worker_that_commits_after_the_resume_has_finished_writes_nothing(
+        tmp_path, small_dataset, small_model, monkeypatch, caplog):
+    """The fence: a worker of an earlier attempt checks the run's attempt before it writes, so a unit it
+    finishes after a resume (whole, with _SUCCESS) does not come back as a second copy of its rows."""
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    calls = []
+    write = local.write_units
+
+    def recording(batch, **kwargs):
+        calls.append((batch, kwargs))
+        return write(batch, **kwargs)
+
+    monkeypatch.setattr(local, "write_units", recording)
+    label(LabelConfig(**config))
+    monkeypatch.setattr(local, "write_units", write)
+    last = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]   # as if killed before it
+    for uri in [storage.join(out, last), commit.marker_uri(commit.markers_dir(out, "r"), last),
+                storage.join(out, commit.SUCCESS_FILE), storage.join(out, commit.SUMMARY_FILE)]:
+        storage.delete(uri)
+    assert label(LabelConfig(**config, resume=True))["attempts"] == 2
+    batch, kwargs = next((b, k) for b, k in calls if b.num_rows and pc.max(b.column(SOURCE_ROW)).as_py() >= 16)
+    assert kwargs["attempt"] == 0
+    assert write(batch, **kwargs).num_rows == 0          # the killed run's worker, late: no marker...
+    assert _count(out) == [(os.path.abspath(manifest), row, 1) for row in range(32)]   # ...and no second copy
+    assert f"not committing {batch.num_rows} rows of attempt 0 of run r: attempt 1 of its run has begun" in caplog.text
+    commit.remove_run(out, out, "r")                     # a run removed under it: nothing comes back either
+    assert write(batch, **kwargs).num_rows == 0 and commit.run_files(out, "r") == []
 
 
 # ---- nights ----------------------------------------------------------------------------------

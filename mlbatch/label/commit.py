@@ -149,11 +149,21 @@ def sweep_unmarked(output: str, state: str, run_id: str) -> int:
     return len(stale)
 
 
+def superseded(markers: str, attempt: int) -> str | None:
+    """Why a worker of ``attempt`` must not commit now (a later attempt has begun, or the run was removed),
+    or None. The fence against a killed run's actors that finish a unit late: they check it before writing."""
+    record, _ = storage.read_versioned(storage.join(markers, PLAN_FILE))
+    if record is None:
+        return "its run was removed (its plan record is gone)"
+    current = json.loads(record).get("attempt", 0)
+    return f"attempt {current} of its run has begun" if current > attempt else None
+
+
 def drop_late_commits(run: "Run") -> int:
     """Remove the commits an earlier attempt made of units this attempt labeled itself; return how many.
 
     On Ray the actors of a killed driver can finish a unit seconds after it died, after a resume has
-    listed the commits: the resume labels that unit too. Before the run is called whole, the late copy
+    listed the commits but before it recorded its attempt (``superseded``): the resume labels that unit too. Before the run is called whole, the late copy
     goes (its marker first, then its data file), so each unit's rows are in the output once. The units
     the resume kept are not touched.
     """

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ..core import fetch, heap, images, storage
 from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
                           predicted_columns, renamed_inputs)
-from .commit import Run, data_file_name, marker_uri, unit_id
+from .commit import Run, data_file_name, marker_uri, superseded, unit_id
 from .decoder import decode_uris
 from .stats import Stats
 
@@ -266,6 +266,10 @@ def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt
     starts = batch.column(SOURCE_ROW).to_numpy() // rows_per_unit * rows_per_unit
     keys = np.stack([files, starts], axis=1)
     out = []
+    late = superseded(markers, attempt)
+    if late:   # a killed run's worker, finishing after a resume began: the resume labels these rows itself
+        log.warning("not committing %d rows of attempt %d of run %s: %s", batch.num_rows, attempt, run_id, late)
+        keys = keys[:0]
     for f, start in np.unique(keys, axis=0):
         piece = batch.filter(pa.array((files == f) & (starts == start)))
         piece = piece.sort_by(SOURCE_ROW).select(columns).replace_schema_metadata(metadata)
