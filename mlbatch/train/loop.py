@@ -340,7 +340,7 @@ def train(config: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         val_map = _map(data.y_val, scores(data.x_val))
         history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
-                        "lr": opt.param_groups[-1]["lr"]})
+                        "lr": opt.param_groups[-1]["lr"], "seconds": round(time.monotonic() - loop_started, 1)})
         schedule.epoch_done(val_map, time.monotonic() - loop_started)
         log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
         if best[2] is None or schedule.keep(val_map, best_map):

@@ -3,12 +3,15 @@
 Both schedules warm up over the first epoch (from a tenth of the rate to all of it). Then:
 
 - ``cosine`` (the default): anneal along half a cosine to zero at the end of the run, the run being
-  the epochs that fit the time budget at the pace of the epochs so far (at most ``epochs``). The run
-  is planned, so patience does not end it; of the epochs within ``MIN_DELTA`` of the best validation
-  mAP the latest, most annealed one is kept. Why: some labels are learnt late (on the shapes kind a
-  network sits at one validation mAP for ten epochs before it tells a circle from a square, and a
-  rate cut during that wait stops it there), and annealed weights transfer better to a new view
-  when the training's own view is already learnt (validation mAP 0.999 on glyphs).
+  the epochs that fit the time budget at the pace of the epochs so far (at most ``epochs``), planned
+  again after every epoch: a busy machine shortens it, and a first epoch slowed by a passing load
+  does not cut it short for good. The rest of the cosine is spread over the epochs left, so the rate
+  never jumps, up or down. The run is planned, so patience does not end it; of the epochs within
+  ``MIN_DELTA`` of the best validation mAP the latest, most annealed one is kept. Why: some labels
+  are learnt late (on the shapes kind a network sits at one validation mAP for ten epochs before it
+  tells a circle from a square, and a rate cut during that wait stops it there), and annealed
+  weights transfer better to a new view when the training's own view is already learnt
+  (validation mAP 0.999 on glyphs).
 - ``plateau`` (the old default): cut the rate by ``PLATEAU_FACTOR`` whenever validation mAP has not
   improved for ``PLATEAU_EPOCHS`` epochs; patience ends the run; the best epoch is kept.
 
@@ -47,6 +50,7 @@ class Schedule:
         self.base = [group["lr"] for group in opt.param_groups]
         self.epoch, self.steps = 1, 0
         self.planned: int | None = None       # cosine: known once the first epoch is timed
+        self.progress, self.epoch_steps = 0.0, 0   # cosine: how far along it this epoch began; its steps so far
         self.factor = 1.0                     # plateau: the product of the cuts so far
         self.best, self.stalled = -math.inf, 0
         self._set(0.1)
@@ -60,9 +64,14 @@ class Schedule:
         if self.epoch == 1:
             self._set(min(1.0, 0.1 + 0.9 * self.steps / self.steps_per_epoch))
         elif self.kind == "cosine":
-            span = max(1, (self.planned - 1) * self.steps_per_epoch)
-            done = min(1.0, (self.steps - self.steps_per_epoch) / span)
-            self._set(0.5 * (1 + math.cos(math.pi * done)))
+            self.epoch_steps += 1
+            self._set(0.5 * (1 + math.cos(math.pi * self._progress())))
+
+    def _progress(self) -> float:
+        """How far along the cosine this step is: the rest of it, from where this epoch began, spread
+        evenly over the planned epochs left (this one included)."""
+        left = max(1, self.planned - self.epoch + 1) * self.steps_per_epoch
+        return min(1.0, self.progress + (1 - self.progress) * self.epoch_steps / left)
 
     def keep(self, val_map: float, best_map: float) -> bool:
         """Whether an epoch's weights replace the kept ones, ``best_map`` being the best validation mAP of the
@@ -88,8 +97,10 @@ class Schedule:
             self.planned = fit
             self.steps = self.steps_per_epoch   # a short last batch or none: the cosine starts at epoch 2
             self._set(1.0)
-        else:   # epochs that slow down (a busy machine) shorten the cosine, so it still ends within the budget
-            self.planned = min(self.planned, max(fit, self.epoch))
+        else:   # slower epochs shorten the cosine, so it still ends within the budget; faster ones lengthen it
+            if self.kind == "cosine":
+                self.progress, self.epoch_steps = self._progress(), 0
+            self.planned = max(fit, self.epoch)
         if self.kind == "plateau":
             if val_map > self.best + MIN_DELTA:
                 self.best, self.stalled = val_map, 0
