@@ -5,6 +5,7 @@ that broke it before."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -54,10 +55,17 @@ def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_pa
     first.renew()
     assert json.loads(storage.read_versioned(lease_uri(folder))[0])["heartbeat_at"] > before["heartbeat_at"]
     first.release()
-    second = Lease(folder, "run-b", ttl=0.5).acquire()    # released: free at once
-    second._stop.set()                                   # its holder dies: no more renewals
-    time.sleep(0.8)
-    third = Lease(folder, "run-c", ttl=30).acquire()     # expired: taken over
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mlbatch.core.lease"):
+        second = Lease(folder, "run-b", ttl=0.5).acquire()    # released: free at once, and nothing to warn of
+        assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["INFO"], caplog.text
+        assert "run 'run-a' released it" in caplog.text
+        second._stop.set()                                   # its holder dies: no more renewals
+        time.sleep(0.8)
+        caplog.clear()
+        third = Lease(folder, "run-c", ttl=30).acquire()     # expired: taken over, which is worth a warning
+        assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["WARNING"]
+        assert "took over the expired lease of run 'run-b'" in caplog.text
     assert json.loads(storage.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
     second.renew()                                        # the dead holder wakes up: it has lost the lease
     with pytest.raises(LeaseLost, match="taken over by run 'run-c'"):

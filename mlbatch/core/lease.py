@@ -109,7 +109,11 @@ class Lease:
             raise LeaseHeld(f"output {self.folder} was just taken by {_describe(other, time.time())}; "
                             "this run touched nothing")
         if raw is not None:
-            log.warning("output %s: took over the expired lease of %s", self.folder, _describe(json.loads(raw), now))
+            held = json.loads(raw)
+            if "released_at" in held:   # the normal end of the last run: nothing to warn of
+                log.info("output %s: lease taken; run %r released it", self.folder, held.get("run"))
+            else:
+                log.warning("output %s: took over the expired lease of %s", self.folder, _describe(held, now))
         self._thread = threading.Thread(target=self._renew_loop, name="mlbatch-lease", daemon=True)
         self._thread.start()
         return self
