@@ -109,7 +109,6 @@ class Lease:
             raise LeaseHeld(f"output {self.folder} was just taken by {_describe(other, time.time())}; "
                             "this run touched nothing")
         if raw is not None:
-            held = json.loads(raw)
             if "released_at" in held:   # the normal end of the last run: nothing to warn of
                 log.info("output %s: lease taken; run %r released it", self.folder, held.get("run"))
             else:

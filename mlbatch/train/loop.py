@@ -339,9 +339,10 @@ def train(config: TrainConfig) -> dict:
             total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         val_map = _map(data.y_val, scores(data.x_val))
+        epoch_end = time.monotonic() - loop_started   # the pace the schedule plans by, as the history records it
         history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
-                        "lr": opt.param_groups[-1]["lr"], "seconds": round(time.monotonic() - loop_started, 1)})
-        schedule.epoch_done(val_map, time.monotonic() - loop_started)
+                        "lr": opt.param_groups[-1]["lr"], "seconds": round(epoch_end, 1)})
+        schedule.epoch_done(val_map, epoch_end)
         log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
         if best[2] is None or schedule.keep(val_map, best_map):
             best = (val_map, epoch, copy.deepcopy(net.state_dict()))

@@ -48,9 +48,9 @@ class Schedule:
         self.opt, self.kind, self.steps_per_epoch = opt, kind, steps_per_epoch
         self.epochs, self.time_budget = epochs, time_budget
         self.base = [group["lr"] for group in opt.param_groups]
-        self.epoch, self.steps = 1, 0
+        self.epoch, self.epoch_steps = 1, 0   # the epoch under way, and its steps so far
         self.planned: int | None = None       # cosine: known once the first epoch is timed
-        self.progress, self.epoch_steps = 0.0, 0   # cosine: how far along it this epoch began; its steps so far
+        self.progress = 0.0                   # cosine: how far along it this epoch began
         self.factor = 1.0                     # plateau: the product of the cuts so far
         self.best, self.stalled = -math.inf, 0
         self._set(0.1)
@@ -60,11 +60,10 @@ class Schedule:
             group["lr"] = base * scale
 
     def step(self) -> None:
-        self.steps += 1
+        self.epoch_steps += 1
         if self.epoch == 1:
-            self._set(min(1.0, 0.1 + 0.9 * self.steps / self.steps_per_epoch))
+            self._set(min(1.0, 0.1 + 0.9 * self.epoch_steps / self.steps_per_epoch))
         elif self.kind == "cosine":
-            self.epoch_steps += 1
             self._set(0.5 * (1 + math.cos(math.pi * self._progress())))
 
     def _progress(self) -> float:
@@ -95,11 +94,10 @@ class Schedule:
         fit = planned_epochs(self.epochs, self.time_budget, elapsed / self.epoch)
         if self.epoch == 1:
             self.planned = fit
-            self.steps = self.steps_per_epoch   # a short last batch or none: the cosine starts at epoch 2
             self._set(1.0)
         else:   # slower epochs shorten the cosine, so it still ends within the budget; faster ones lengthen it
             if self.kind == "cosine":
-                self.progress, self.epoch_steps = self._progress(), 0
+                self.progress = self._progress()
             self.planned = max(fit, self.epoch)
         if self.kind == "plateau":
             if val_map > self.best + MIN_DELTA:
@@ -109,4 +107,4 @@ class Schedule:
                 if self.stalled >= PLATEAU_EPOCHS:
                     self.factor, self.stalled = self.factor * PLATEAU_FACTOR, 0
             self._set(self.factor)
-        self.epoch += 1
+        self.epoch, self.epoch_steps = self.epoch + 1, 0
