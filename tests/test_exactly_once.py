@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -175,6 +176,39 @@ def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path,
     storage.write_bytes(stray, storage.read_bytes(storage.join(out, name)))
     again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", resume=True, **TUNING))
     assert again == done and not storage.exists(stray) and sum(n for *_, n in _count(out)) == 16
+
+
+def test_a_marker_read_short_is_read_again_and_a_cut_or_foreign_one_is_refused_by_name(tmp_path, small_dataset,
+                                                                                        small_model, monkeypatch):
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**common))
+    first = storage.list_files(commit.markers_dir(out, "r"), suffix=".json")[0].uri
+    text = storage.read_text(first)
+    real, short = storage.read_text, {first}
+
+    def read_once_short(uri: str) -> str:          # an S3 GET answered empty once, as seen under load
+        if uri in short:
+            short.discard(uri)
+            return ""
+        return real(uri)
+
+    storage.delete(storage.join(out, commit.SUCCESS_FILE))
+    monkeypatch.setattr(storage, "read_text", read_once_short)
+    label(LabelConfig(**common, resume=True))
+    monkeypatch.undo()
+    assert not short and all("-a000-" in u for u in commit.run_files(out, "r"))   # both units kept, none redone
+
+    for bad in (text[: len(text) // 2], json.dumps({"file": "x.parquet"})):
+        storage.delete(storage.join(out, commit.SUCCESS_FILE))
+        storage.write_bytes(first, bad.encode())
+        with pytest.raises(JobError, match=re.escape(f"commit marker {first} is not a marker ({len(bad)} bytes")
+                           + ".*Delete it and rerun with --resume"):
+            label(LabelConfig(**common, resume=True))
+    storage.delete(first)
+    label(LabelConfig(**common, resume=True))
+    assert sum(n for *_, n in _count(out)) == 32 and len(commit.run_files(out, "r")) == 2
 
 
 def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_output_once(

@@ -41,6 +41,7 @@ SUCCESS_FILE = "_SUCCESS"
 UNITS_DIR = "_units"          # STATE/_units/<run_id>/: the commit markers and the plan of a run
 PLAN_FILE = "_plan.json"
 _UNIT = r"f\d{6}-r\d{12}"
+_MARKER_IDS = ("file", "unit", "file_index", "attempt")   # a marker: these, then the unit's Stats
 
 
 def unit_id(file_index: int, start: int) -> str:
@@ -94,7 +95,37 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
         return []
     uris = [e.uri for e in storage.list_files(markers, suffix=".json")]
     with ThreadPoolExecutor(max_workers=32) as pool:
-        return list(pool.map(lambda u: json.loads(storage.read_text(u)), uris))
+        return list(pool.map(_read_marker, uris))
+
+
+def _read_marker(uri: str) -> dict[str, Any]:
+    """One commit marker. A marker is written whole, so one that does not parse is read once more (a short
+    read under load), then refused by name: a guess at what it vouched for could double or drop rows."""
+    text = storage.read_text(uri)
+    marker = _marker(text)
+    if marker is None:
+        text = storage.read_text(uri)
+        marker = _marker(text)
+    if marker is None:
+        raise JobError(f"commit marker {uri} is not a marker ({len(text)} bytes, not a JSON object "
+                       "of a data file's name, unit, file index, attempt and statistics): mlbatch "
+                       "writes markers whole, so it was cut or made by something else. Delete it and rerun "
+                       "with --resume: its unit is labeled again")
+    return marker
+
+
+def marker_text(data_file: str, unit: str, file_index: int, attempt: int, stats: Stats) -> str:
+    """The commit marker of a data file (given by name): what it is, and its rows' statistics."""
+    return json.dumps({**dict(zip(_MARKER_IDS, (data_file, unit, file_index, attempt))), **stats.to_dict()})
+
+
+def _marker(text: str) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(text)
+        Stats.from_dict(marker)
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return marker if all(k in marker for k in _MARKER_IDS) else None
 
 
 def remove_run(output: str, state: str, run_id: str) -> int:

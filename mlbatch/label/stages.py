@@ -8,7 +8,6 @@ becomes an *error row* (``status = 'error'`` and the reason) instead of stopping
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 from ..core import fetch, heap, images, storage
 from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
                           predicted_columns, renamed_inputs)
-from .commit import Run, data_file_name, marker_uri, superseded, unit_id
+from .commit import Run, data_file_name, marker_text, marker_uri, superseded, unit_id
 from .decoder import decode_uris
 from .stats import Stats
 
@@ -277,8 +276,7 @@ def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt
         name = data_file_name(run_id, attempt, unit, piece.column(SOURCE_ROW)[0].as_py())
         storage.write_atomic(storage.join(output, name), piece)
         stats = Stats.of_table(piece, labels)
-        marker = {"file": name, "unit": unit, "file_index": int(f), "attempt": attempt, **stats.to_dict()}
-        text = json.dumps(marker)
+        text = marker_text(name, unit, int(f), attempt, stats)
         storage.write_atomic(marker_uri(markers, name), text.encode())
         out.append({"unit": unit, "file_index": int(f), "marker": text})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),
