@@ -13,7 +13,6 @@ half, in MiB per 100,000 rows: near 0 when memory is bounded, and the same at tw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
+from . import emit
 from .throughput import _children, _pss_kib, make_frames, make_package
 
 LABELS = ["car", "bus", "pedestrian"]
@@ -91,10 +91,7 @@ def main() -> None:
     output = os.path.join(args.workdir, "out")
     shutil.rmtree(output, ignore_errors=True)
     result = measure(manifest, model, output, args.images, args.engine, env, args.rows_per_unit)
-    print(json.dumps(result), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(result) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

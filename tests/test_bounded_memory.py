@@ -5,11 +5,18 @@ from it read that whole row group again; and the labeler kept the native memory 
 (glibc's heap, fragmented by torch's activations), so its process grew for the first ~70,000 rows
 (benchmarks/NOTES.md, "The local engine's memory"). Now a labeler reads a row group once for all the
 units it holds, and gives freed memory back after each unit.
+
+The ``--id-column`` check read its ids the same way, unit by unit, and each unit's slice kept its whole
+row group alive: 18 GiB for 8 million ids (benchmarks/NOTES.md, "The id check's memory"). It now streams
+each manifest's ids once into DuckDB's group-by, which keeps to its memory limit and spills beyond it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,3 +94,70 @@ def test_freed_heap_memory_goes_back_to_the_system():
         libc.free(blocks[-1])
     assert before - kept < 64, (before, kept)   # what malloc keeps on its own
     assert kept - after > 200, (kept, after)    # what release gives back
+
+
+_ID_CHECK = """
+import json, sys
+from mlbatch.core.manifest import ManifestError
+from mlbatch.label import ids
+from mlbatch.label.config import LabelConfig
+from mlbatch.label.plan import make_plan
+
+manifests, model, out = json.loads(sys.argv[1])
+ids.ID_CHECK_MEMORY = "64MB"
+plan = make_plan(LabelConfig(manifests=manifests, model=model, output=out, id_column="id", rows_per_file=10_000))
+with open("/proc/self/status") as f:
+    before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+try:
+    ids.check_ids(plan, "id", on_ray=False)
+    error = None
+except ManifestError as exc:
+    error = str(exc)
+with open("/proc/self/status") as f:   # this process's own peak (ru_maxrss would count the parent's, from fork)
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(json.dumps({"error": error, "mib": (peak - before) // 1024}))
+"""
+
+
+def test_the_id_check_of_two_million_ids_keeps_to_its_memory_limit_and_names_the_repeat(tmp_path, small_model):
+    n = 1_000_000                                   # one row group per manifest, 100 units of work each
+    manifests = [str(tmp_path / f"m{i}.parquet") for i in range(2)]
+    for i, uri in enumerate(manifests):
+        names = [f"img-{k:012d}" for k in range(i * n, (i + 1) * n)]
+        if i:
+            names[-1] = "img-000000123456"          # the last id repeats the first manifest's row 123456
+        pq.write_table(pa.table({"image_uri": ["a.jpg"] * n, "id": names}), uri)
+    done = subprocess.run([sys.executable, "-c", _ID_CHECK, json.dumps([manifests, small_model, str(tmp_path / "o")])],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == (f"manifest {manifests[1]}: row 999999: id 'img-000000123456' already appears at "
+                               f"{manifests[0]} row 123456; ids must be unique")
+    assert result["mib"] < 400, result   # a 64 MB limit and what DuckDB holds outside it; it was 2.8 GiB
+
+
+def test_an_id_check_that_does_not_fit_its_memory_limit_says_so_before_labeling(tmp_path, small_model, monkeypatch):
+    from mlbatch.label import JobError, ids
+
+    monkeypatch.setattr(ids, "ID_CHECK_MEMORY", "1MB")
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_uri": ["a.jpg"] * 100_000, "id": [f"x{i}" for i in range(100_000)]}), manifest)
+    with pytest.raises(JobError, match=r"^the --id-column check did not fit in its 1MB \(Out of Memory Error: [^\n]*\)$"):
+        label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
+                          id_column="id", progress=False))
+    assert not list(tmp_path.glob("out/*.parquet"))
+
+
+@pytest.mark.parametrize("per_pass", [10_000_000, 700])
+def test_the_id_check_names_the_same_repeat_in_one_pass_or_in_parts_written_to_disk(tmp_path, small_model,
+                                                                                    monkeypatch, per_pass):
+    from mlbatch.core.manifest import ManifestError
+    from mlbatch.label import ids
+
+    monkeypatch.setattr(ids, "IDS_PER_PASS", per_pass)     # 700: 5,000 ids in 8 parts
+    names = [f"x{i}" for i in range(5000)]
+    names[2500], names[4000], names[4999] = "x3000", "x17", "x2"   # three repeats; x3000's second place is first
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_uri": ["a.jpg"] * 5000, "id": names}), manifest, row_group_size=1000)
+    with pytest.raises(ManifestError, match=r"m\.parquet: row 3000: id 'x3000' already appears at .*m\.parquet row 2500;"):
+        label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
+                          id_column="id", progress=False))

@@ -3,17 +3,23 @@ in this process for the local engine."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from ..core import manifest
+from ..core import manifest, storage
+from .config import JobError
 from .plan import Plan
-from .stages import read_range
 
 ONE_TASK_ID_CHECK_ROWS = 10_000_000   # checked by one task up to here, a cluster group-by beyond
+ID_CHECK_MEMORY = "1GB"               # the id check's DuckDB memory limit; beyond it, it spills to disk
+IDS_PER_PASS = 10_000_000             # ids one group-by holds in that (measured: 8 million in 1.04 GB)
+_BATCH_ROWS = 65_536
 
 
 def check_ids(plan: Plan, column: str, on_ray: bool = True) -> None:
@@ -42,43 +48,56 @@ def _check_null_ids(plan: Plan, column: str, on_ray: bool) -> None:
 
 
 def _first_null(uri: str, column: str) -> int | None:
-    col = read_range(uri, 0, 1 << 62, [column]).column(0)
-    if col.null_count == 0:
-        return None
-    return int(pc.index(pc.is_null(col), True).as_py())
+    for batch in _file_ids(0, uri, column):
+        if batch.column(0).null_count:
+            return int(batch.column(1)[pc.index(pc.is_null(batch.column(0)), True).as_py()].as_py())
+    return None
 
 
+def _file_ids(file_index: int, uri: str, column: str) -> Iterator[pa.RecordBatch]:
+    """A manifest's id column in batches, each row's position packed in one int64 (file << 40 | row).
 
-def _read_ids(batch: pa.Table, column: str) -> pa.Table:
-    """The id column of units of work, with each row's position packed in one int64 (file << 40 | row)."""
-    tables = []
-    for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
-        ids = read_range(uri, start, stop, [column]).column(0)
-        pos = (np.int64(file_index) << 40) + np.arange(start, start + len(ids), dtype=np.int64)
-        tables.append(pa.table({"id": ids, "pos": pos}))
-    return pa.concat_tables(tables)
+    Streamed: one row group's column chunk at a time, whatever the file's size (a slice of a whole row
+    group's read, as ``read_range`` gives, would keep the whole group alive for every unit cut from it)."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        row = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
+            pos = (np.int64(file_index) << 40) + np.arange(row, row + batch.num_rows, dtype=np.int64)
+            yield pa.record_batch([batch.column(0), pa.array(pos)], names=["id", "pos"])
+            row += batch.num_rows
+
+
+def _ids_of_files(batch: pa.Table, column: str) -> Iterator[pa.Table]:
+    """Ray Data's map over manifests (rows of ``file, uri``): their ids, batch by batch."""
+    for file_index, uri in zip(batch.column("file").to_pylist(), batch.column("uri").to_pylist()):
+        for ids in _file_ids(file_index, uri, column):
+            yield pa.Table.from_batches([ids])
 
 
 def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """Every id once, checked on the cluster, never collected in the driver.
 
-    Up to ``ONE_TASK_ID_CHECK_ROWS`` rows it is one task (Arrow's hash group-by over the ids: about a
-    second, where Ray Data's distributed group-by pays ~10-20 s of shuffle start-up); beyond, a
-    group-by on the cluster, a shuffle of the ids. The local engine runs the one task's work here.
+    Up to ``ONE_TASK_ID_CHECK_ROWS`` rows it is one task (DuckDB's group-by over the streamed ids, in
+    ``ID_CHECK_MEMORY``, spilling beyond: seconds, where Ray Data's distributed group-by pays ~10-20 s of
+    shuffle start-up); beyond, a group-by on the cluster, a shuffle of the ids. The local engine runs the
+    one task's work here.
     """
+    id_type = plan.schema.field(column).type
     if not on_ray:
-        dup = _duplicate_id(plan.units, plan.files, column)
+        dup = _duplicate_id(plan.files, column, id_type, plan.rows_in)
     elif plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
-        dup = _remote(_duplicate_id)(plan.units, plan.files, column)
+        dup = _remote(_duplicate_id)(plan.files, column, id_type, plan.rows_in)
     else:
+        import ray
         from ray.data.aggregate import Count, Max, Min
         from ray.data.expressions import col
 
-        from .pipeline import DECODE_CPUS, units_dataset
+        from .pipeline import DECODE_CPUS
 
-        ds = units_dataset(plan.units, plan.files).map_batches(_read_ids, fn_kwargs={"column": column},
-                                                                  batch_size=1, batch_format="pyarrow",
-                                                                  num_cpus=DECODE_CPUS)
+        files = [{"file": i, "uri": uri} for i, uri in enumerate(plan.files)]
+        ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 1000))).map_batches(
+            _ids_of_files, fn_kwargs={"column": column}, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
         groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
                                             Max("pos", alias_name="last"))
         dup = next(iter(groups.filter(expr=col("n") > 1).take(1)), None)
@@ -90,14 +109,41 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
                                      "ids must be unique")
 
 
-def _duplicate_id(units: list[tuple[int, int, int]], files: list[str], column: str) -> dict[str, Any] | None:
-    """The first repeated id of the units (its first and last position), or None: Arrow's group-by."""
-    items = pa.Table.from_pylist([{"file": f, "uri": files[f], "start": a, "stop": b} for f, a, b in units])
-    ids = _read_ids(items, column)
-    groups = ids.group_by("id").aggregate([("pos", "count"), ("pos", "min"), ("pos", "max")])
-    groups = groups.filter(pc.greater(groups.column("pos_count"), 1))
-    if not groups.num_rows:
-        return None
-    first = groups.sort_by("pos_max").slice(0, 1).to_pylist()[0]
-    return {"id": first["id"], "first": first["pos_min"], "last": first["pos_max"]}
+def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int) -> dict[str, Any] | None:
+    """The first repeated id of the manifests (its first and last position), or None.
 
+    DuckDB's group-by over the ids, streamed file by file, in ``ID_CHECK_MEMORY``. Its hash table spills,
+    but not without end (1 GB held 64 million ids, not 128), so beyond ``IDS_PER_PASS`` the ids are first
+    written to disk in parts by the hash of the id, and each part is grouped on its own: a billion ids
+    need disk, not memory."""
+    import duckdb
+
+    schema = pa.schema([("id", id_type), ("pos", pa.int64())])
+    ids = pa.RecordBatchReader.from_batches(schema, (b for i, uri in enumerate(files) for b in _file_ids(i, uri, column)))
+    parts = -(-rows // IDS_PER_PASS)
+    with tempfile.TemporaryDirectory(prefix="mlbatch-ids-") as tmp, duckdb.connect(
+            config={"memory_limit": ID_CHECK_MEMORY, "temp_directory": tmp, "threads": 1,
+                    "preserve_insertion_order": False}) as con:
+        con.execute("SET enable_progress_bar = false")   # a library prints nothing
+        con.register("ids", ids)
+        written = os.path.join(tmp, "parts").replace("'", "''")
+        try:
+            if parts <= 1:
+                repeats = [_first_repeat(con, "ids")]
+            else:
+                con.execute(f"COPY (SELECT id, pos, hash(id) % {parts} AS part FROM ids) TO '{written}' "
+                            "(FORMAT parquet, PARTITION_BY (part))")
+                repeats = [_first_repeat(con, f"read_parquet('{written}/part={k}/*.parquet')")
+                           for k in range(parts) if os.path.isdir(os.path.join(tmp, "parts", f"part={k}"))]
+        except duckdb.OutOfMemoryException as exc:
+            raise JobError(f"the --id-column check did not fit in its {ID_CHECK_MEMORY} ({str(exc).splitlines()[0]})"
+                           ) from None
+    found = [r for r in repeats if r is not None]
+    return min(found, key=lambda r: r["last"]) if found else None
+
+
+def _first_repeat(con: Any, ids: str) -> dict[str, Any] | None:
+    """Of the ids that ``ids`` (a table expression) holds more than once, the one whose last place comes first."""
+    row = con.execute(f"SELECT id, min(pos), max(pos) FROM {ids} GROUP BY id HAVING count(*) > 1 "
+                      "ORDER BY max(pos) LIMIT 1").fetchone()
+    return None if row is None else {"id": row[0], "first": row[1], "last": row[2]}
