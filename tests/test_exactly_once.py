@@ -23,6 +23,7 @@ from mlbatch.core.lease import Lease, LeaseHeld, LeaseLost, lease_uri
 from mlbatch.core.table import SOURCE_ROW
 from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.label import commit, local
+from mlbatch.core.manifest import ManifestError
 from mlbatch.label.config import OutputBusy
 from mlbatch.nightly import NightlyConfig, NightlyError, nightly
 from mlbatch.nightly.state import load_state
@@ -165,6 +166,32 @@ def test_a_resume_with_a_changed_threshold_or_a_rewritten_manifest_is_refused(ra
     with pytest.raises(JobError, match=r"cannot resume run r: manifest .*m\.parquet changed since the run started"):
         label(LabelConfig(**common, resume=True))
     assert len(commit.run_files(out, "r")) == 2                        # both refusals kept the committed units
+
+
+def test_a_manifest_rewritten_while_the_run_labels_it_fails_the_run_naming_it(tmp_path, small_dataset, small_model,
+                                                                             monkeypatch):
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    table = pq.read_table(manifest)
+    rewritten = table.set_column(0, "id", pa.array(table.column("id").to_pylist()[::-1]))   # same size, other rows
+    units = []
+
+    class RewrittenAfterTheFirstUnit(local.UnitLabeler):   # an upstream job rewrites the manifest in place
+        def __call__(self, unit):
+            if units:
+                pq.write_table(rewritten, manifest)
+            units.append(unit.num_rows)
+            return super().__call__(unit)
+
+    monkeypatch.setattr(local, "UnitLabeler", RewrittenAfterTheFirstUnit)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    with pytest.raises(ManifestError, match=re.escape(f"manifest {manifest} changed while this run labeled it")):
+        label(LabelConfig(**common))
+    assert len(units) == 2 and not storage.exists(storage.join(out, commit.SUCCESS_FILE))
+    monkeypatch.undo()
+    label(LabelConfig(**common))                        # a fresh run labels the manifest as it is now, once
+    ids = [r["id"] for r in query(out, "SELECT id FROM labels ORDER BY source_row").to_pylist()]
+    assert ids == rewritten.column("id").to_pylist()
 
 
 def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path, small_dataset, small_model):

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from .commit import Run
-from .stages import UnitLabeler, wiring, write_units
+from .stages import UnitLabeler, unit_pointers, wiring, write_units
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def run_local(run: Run) -> dict[str, Any]:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-write") as writer:
             pending: Future | None = None
             for file_index, start, stop in run.todo:
-                unit = pa.table({"file": [file_index], "uri": [plan.files[file_index]], "start": [start],
-                                 "stop": [stop]})
+                unit = pa.Table.from_pylist(unit_pointers([(file_index, start, stop)], plan))
                 labeled = pa.concat_tables(list(labeler(unit)))
                 if pending is not None:
                     run.add_markers(pending.result())

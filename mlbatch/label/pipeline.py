@@ -32,7 +32,8 @@ from ray.data.exceptions import ExecutionTimeoutError
 from . import ray_compat
 from .commit import Run
 from .config import LAYOUTS, JobError
-from .stages import Predictor, UnitLabeler, decode_batch, read_units, wiring, write_units
+from .plan import Plan
+from .stages import Predictor, UnitLabeler, decode_batch, read_units, unit_pointers, wiring, write_units
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ TASK_RETRIES = {"max_retries": 3}
 ACTOR_RETRIES = {"max_restarts": 3, "max_task_retries": 3}
 
 
-def units_dataset(units: list[tuple[int, int, int]], files: list[str]) -> ray.data.Dataset:
-    """Units of work as a dataset of pointers (file index, URI, row range): rows are read by the tasks."""
-    items = [{"file": f, "uri": files[f], "start": a, "stop": b} for f, a, b in units]
+def units_dataset(units: list[tuple[int, int, int]], plan: Plan) -> ray.data.Dataset:
+    """Units of work as a dataset of pointers (``stages.unit_pointers``): rows are read by the tasks."""
+    items = unit_pointers(units, plan)
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
 
 
@@ -110,7 +111,7 @@ def run_pipeline(run: Run) -> dict[str, Any]:
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, ray engine, %s layout, %s "
              "predictor actors, device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo),
              len(plan.files), run.output, plan.run_id, layout, concurrency, device, config.decode)
-    ds = units_dataset(run.todo, plan.files)
+    ds = units_dataset(run.todo, plan)
     if layout == "fused":
         ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={**wired["predictor"], **wired["labeler"]},
                             batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,

@@ -17,11 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core import fetch, heap, images, storage
+from ..core import fetch, heap, images, manifest, storage
 from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
                           predicted_columns, renamed_inputs)
 from .commit import Run, data_file_name, marker_text, marker_uri, superseded, unit_id
 from .decoder import decode_uris
+from .plan import Plan, footer_digest
 from .stats import Stats
 
 PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
@@ -64,11 +65,28 @@ def _groups(pf: pq.ParquetFile, start: int, stop: int) -> tuple[tuple[int, ...],
     return tuple(groups), first or 0
 
 
-def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+def unit_pointers(units: list[tuple[int, int, int]], plan: Plan) -> list[dict[str, Any]]:
+    """Units of work as rows of ``file, uri, fingerprint, start, stop``: what a reader reads, and the footer
+    it must find there (the one the run was planned from)."""
+    return [{"file": f, "uri": plan.files[f], "fingerprint": plan.fingerprints[f], "start": a, "stop": b}
+            for f, a, b in units]
+
+
+def _unchanged(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> None:
+    """Refuse a manifest rewritten since the run was planned: its row numbers would name other rows."""
+    if fingerprint is not None and footer_digest(pf.metadata) != fingerprint:
+        raise manifest.ManifestError(f"manifest {uri} changed while this run labeled it (its footer is not the one "
+                                     "the run was planned from): its rows now are not the rows the run counted. "
+                                     "Run again once it is no longer being written")
+
+
+def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None,
+               fingerprint: str | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
+        _unchanged(uri, pf, fingerprint)
         groups, first = _groups(pf, start, stop)
         table = pf.read_row_groups(groups, columns=columns)
     return table.slice(start - first, stop - start)
@@ -84,10 +102,11 @@ class RowGroupReader:
         self._table: pa.Table | None = None
         self._first = 0
 
-    def __call__(self, uri: str, start: int, stop: int) -> pa.Table:
+    def __call__(self, uri: str, start: int, stop: int, fingerprint: str | None = None) -> pa.Table:
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
+            _unchanged(uri, pf, fingerprint)
             groups, first = _groups(pf, start, stop)
             if self._key != (uri, groups):
                 self._key, self._table = None, None   # the old groups go before the new ones come
@@ -97,10 +116,11 @@ class RowGroupReader:
 
 
 def read_units(batch: pa.Table, renames: dict[str, str], read: Any = read_range) -> pa.Table:
-    """Read units of work (rows of ``file, uri, start, stop``): their rows, identity columns appended."""
+    """Read units of work (rows of ``unit_pointers``): their rows, identity columns appended."""
     tables = []
-    for file_index, uri, start, stop in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "start", "stop"))):
-        t = read(uri, start, stop).replace_schema_metadata(None)
+    for file_index, uri, fingerprint, start, stop in zip(*(batch.column(c).to_pylist() for c in (
+            "file", "uri", "fingerprint", "start", "stop"))):
+        t = read(uri, start, stop, fingerprint=fingerprint).replace_schema_metadata(None)
         t = t.rename_columns([renames.get(n, n) for n in t.column_names])
         n = t.num_rows
         t = t.append_column(SOURCE_MANIFEST, pa.array([uri] * n, pa.string()))
