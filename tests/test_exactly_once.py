@@ -26,7 +26,7 @@ from mlbatch.label import commit, local
 from mlbatch.core.manifest import ManifestError
 from mlbatch.label.config import OutputBusy
 from mlbatch.nightly import NightlyConfig, NightlyError, nightly
-from mlbatch.nightly.state import load_state
+from mlbatch.nightly.state import load_state, state_uri
 from mlbatch.review.views import query
 from runs import TUNING
 
@@ -166,6 +166,38 @@ def test_a_resume_with_a_changed_threshold_or_a_rewritten_manifest_is_refused(ra
     with pytest.raises(JobError, match=r"cannot resume run r: manifest .*m\.parquet changed since the run started"):
         label(LabelConfig(**common, resume=True))
     assert len(commit.run_files(out, "r")) == 2                        # both refusals kept the committed units
+
+
+def test_a_cut_summary_or_lease_is_named_and_redone_and_a_cut_plan_record_refuses_the_resume(
+        tmp_path, small_dataset, small_model, caplog):
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**common))
+    summary, lease = storage.join(out, commit.SUMMARY_FILE), lease_uri(out)
+    for uri in (summary, lease):
+        storage.write_bytes(uri, storage.read_bytes(uri)[:20])            # cut, as a foreign tool might leave it
+    with caplog.at_level(logging.WARNING):
+        again = label(LabelConfig(**common, resume=True))
+    assert f"{summary} is not a run summary (cut, or made by something else): resuming from the commit markers" \
+        in caplog.text
+    assert f"took over {lease}, which is not a lease" in caplog.text
+    assert again["rows_out"] == 32 and sum(n for *_, n in _count(out)) == 32
+    assert json.loads(storage.read_text(summary))["run_id"] == "r"         # written whole again
+
+    plan_record = storage.join(commit.markers_dir(out, "r"), commit.PLAN_FILE)
+    storage.write_bytes(plan_record, b"\x00\xff not json")
+    storage.delete(storage.join(out, commit.SUCCESS_FILE))
+    with pytest.raises(JobError, match=r"cannot resume run r: its plan record is not one \(cut, or made by "
+                                       r"something else\) \(.*_plan\.json\)"):
+        label(LabelConfig(**common, resume=True))
+
+
+def test_a_cut_nightly_state_is_refused_by_name(tmp_path):
+    out = str(tmp_path / "out")
+    storage.write_bytes(state_uri(out), b'{"format": "mlbatch-nig')
+    with pytest.raises(JobError, match=re.escape(f"{state_uri(out)} is not an mlbatch nightly state")):
+        load_state(out)
 
 
 def test_a_manifest_rewritten_while_the_run_labels_it_fails_the_run_naming_it(tmp_path, small_dataset, small_model,

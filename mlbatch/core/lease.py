@@ -97,19 +97,22 @@ class Lease:
             raise ValueError(f"--lease-seconds {self.ttl}: must be positive")
         raw, token = storage.read_versioned(self.uri)
         now = time.time()
-        if raw is not None:
-            held = json.loads(raw)
+        held = storage.json_object(raw)
+        if held is not None:
             if held.get("owner") != self.owner and float(held.get("expires_at", 0)) > now and not _dead_here(held):
                 raise LeaseHeld(f"output {self.folder} is being written by {_describe(held, now)}; this run "
                                 "touched nothing. Wait for it to finish, or for its lease to expire if it died")
         self._token = storage.swap(self.uri, self._doc(), token)
         if self._token is None:
             again, _ = storage.read_versioned(self.uri)
-            other = json.loads(again) if again else {}
+            other = storage.json_object(again) or {}
             raise LeaseHeld(f"output {self.folder} was just taken by {_describe(other, time.time())}; "
                             "this run touched nothing")
         if raw is not None:
-            if "released_at" in held:   # the normal end of the last run: nothing to warn of
+            if held is None:   # no mlbatch run writes a lease that does not parse: nobody holds it
+                log.warning("output %s: took over %s, which is not a lease (cut, or made by something else)",
+                            self.folder, self.uri)
+            elif "released_at" in held:   # the normal end of the last run: nothing to warn of
                 log.info("output %s: lease taken; run %r released it", self.folder, held.get("run"))
             else:
                 log.warning("output %s: took over the expired lease of %s", self.folder, _describe(held, now))
@@ -135,7 +138,7 @@ class Lease:
                 self._token = token
                 return
             raw, _ = storage.read_versioned(self.uri)
-            other = json.loads(raw) if raw else {}
+            other = storage.json_object(raw) or {}
             self._lost = _describe(other, time.time()) if other else "nobody (the lease is gone)"
             log.error("output %s: lease lost to %s", self.folder, self._lost)
 

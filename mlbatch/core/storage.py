@@ -12,12 +12,14 @@ import fnmatch
 import gc
 import hashlib
 import io
+import json
 import logging
 import os
 import posixpath
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
@@ -158,6 +160,18 @@ def sweep_temporaries(folder: str) -> int:
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
+
+
+def json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A small document mlbatch writes whole (a summary, a plan record, a lease) as a dict, or None when it
+    is absent or not a JSON object: cut, or made by something else. Each caller says what that means."""
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:   # JSONDecodeError, and bytes that are not UTF-8
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def write_text(uri: str, text: str) -> None:

@@ -120,12 +120,12 @@ def marker_text(data_file: str, unit: str, file_index: int, attempt: int, stats:
 
 
 def _marker(text: str) -> dict[str, Any] | None:
+    marker = storage.json_object(text)
     try:
-        marker = json.loads(text)
-        Stats.from_dict(marker)
-    except (json.JSONDecodeError, KeyError, TypeError):
+        Stats.from_dict(marker or {})
+    except (KeyError, TypeError):
         return None
-    return marker if all(k in marker for k in _MARKER_IDS) else None
+    return marker if marker is not None and all(k in marker for k in _MARKER_IDS) else None
 
 
 def remove_run(output: str, state: str, run_id: str) -> int:
@@ -167,7 +167,12 @@ def completed(state: str, run_id: str) -> dict[str, Any] | None:
     """The summary of ``run_id`` if it completed in ``state`` (its ``_SUCCESS`` is there), else None."""
     if not storage.exists(storage.join(state, SUCCESS_FILE)):
         return None
-    done = json.loads(storage.read_text(storage.join(state, SUMMARY_FILE)))
+    uri = storage.join(state, SUMMARY_FILE)
+    done = storage.json_object(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if done is None:   # its markers still say what is committed: a resume reads them, and writes it again
+        log.warning("%s is not a run summary (cut, or made by something else): resuming from the commit markers",
+                    uri)
+        return None
     return done if done.get("run_id") == run_id else None
 
 
@@ -341,8 +346,10 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
     total = Stats()
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
-        before = json.loads(storage.read_text(plan_uri)) if storage.exists(plan_uri) else None
-        changes = ["its plan record is gone"] if before is None else _changes(before, record)
+        before = storage.json_object(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else None
+        changes = (["its plan record is gone"] if not storage.exists(plan_uri) else
+                   ["its plan record is not one (cut, or made by something else)"] if before is None else
+                   _changes(before, record))
         if changes:
             raise JobError(f"cannot resume run {plan.run_id}: {'; '.join(changes[:5])} ({plan_uri}): its "
                            "manifests, --rows-per-file or --decode are not those it started with, or the model "

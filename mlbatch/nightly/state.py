@@ -67,8 +67,8 @@ def load_state(output: str) -> NightState:
     if raw is None:
         return NightState(uri, {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []},
                           None)
-    state = json.loads(raw)
-    if state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
+    state = storage.json_object(raw)
+    if state is None or state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
         raise JobError(f"{uri} is not an mlbatch nightly state of format version {STATE_VERSION}")
     return NightState(uri, state, token)
 
