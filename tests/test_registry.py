@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 
@@ -17,6 +18,7 @@ from mlbatch.cli import main
 from mlbatch.label import LabelConfig, label
 from mlbatch.core.manifest import ManifestError
 from mlbatch.nightly import NightlyConfig, nightly
+from mlbatch.model import refs
 from mlbatch.model.package import read_package
 from reviewdata import changed_copy
 
@@ -59,6 +61,21 @@ def test_register_and_resolve(versions, tmp_path, capsys):
     assert f"the registry {reg} has no model 'street'" in capsys.readouterr().err
     assert main(["models", "resolve", f"{reg}/{NAME}@{v}"]) == 0
     assert capsys.readouterr().out.strip() == f"{registry.version_uri(reg, NAME, v)}  {NAME} {v}"
+
+
+def test_a_cut_champion_alias_is_refused_by_name_by_every_user_of_it(versions, small_dataset, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good")["good"]
+    alias = refs.alias_uri(reg, NAME, "champion")
+    storage.write_bytes(alias, b'{"version": "' + v.encode())                # cut, or made by something else
+    message = f"{alias} is not an alias document (cut, or made by something else)"
+    with pytest.raises(registry.RegistryError, match=re.escape(message)):
+        registry.resolve(f"{reg}/{NAME}@champion")
+    assert main(["models", "promote", f"{NAME}@{v}", "--registry", reg, "--eval", small_dataset["test"]]) == 2
+    assert message in capsys.readouterr().err
+    storage.delete(alias)                                                     # as the message says
+    assert main(["models", "promote", f"{NAME}@{v}", "--registry", reg, "--eval", small_dataset["test"]]) == 0
+    assert _alias(reg)["version"] == v
 
 
 def test_promotion_rule_better_promoted_damaged_refused(versions, small_dataset, tmp_path, capsys):

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import storage
+
 SOURCE_MANIFEST, SOURCE_ROW = "source_manifest", "source_row"
 IDENTITY = (SOURCE_MANIFEST, SOURCE_ROW)
 STATUS_OK, STATUS_ERROR = "ok", "error"
@@ -84,11 +86,4 @@ def file_metadata(labels: list[str], thresholds: dict[str, float], model_name: s
 
 def read_file_metadata(schema: pa.Schema) -> dict[str, Any] | None:
     """The ``mlbatch`` metadata of a file's schema, or None if it has none (or it is not ours)."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if not raw:
-        return None
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return None
-    return meta if isinstance(meta, dict) else None
+    return storage.json_object((schema.metadata or {}).get(METADATA_KEY) or None)

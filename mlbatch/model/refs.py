@@ -13,7 +13,6 @@ never resolves.
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import re
@@ -69,8 +68,15 @@ def versions(registry: str, name: str) -> list[str]:
 
 def read_alias(registry: str, name: str, alias: str = CHAMPION) -> tuple[dict[str, Any] | None, str | None]:
     """The alias document and its compare-and-swap token; (None, None) before the first promotion."""
-    raw, token = storage.read_versioned(alias_uri(registry, name, alias))
-    return (json.loads(raw), token) if raw is not None else (None, None)
+    uri = alias_uri(registry, name, alias)
+    raw, token = storage.read_versioned(uri)
+    if raw is None:
+        return None, None
+    doc = storage.json_object(raw)
+    if doc is None or not isinstance(doc.get("version"), str):
+        raise RegistryError(f"{uri} is not an alias document (cut, or made by something else): no model can be "
+                            f"resolved through it; delete it and promote a version again")
+    return doc, token
 
 
 def resolve(uri: str) -> str:
