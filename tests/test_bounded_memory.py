@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import subprocess
 import sys
 
@@ -156,8 +157,28 @@ def test_the_id_check_names_the_same_repeat_in_one_pass_or_in_parts_written_to_d
     monkeypatch.setattr(ids, "IDS_PER_PASS", per_pass)     # 700: 5,000 ids in 8 parts
     names = [f"x{i}" for i in range(5000)]
     names[2500], names[4000], names[4999] = "x3000", "x17", "x2"   # three repeats; x3000's second place is first
+    if per_pass < 5000:                                     # in three different parts, so parts are compared
+        import duckdb
+        assert len({duckdb.execute(f"SELECT hash('{x}') % 8").fetchone()[0] for x in ("x3000", "x17", "x2")}) == 3
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pa.table({"image_uri": ["a.jpg"] * 5000, "id": names}), manifest, row_group_size=1000)
     with pytest.raises(ManifestError, match=r"m\.parquet: row 3000: id 'x3000' already appears at .*m\.parquet row 2500;"):
+        label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
+                          id_column="id", progress=False))
+
+
+def test_a_manifest_gone_before_the_id_check_is_named_by_the_reader_not_by_duckdb(tmp_path, small_model, monkeypatch):
+    from mlbatch.label import commit
+
+    manifest = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_uri": ["a.jpg"] * 10, "id": [f"x{i}" for i in range(10)]}), manifest)
+    check_writable = commit.check_writable
+
+    def gone_after_the_plan(output):
+        storage.delete(manifest)
+        return check_writable(output)
+
+    monkeypatch.setattr(commit, "check_writable", gone_after_the_plan)
+    with pytest.raises(FileNotFoundError, match=re.escape(manifest)):
         label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
                           id_column="id", progress=False))

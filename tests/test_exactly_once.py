@@ -200,30 +200,50 @@ def test_a_cut_nightly_state_is_refused_by_name(tmp_path):
         load_state(out)
 
 
-def test_a_manifest_rewritten_while_the_run_labels_it_fails_the_run_naming_it(tmp_path, small_dataset, small_model,
-                                                                             monkeypatch):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, tmp_path, small_dataset, small_model,
+                                                                    monkeypatch, request):
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
     table = pq.read_table(manifest)
     rewritten = table.set_column(0, "id", pa.array(table.column("id").to_pylist()[::-1]))   # same size, other rows
-    units = []
+    check_writable = commit.check_writable
 
-    class RewrittenAfterTheFirstUnit(local.UnitLabeler):   # an upstream job rewrites the manifest in place
-        def __call__(self, unit):
-            if units:
-                pq.write_table(rewritten, manifest)
-            units.append(unit.num_rows)
-            return super().__call__(unit)
+    def rewritten_after_the_plan(output):     # an upstream job rewrites the manifest in place
+        pq.write_table(rewritten, manifest)
+        return check_writable(output)
 
-    monkeypatch.setattr(local, "UnitLabeler", RewrittenAfterTheFirstUnit)
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
-    with pytest.raises(ManifestError, match=re.escape(f"manifest {manifest} changed while this run labeled it")):
+    monkeypatch.setattr(commit, "check_writable", rewritten_after_the_plan)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16,
+                  **{**TUNING, "engine": engine})
+    with pytest.raises(ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run labeled it')}"):
         label(LabelConfig(**common))
-    assert len(units) == 2 and not storage.exists(storage.join(out, commit.SUCCESS_FILE))
+    assert not commit.run_files(out, "r") and not storage.exists(storage.join(out, commit.SUCCESS_FILE))
     monkeypatch.undo()
     label(LabelConfig(**common))                        # a fresh run labels the manifest as it is now, once
     ids = [r["id"] for r in query(out, "SELECT id FROM labels ORDER BY source_row").to_pylist()]
     assert ids == rewritten.column("id").to_pylist()
+
+
+def test_a_lease_read_short_once_is_read_again_not_taken_from_its_live_holder(tmp_path, monkeypatch):
+    folder = str(tmp_path / "out")
+    holder = Lease(folder, "run-a", ttl=30).acquire()
+    real, short = storage.read_versioned, [lease_uri(folder)]
+
+    def read_once_short(uri):                 # an S3 GET answered empty once, its ETag the real one
+        raw, token = real(uri)
+        if uri in short:
+            short.remove(uri)
+            return b"", token
+        return raw, token
+
+    monkeypatch.setattr(storage, "read_versioned", read_once_short)
+    with pytest.raises(LeaseHeld, match="being written by run 'run-a'"):
+        Lease(folder, "run-b", ttl=30).acquire()
+    assert not short
+    holder.release()
 
 
 def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path, small_dataset, small_model):

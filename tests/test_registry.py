@@ -63,7 +63,7 @@ def test_register_and_resolve(versions, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"{registry.version_uri(reg, NAME, v)}  {NAME} {v}"
 
 
-def test_a_cut_champion_alias_is_refused_by_name_by_every_user_of_it(versions, small_dataset, tmp_path, capsys):
+def test_a_cut_champion_alias_is_refused_by_name_by_resolve_and_by_promote(versions, small_dataset, tmp_path, capsys):
     reg = str(tmp_path / "reg")
     v = _register(reg, versions, "good")["good"]
     alias = refs.alias_uri(reg, NAME, "champion")

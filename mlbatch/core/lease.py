@@ -96,8 +96,11 @@ class Lease:
         if self.ttl <= 0:
             raise ValueError(f"--lease-seconds {self.ttl}: must be positive")
         raw, token = storage.read_versioned(self.uri)
-        now = time.time()
         held = storage.json_object(raw)
+        if raw is not None and held is None:   # a short read under load: read once more before judging it
+            raw, token = storage.read_versioned(self.uri)
+            held = storage.json_object(raw)
+        now = time.time()
         if held is not None:
             if held.get("owner") != self.owner and float(held.get("expires_at", 0)) > now and not _dead_here(held):
                 raise LeaseHeld(f"output {self.folder} is being written by {_describe(held, now)}; this run "

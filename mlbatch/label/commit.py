@@ -101,11 +101,7 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
 def _read_marker(uri: str) -> dict[str, Any]:
     """One commit marker. A marker is written whole, so one that does not parse is read once more (a short
     read under load), then refused by name: a guess at what it vouched for could double or drop rows."""
-    text = storage.read_text(uri)
-    marker = _marker(text)
-    if marker is None:
-        text = storage.read_text(uri)
-        marker = _marker(text)
+    marker = _marker(storage.read_text(uri)) or _marker(text := storage.read_text(uri))
     if marker is None:
         raise JobError(f"commit marker {uri} is not a marker ({len(text)} bytes, not a JSON object "
                        "of a data file's name, unit, file index, attempt and statistics): mlbatch "
@@ -188,10 +184,14 @@ def sweep_unmarked(output: str, state: str, run_id: str) -> int:
 def superseded(markers: str, attempt: int) -> str | None:
     """Why a worker of ``attempt`` must not commit now (a later attempt has begun, or the run was removed),
     or None. The fence against a killed run's actors that finish a unit late: they check it before writing."""
-    record, _ = storage.read_versioned(storage.join(markers, PLAN_FILE))
+    uri = storage.join(markers, PLAN_FILE)
+    record, _ = storage.read_versioned(uri)
     if record is None:
         return "its run was removed (its plan record is gone)"
-    current = json.loads(record).get("attempt", 0)
+    doc = storage.json_object(record)
+    if doc is None:   # the task fails, and Ray's retry reads it again
+        raise JobError(f"{uri} is not a plan record (cut, or made by something else)")
+    current = doc.get("attempt", 0)
     return f"attempt {current} of its run has begun" if current > attempt else None
 
 

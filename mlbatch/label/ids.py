@@ -118,8 +118,17 @@ def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int
     need disk, not memory."""
     import duckdb
 
-    schema = pa.schema([("id", id_type), ("pos", pa.int64())])
-    ids = pa.RecordBatchReader.from_batches(schema, (b for i, uri in enumerate(files) for b in _file_ids(i, uri, column)))
+    failed: list[Exception] = []
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            for i, uri in enumerate(files):
+                yield from _file_ids(i, uri, column)
+        except Exception as exc:   # DuckDB would report it as its own error, a traceback in its text
+            failed.append(exc)
+            raise
+
+    ids = pa.RecordBatchReader.from_batches(pa.schema([("id", id_type), ("pos", pa.int64())]), batches())
     parts = -(-rows // IDS_PER_PASS)
     with tempfile.TemporaryDirectory(prefix="mlbatch-ids-") as tmp, duckdb.connect(
             config={"memory_limit": ID_CHECK_MEMORY, "temp_directory": tmp, "threads": 1,
@@ -135,9 +144,13 @@ def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int
                             "(FORMAT parquet, PARTITION_BY (part))")
                 repeats = [_first_repeat(con, f"read_parquet('{written}/part={k}/*.parquet')")
                            for k in range(parts) if os.path.isdir(os.path.join(tmp, "parts", f"part={k}"))]
-        except duckdb.OutOfMemoryException as exc:
-            raise JobError(f"the --id-column check did not fit in its {ID_CHECK_MEMORY} ({str(exc).splitlines()[0]})"
-                           ) from None
+        except duckdb.Error as exc:
+            if failed:
+                raise failed[0] from None          # a manifest gone or unreadable: the reader's own error
+            why = str(exc).splitlines()[0]
+            if isinstance(exc, duckdb.OutOfMemoryException):
+                raise JobError(f"the --id-column check did not fit in its {ID_CHECK_MEMORY} ({why})") from None
+            raise JobError(f"the --id-column check failed on column {column!r} ({id_type}): {why}") from None
     found = [r for r in repeats if r is not None]
     return min(found, key=lambda r: r["last"]) if found else None
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 from ray.data.exceptions import ExecutionTimeoutError
 
+from ..core.manifest import ManifestError
 from . import ray_compat
 from .commit import Run
 from .config import LAYOUTS, JobError
@@ -155,6 +156,10 @@ def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:
             yield batch
     except ExecutionTimeoutError as exc:
         raise JobError(_stall_message(run, run.config.stall_seconds, str(exc))) from None
+    except ray.exceptions.RayTaskError as exc:   # a worker's own error, in its words, without Ray's traceback
+        if isinstance(exc.cause, (JobError, ManifestError)):
+            raise exc.cause from None
+        raise
 
 
 def _stall_message(run: Run, stall_seconds: float, ray_says: str) -> str:

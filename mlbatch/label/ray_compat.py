@@ -159,7 +159,10 @@ def stall_settings(stall_seconds: float) -> dict[str, Any]:
 @contextlib.contextmanager
 def data_context(progress: bool, stall_seconds: float) -> Iterator[None]:
     """Ray Data's context for one run (progress bars, the stall limit, the private buffer), put back after."""
-    settings: dict[str, Any] = {"enable_progress_bars": progress, **stall_settings(stall_seconds)}
+    settings: dict[str, Any] = {"enable_progress_bars": progress, **stall_settings(stall_seconds),
+                                # a worker's ManifestError reaches the driver as itself, not as Ray Data's
+                                # "UDF failed to process a data block" (pipeline._stream reports it)
+                                "raise_original_map_exception": True}
     if STREAMING_GEN_BUFFER not in check():
         settings[STREAMING_GEN_BUFFER] = None
     import ray
