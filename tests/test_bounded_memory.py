@@ -18,6 +18,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -155,6 +156,9 @@ def test_the_id_check_names_the_same_repeat_in_one_pass_or_in_parts_written_to_d
     from mlbatch.label import ids
 
     monkeypatch.setattr(ids, "IDS_PER_PASS", per_pass)     # 700: 5,000 ids in 8 parts
+    spill = tmp_path / "tmp [1]* o'clock"                  # a temporary folder no glob or SQL string may break
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
     names = [f"x{i}" for i in range(5000)]
     names[2500], names[4000], names[4999] = "x3000", "x17", "x2"   # three repeats; x3000's second place is first
     if per_pass < 5000:                                     # in three different parts, so parts are compared

@@ -200,9 +200,10 @@ def test_a_cut_nightly_state_is_refused_by_name(tmp_path):
         load_state(out)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, tmp_path, small_dataset, small_model,
-                                                                    monkeypatch, request):
+@pytest.mark.parametrize("engine, id_column", [("local", None), ("ray", None), ("local", "id"), ("ray", "id")])
+def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, id_column, tmp_path, small_dataset,
+                                                                    small_model, monkeypatch, request, caplog):
+    """Whichever reads it first (the id check, before any labeling, or a unit's read) refuses it."""
     if engine == "ray":
         request.getfixturevalue("ray_cluster")
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
@@ -217,9 +218,11 @@ def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, tmp
 
     monkeypatch.setattr(commit, "check_writable", rewritten_after_the_plan)
     common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16,
-                  **{**TUNING, "engine": engine})
-    with pytest.raises(ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run labeled it')}"):
+                  id_column=id_column, **{**TUNING, "engine": engine})
+    with caplog.at_level(logging.INFO), pytest.raises(
+            ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run read it')}"):
         label(LabelConfig(**common))
+    assert ("labeling 32 rows" in caplog.text) == (id_column is None)
     assert not commit.run_files(out, "r") and not storage.exists(storage.join(out, commit.SUCCESS_FILE))
     monkeypatch.undo()
     label(LabelConfig(**common))                        # a fresh run labels the manifest as it is now, once

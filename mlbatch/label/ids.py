@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from ..core import manifest, storage
 from .config import JobError
 from .plan import Plan
+from .stages import refuse_if_changed
 
 ONE_TASK_ID_CHECK_ROWS = 10_000_000   # checked by one task up to here, a cluster group-by beyond
 ID_CHECK_MEMORY = "1GB"               # the id check's DuckDB memory limit; beyond it, it spills to disk
@@ -31,9 +32,14 @@ def check_ids(plan: Plan, column: str, on_ray: bool = True) -> None:
 def _remote(fn: Any) -> Any:
     import ray
 
-    from .pipeline import DECODE_CPUS
+    from .pipeline import DECODE_CPUS, raise_own
 
-    return lambda *args: ray.get(ray.remote(num_cpus=DECODE_CPUS)(fn).remote(*args))
+    def call(*args: Any) -> Any:
+        try:
+            return ray.get(ray.remote(num_cpus=DECODE_CPUS)(fn).remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            raise_own(exc)
+    return call
 
 
 def _check_null_ids(plan: Plan, column: str, on_ray: bool) -> None:
@@ -41,37 +47,39 @@ def _check_null_ids(plan: Plan, column: str, on_ray: bool) -> None:
     first_null = _remote(_first_null) if on_ray else _first_null
     for i in plan.null_id_files:
         uri = plan.files[i]
-        row = first_null(uri, column)
+        row = first_null(uri, column, plan.fingerprints[i])
         if row is not None:
             raise manifest.ManifestError(f"manifest {uri}: row {row}: id column {column!r} is null; "
                                          "ids must be unique and non-null")
 
 
-def _first_null(uri: str, column: str) -> int | None:
-    for batch in _file_ids(0, uri, column):
+def _first_null(uri: str, column: str, fingerprint: str) -> int | None:
+    for batch in _file_ids(0, uri, column, fingerprint):
         if batch.column(0).null_count:
             return int(batch.column(1)[pc.index(pc.is_null(batch.column(0)), True).as_py()].as_py())
     return None
 
 
-def _file_ids(file_index: int, uri: str, column: str) -> Iterator[pa.RecordBatch]:
+def _file_ids(file_index: int, uri: str, column: str, fingerprint: str) -> Iterator[pa.RecordBatch]:
     """A manifest's id column in batches, each row's position packed in one int64 (file << 40 | row).
 
     Streamed: one row group's column chunk at a time, whatever the file's size (a slice of a whole row
     group's read, as ``read_range`` gives, would keep the whole group alive for every unit cut from it)."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        refuse_if_changed(uri, pf, fingerprint)
         row = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
             pos = (np.int64(file_index) << 40) + np.arange(row, row + batch.num_rows, dtype=np.int64)
             yield pa.record_batch([batch.column(0), pa.array(pos)], names=["id", "pos"])
             row += batch.num_rows
 
 
 def _ids_of_files(batch: pa.Table, column: str) -> Iterator[pa.Table]:
-    """Ray Data's map over manifests (rows of ``file, uri``): their ids, batch by batch."""
-    for file_index, uri in zip(batch.column("file").to_pylist(), batch.column("uri").to_pylist()):
-        for ids in _file_ids(file_index, uri, column):
+    """Ray Data's map over manifests (rows of ``file, uri, fingerprint``): their ids, batch by batch."""
+    for file_index, uri, fingerprint in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "fingerprint"))):
+        for ids in _file_ids(file_index, uri, column, fingerprint):
             yield pa.Table.from_batches([ids])
 
 
@@ -85,9 +93,9 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """
     id_type = plan.schema.field(column).type
     if not on_ray:
-        dup = _duplicate_id(plan.files, column, id_type, plan.rows_in)
+        dup = _duplicate_id(plan.files, plan.fingerprints, column, id_type, plan.rows_in)
     elif plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
-        dup = _remote(_duplicate_id)(plan.files, column, id_type, plan.rows_in)
+        dup = _remote(_duplicate_id)(plan.files, plan.fingerprints, column, id_type, plan.rows_in)
     else:
         import ray
         from ray.data.aggregate import Count, Max, Min
@@ -95,7 +103,8 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
 
         from .pipeline import DECODE_CPUS
 
-        files = [{"file": i, "uri": uri} for i, uri in enumerate(plan.files)]
+        files = [{"file": i, "uri": uri, "fingerprint": fp} for i, (uri, fp) in enumerate(zip(plan.files,
+                                                                                                plan.fingerprints))]
         ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 1000))).map_batches(
             _ids_of_files, fn_kwargs={"column": column}, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
         groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
@@ -109,7 +118,8 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
                                      "ids must be unique")
 
 
-def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int) -> dict[str, Any] | None:
+def _duplicate_id(files: list[str], fingerprints: list[str], column: str, id_type: pa.DataType,
+                  rows: int) -> dict[str, Any] | None:
     """The first repeated id of the manifests (its first and last position), or None.
 
     DuckDB's group-by over the ids, streamed file by file, in ``ID_CHECK_MEMORY``. Its hash table spills,
@@ -122,8 +132,8 @@ def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
-            for i, uri in enumerate(files):
-                yield from _file_ids(i, uri, column)
+            for i, (uri, fingerprint) in enumerate(zip(files, fingerprints)):
+                yield from _file_ids(i, uri, column, fingerprint)
         except Exception as exc:   # DuckDB would report it as its own error, a traceback in its text
             failed.append(exc)
             raise
@@ -142,8 +152,8 @@ def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int
             else:
                 con.execute(f"COPY (SELECT id, pos, hash(id) % {parts} AS part FROM ids) TO '{written}' "
                             "(FORMAT parquet, PARTITION_BY (part))")
-                repeats = [_first_repeat(con, f"read_parquet('{written}/part={k}/*.parquet')")
-                           for k in range(parts) if os.path.isdir(os.path.join(tmp, "parts", f"part={k}"))]
+                repeats = [_first_repeat(con, f"read_parquet({_sql_list(part)})")
+                           for part in _part_files(os.path.join(tmp, "parts"))]
         except duckdb.Error as exc:
             if failed:
                 raise failed[0] from None          # a manifest gone or unreadable: the reader's own error
@@ -153,6 +163,16 @@ def _duplicate_id(files: list[str], column: str, id_type: pa.DataType, rows: int
             raise JobError(f"the --id-column check failed on column {column!r} ({id_type}): {why}") from None
     found = [r for r in repeats if r is not None]
     return min(found, key=lambda r: r["last"]) if found else None
+
+
+def _part_files(folder: str) -> list[list[str]]:
+    """The files of each part DuckDB wrote (``part=K/``), by name, not by a glob a temporary path could break."""
+    return [sorted(e.path for e in os.scandir(d.path)) for d in sorted(os.scandir(folder), key=lambda d: d.name)
+            if d.is_dir()]
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
 def _first_repeat(con: Any, ids: str) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import pyarrow as pa
 import ray
@@ -156,10 +156,15 @@ def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:
             yield batch
     except ExecutionTimeoutError as exc:
         raise JobError(_stall_message(run, run.config.stall_seconds, str(exc))) from None
-    except ray.exceptions.RayTaskError as exc:   # a worker's own error, in its words, without Ray's traceback
-        if isinstance(exc.cause, (JobError, ManifestError)):
-            raise exc.cause from None
-        raise
+    except ray.exceptions.RayTaskError as exc:
+        raise_own(exc)
+
+
+def raise_own(exc: ray.exceptions.RayTaskError) -> NoReturn:
+    """A worker's own JobError or ManifestError in its words, without Ray's traceback; anything else as it came."""
+    if isinstance(exc.cause, (JobError, ManifestError)):
+        raise exc.cause from None
+    raise exc
 
 
 def _stall_message(run: Run, stall_seconds: float, ray_says: str) -> str:

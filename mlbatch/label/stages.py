@@ -72,10 +72,10 @@ def unit_pointers(units: list[tuple[int, int, int]], plan: Plan) -> list[dict[st
             for f, a, b in units]
 
 
-def _unchanged(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> None:
+def refuse_if_changed(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> None:
     """Refuse a manifest rewritten since the run was planned: its row numbers would name other rows."""
     if fingerprint is not None and footer_digest(pf.metadata) != fingerprint:
-        raise manifest.ManifestError(f"manifest {uri} changed while this run labeled it (its footer is not the one "
+        raise manifest.ManifestError(f"manifest {uri} changed while this run read it (its footer is not the one "
                                      "the run was planned from): its rows now are not the rows the run counted. "
                                      "Run again once it is no longer being written")
 
@@ -86,7 +86,7 @@ def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
-        _unchanged(uri, pf, fingerprint)
+        refuse_if_changed(uri, pf, fingerprint)
         groups, first = _groups(pf, start, stop)
         table = pf.read_row_groups(groups, columns=columns)
     return table.slice(start - first, stop - start)
@@ -106,7 +106,7 @@ class RowGroupReader:
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            _unchanged(uri, pf, fingerprint)
+            refuse_if_changed(uri, pf, fingerprint)
             groups, first = _groups(pf, start, stop)
             if self._key != (uri, groups):
                 self._key, self._table = None, None   # the old groups go before the new ones come
