@@ -268,16 +268,16 @@ def test_a_marker_read_short_is_read_again_and_a_cut_or_foreign_one_is_refused_b
     label(LabelConfig(**common))
     first = storage.list_files(commit.markers_dir(out, "r"), suffix=".json")[0].uri
     text = storage.read_text(first)
-    real, short = storage.read_text, {first}
+    real, short = storage.read_bytes, {first}
 
-    def read_once_short(uri: str) -> str:          # an S3 GET answered empty once, as seen under load
+    def read_once_short(uri: str) -> bytes:        # an S3 GET answered empty once, as seen under load
         if uri in short:
             short.discard(uri)
-            return ""
+            return b""
         return real(uri)
 
     storage.delete(storage.join(out, commit.SUCCESS_FILE))
-    monkeypatch.setattr(storage, "read_text", read_once_short)
+    monkeypatch.setattr(storage, "read_bytes", read_once_short)
     label(LabelConfig(**common, resume=True))
     monkeypatch.undo()
     assert not short and all("-a000-" in u for u in commit.run_files(out, "r"))   # both units kept, none redone

@@ -101,9 +101,9 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
 def _read_marker(uri: str) -> dict[str, Any]:
     """One commit marker. A marker is written whole, so one that does not parse is read once more (a short
     read under load), then refused by name: a guess at what it vouched for could double or drop rows."""
-    marker = _marker(storage.read_text(uri)) or _marker(text := storage.read_text(uri))
+    marker = _marker(storage.read_bytes(uri)) or _marker(raw := storage.read_bytes(uri))
     if marker is None:
-        raise JobError(f"commit marker {uri} is not a marker ({len(text)} bytes, not a JSON object "
+        raise JobError(f"commit marker {uri} is not a marker ({len(raw)} bytes, not a JSON object "
                        "of a data file's name, unit, file index, attempt and statistics): mlbatch "
                        "writes markers whole, so it was cut or made by something else. Delete it and rerun "
                        "with --resume: its unit is labeled again")
@@ -115,13 +115,12 @@ def marker_text(data_file: str, unit: str, file_index: int, attempt: int, stats:
     return json.dumps({**dict(zip(_MARKER_IDS, (data_file, unit, file_index, attempt))), **stats.to_dict()})
 
 
-def _marker(text: str) -> dict[str, Any] | None:
-    marker = storage.json_object(text)
+def _marker(raw: bytes) -> dict[str, Any] | None:
+    marker = storage.json_object(raw)
     try:
-        Stats.from_dict(marker or {})
-    except (KeyError, TypeError):
+        return marker if all(k in marker for k in _MARKER_IDS) and Stats.from_dict(marker) else None
+    except (KeyError, TypeError):   # not an object (None), or not a marker's fields
         return None
-    return marker if marker is not None and all(k in marker for k in _MARKER_IDS) else None
 
 
 def remove_run(output: str, state: str, run_id: str) -> int:
@@ -346,8 +345,9 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
     total = Stats()
     attempt = 0
     if config.resume and (files or storage.exists(plan_uri)):
-        before = storage.json_object(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else None
-        changes = (["its plan record is gone"] if not storage.exists(plan_uri) else
+        recorded = storage.exists(plan_uri)
+        before = storage.json_object(storage.read_bytes(plan_uri)) if recorded else None
+        changes = (["its plan record is gone"] if not recorded else
                    ["its plan record is not one (cut, or made by something else)"] if before is None else
                    _changes(before, record))
         if changes:

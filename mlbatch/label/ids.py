@@ -145,15 +145,15 @@ def _duplicate_id(files: list[str], fingerprints: list[str], column: str, id_typ
                     "preserve_insertion_order": False}) as con:
         con.execute("SET enable_progress_bar = false")   # a library prints nothing
         con.register("ids", ids)
-        written = os.path.join(tmp, "parts").replace("'", "''")
+        written = os.path.join(tmp, "parts")
         try:
             if parts <= 1:
                 repeats = [_first_repeat(con, "ids")]
             else:
-                con.execute(f"COPY (SELECT id, pos, hash(id) % {parts} AS part FROM ids) TO '{written}' "
+                con.execute(f"COPY (SELECT id, pos, hash(id) % {parts} AS part FROM ids) TO {_sql_string(written)} "
                             "(FORMAT parquet, PARTITION_BY (part))")
                 repeats = [_first_repeat(con, f"read_parquet({_sql_list(part)})")
-                           for part in _part_files(os.path.join(tmp, "parts"))]
+                           for part in _part_files(written)]
         except duckdb.Error as exc:
             if failed:
                 raise failed[0] from None          # a manifest gone or unreadable: the reader's own error
@@ -171,8 +171,12 @@ def _part_files(folder: str) -> list[list[str]]:
             if d.is_dir()]
 
 
+def _sql_string(path: str) -> str:
+    return "'" + path.replace("'", "''") + "'"
+
+
 def _sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join(map(_sql_string, paths)) + "]"
 
 
 def _first_repeat(con: Any, ids: str) -> dict[str, Any] | None:
