@@ -130,13 +130,14 @@ def main() -> None:
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
                         help="a recipe to judge besides the defaults, e.g. "
                              "'before=threshold_policy=f1;augment=(\"shift\",\"color\")'")
+    parser.add_argument("--no-defaults", action="store_true", help="only the --recipe models")
     parser.add_argument("--out", default=None, help="append results here (JSON lines)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data_dir = os.path.join(args.workdir, "data")
     data = ({s: os.path.join(data_dir, f"{s}.parquet") for s in COUNTS}
             if os.path.exists(os.path.join(data_dir, "test.parquet")) else make(args.photos, data_dir))
-    for name, recipe in [("defaults", {}), *map(parse_recipe, args.recipe)]:
+    for name, recipe in ([] if args.no_defaults else [("defaults", {})]) + [parse_recipe(r) for r in args.recipe]:
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
         for row in judge(data, os.path.join(args.workdir, "models", name), recipe, args.workdir):
             row = {"recipe": name, "settings": settings, **row}

@@ -309,3 +309,26 @@ def test_the_gpu_input_path_normalises_exactly_as_the_cpu_path():
     got = to_input(torch.from_numpy(pixels), mean, std).numpy()
     np.testing.assert_allclose(got, images.normalise(pixels, mean, std), atol=1e-6)
     assert got.shape == (5, 3, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "resnet-mini"])
+def test_the_network_runs_channels_last_and_gives_the_contiguous_layouts_values(name, tmp_path):
+    """The network keeps its convolutions' weights and its pictures channels-last (faster on CPU,
+    benchmarks/memory_format.py); what a user sees, the probabilities and the package, does not depend
+    on it: the same values as torch's default layout, a package that reloads to the same predictions."""
+    net = _net(backbone=name)
+    convs = [m.weight for m in net.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)   # the test can tell the layouts apart
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = net.predict_proba(x)
+        plain = MultiLabelNet(net.spec).eval()
+        plain.load_state_dict(net.state_dict())
+        plain.to(memory_format=torch.contiguous_format)
+        slow = torch.sigmoid(plain.classify(plain.backbone(x)))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    save_package(net, str(tmp_path / "pkg"), {label: 0.5 for label in LABELS})
+    loaded = load_model(str(tmp_path / "pkg"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net.predict_proba(x), fast, atol=1e-6, rtol=0)

@@ -262,7 +262,7 @@ def _features(net: MultiLabelNet, x: torch.Tensor, batch: int = 256, progress: b
     out = []
     with torch.inference_mode():
         for i in tqdm(range(0, len(x), batch), desc="features", unit="batch", disable=not progress, leave=False):
-            out.append(net.backbone(_normalise(x[i:i + batch], net.spec)))
+            out.append(net.features(_normalise(x[i:i + batch], net.spec)))
     return torch.cat(out)
 
 
