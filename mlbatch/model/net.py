@@ -37,10 +37,10 @@ class MultiLabelNet(nn.Module):
         self.hidden = nn.Sequential(nn.Linear(self.backbone.out_features, spec.hidden), nn.ReLU(inplace=True),
                                     nn.Dropout(spec.dropout))
         self.heads = nn.ModuleList(nn.Linear(spec.hidden, 1) for _ in spec.labels)
-        # Convolutions run in channels-last memory (NHWC), weights and pictures alike: on this
-        # machine's CPU, torch 2.14 trains cnn-small 25% faster and predicts 65-80% faster so
-        # (benchmarks/NOTES.md). Values are unchanged; only strides differ, and a package is saved
-        # contiguous, so its bytes do not depend on it.
+        # Convolutions run in channels-last memory (NHWC), weights and pictures alike: on a 2-core
+        # CPU, torch 2.14 trains cnn-small 25-31% faster and predicts 27-67% faster so
+        # (benchmarks/memory_format.py). Values are unchanged; only strides differ, and a package is
+        # saved contiguous, so its bytes do not depend on it.
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
