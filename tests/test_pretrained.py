@@ -247,9 +247,9 @@ def test_pooled_stage_maps_take_the_converted_weights_and_label_as_trained(small
     with torch.no_grad():
         final, stages = plain.forward_intermediates(x, indices=2)
         expected = torch.cat([p for m in (final, *stages) for p in (m.mean((2, 3)), m.amax((2, 3)))], 1)
-        got = model.net.backbone(x)
+        got = model.net.features(x)
     assert got.shape == (3, 2 * (1280 + 112 + 320)) and model.net.backbone.out_features == got.shape[1]
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)   # the network runs channels-last: float rounding
 
 
 def test_backbone_arguments_are_checked_and_a_packages_own_are_kept(small_dataset, tmp_path, capsys):

@@ -333,7 +333,9 @@ def test_manifest_level_problems_have_clear_outcomes(ray_cluster, monkeypatch, t
     assert summary["rows_out"] == table.num_rows == 2 and summary["ok"] == 2
     assert table.column("image_uri").to_pylist() == [uris[0], uris[0]]
     assert table.column("source_row").to_pylist() == [0, 1]
-    assert table.column("prob_car")[0] == table.column("prob_car")[1]
+    # the same picture: the same probability, to float rounding (channels-last kernels may round the two
+    # positions of one batch differently, in the last bit)
+    assert table.column("prob_car")[0].as_py() == pytest.approx(table.column("prob_car")[1].as_py(), abs=1e-6)
 
 
 # ---- 2. storage faults ---------------------------------------------------------------------
