@@ -298,17 +298,20 @@ def test_the_job_driver_and_decode_tasks_do_not_import_torch():
     assert callable(mlbatch.load_model)  # still there, imported on first use
 
 
-def test_the_gpu_input_path_normalises_exactly_as_the_cpu_path():
-    """On a GPU, uint8 pixels cross to the device and are normalised there (``to_input``); the same
-    function on CPU tensors must give ``images.normalise``'s arrays, so both paths feed the net alike."""
+def test_the_pixel_input_path_normalises_exactly_as_the_array_path_and_stays_channels_last():
+    """The job's uint8 pixels are normalised by ``to_input`` on the model's device; it must give
+    ``images.normalise``'s arrays (what ``preprocess`` hands ``predict_arrays``), so both paths feed the
+    net alike, and keep the pixels' channels-last memory, which the net runs in, instead of a copy
+    into torch's default layout that the net would turn straight back."""
     from mlbatch.core import images
     from mlbatch.model.loaded import to_input
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    got = to_input(torch.from_numpy(pixels), mean, std).numpy()
-    np.testing.assert_allclose(got, images.normalise(pixels, mean, std), atol=1e-6)
-    assert got.shape == (5, 3, 16, 16)
+    x = to_input(torch.from_numpy(pixels), mean, std)
+    assert x.shape == (5, 3, 16, 16)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    np.testing.assert_allclose(x.numpy(), images.normalise(pixels, mean, std), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["cnn-small", "resnet-mini"])
