@@ -225,3 +225,35 @@ def test_make_dataset_command_kinds(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["make-dataset", str(tmp_path / "x"), "--kind", "faces"])
     assert "invalid choice: 'faces'" in capsys.readouterr().err
+
+
+def test_the_new_view_comes_apart_into_its_parts_and_whole_is_what_it_was():
+    """``benchmarks/shift_parts.py`` measures what each part of the shifted view costs, so each part must be
+    the same in any company, and the whole view the pixels that every shifted dataset was made with."""
+    import hashlib
+
+    from mlbatch.synth.dataset import KINDS, VIEW_PARTS, new_view
+
+    img, _ = KINDS["street"].draw(np.random.default_rng([5, 2, 7]), 128, 96)
+    img = img.convert("RGB")
+
+    def view(parts):
+        return np.asarray(new_view(img, np.random.default_rng(11), parts), np.int16)
+
+    whole = new_view(img, np.random.default_rng(11))
+    # the digest of the view before it came apart (commit 519d093): old datasets stay byte for byte
+    assert hashlib.sha256(whole.tobytes()).hexdigest() == \
+        "52ce1cb8d92decdee8151414a5ec66226f51bf01fa0ba44ec7abcecb4f8da0e0"
+    assert np.array_equal(view(VIEW_PARTS), np.asarray(whole, np.int16))
+    original = np.asarray(img, np.int16)
+    assert np.array_equal(view(()), original)
+    framed, balanced = view(("frame",)), view(("balance",))
+    assert framed.shape == original.shape and (framed != original).any()
+    red_gain = balanced[..., 0].sum() / original[..., 0].sum()
+    assert abs(red_gain - 1) > 0.05 and np.array_equal(balanced[..., 1], original[..., 1])  # green untouched
+    # the white balance drawn is the same whether the frame changed or not
+    both = view(("frame", "balance"))
+    assert np.isclose(both[..., 0].sum() / framed[..., 0].sum(), red_gain, atol=0.02)
+    assert view(("contrast",)).std() < original.std()
+    with pytest.raises(ValueError, match="unknown view part 'zoom'; choose from frame, balance, contrast, blur"):
+        new_view(img, np.random.default_rng(0), ("zoom",))

@@ -38,6 +38,8 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 S3_WORKERS = 16  # uploads are latency-bound, so many small requests in flight
 
+VIEW_PARTS: tuple[str, ...] = ("frame", "balance", "contrast", "blur")   # what ``new_view`` changes
+
 
 @dataclass
 class SynthConfig:
@@ -50,6 +52,7 @@ class SynthConfig:
     quality: int = 90  # JPEG quality
     kind: str = "street"
     shift: bool = False  # the test split seen through another view (new_view)
+    view: tuple[str, ...] = VIEW_PARTS  # with shift: the parts of new_view the test split is seen through
 
 
 @dataclass(frozen=True)
@@ -88,21 +91,31 @@ def render_frame(seed: int, index: int, width: int, height: int) -> bytes:
     return _jpeg(img, SynthConfig.quality)
 
 
-def new_view(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def new_view(img: Image.Image, rng: np.random.Generator, parts: tuple[str, ...] = VIEW_PARTS) -> Image.Image:
     """The same scene through another camera: 70-85% of the frame at a random place on a border of its
     mean colour (every object stays in the picture, so the truth holds), a white balance 10-20% warmer
-    or cooler, 80% contrast and a slight blur."""
+    or cooler, 80% contrast and a slight blur.
+
+    ``parts`` keeps only some of those changes (``benchmarks/shift_parts.py`` measures what each one
+    costs); the random numbers are drawn whatever the parts, so each part is the same in any company.
+    """
+    unknown = set(parts) - set(VIEW_PARTS)
+    if unknown:
+        raise ValueError(f"unknown view part {sorted(unknown)[0]!r}; choose from {', '.join(VIEW_PARTS)}")
     w, h = img.size
     scale = rng.uniform(0.70, 0.85)
     small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
     mean = tuple(int(v) for v in np.asarray(img).reshape(-1, 3).mean(axis=0))
     canvas = Image.new("RGB", (w, h), mean)
     canvas.paste(small, (int(rng.integers(0, w - small.width + 1)), int(rng.integers(0, h - small.height + 1))))
+    out = canvas if "frame" in parts else img
     warm = rng.uniform(0.10, 0.20) * (1 if rng.random() < 0.5 else -1)
-    gains = np.array([1 + warm, 1.0, 1 - warm], np.float32)
-    pixels = np.clip(np.asarray(canvas, np.float32) * gains, 0, 255).astype(np.uint8)
-    out = ImageEnhance.Contrast(Image.fromarray(pixels)).enhance(0.8)
-    return out.filter(ImageFilter.GaussianBlur(0.6))
+    if "balance" in parts:
+        gains = np.array([1 + warm, 1.0, 1 - warm], np.float32)
+        out = Image.fromarray(np.clip(np.asarray(out, np.float32) * gains, 0, 255).astype(np.uint8))
+    if "contrast" in parts:
+        out = ImageEnhance.Contrast(out).enhance(0.8)
+    return out.filter(ImageFilter.GaussianBlur(0.6)) if "blur" in parts else out
 
 
 def _write_split(out_uri: str, split: str, count: int, config: SynthConfig) -> str:
@@ -119,7 +132,7 @@ def _write_split(out_uri: str, split: str, count: int, config: SynthConfig) -> s
         rng = np.random.default_rng([config.seed, split_index, i, *kind_seed])
         img, truth = kind.draw(rng, width, height)
         if config.shift and split == "test":
-            img = new_view(img.convert("RGB"), rng)
+            img = new_view(img.convert("RGB"), rng, tuple(config.view))
         extra = {name: values[int(rng.integers(len(values)))] for name, values in kind.extra}
         image_id = f"{split}-{i:06d}"
         uri = storage.join(base, "images", split, f"{image_id}.jpg")
