@@ -257,3 +257,10 @@ def test_the_new_view_comes_apart_into_its_parts_and_whole_is_what_it_was():
     assert view(("contrast",)).std() < original.std()
     with pytest.raises(ValueError, match="unknown view part 'zoom'; choose from frame, balance, contrast, blur"):
         new_view(img, np.random.default_rng(0), ("zoom",))
+
+
+def test_a_dataset_with_an_unknown_view_part_is_refused_before_any_picture_is_written(tmp_path):
+    with pytest.raises(ValueError, match="unknown view part 'tint'"):
+        make_dataset(str(tmp_path / "d"), SynthConfig(kind="glyphs", train=2, val=0, test=2, shift=True,
+                                                      view=("frame", "tint")))
+    assert not (tmp_path / "d").exists()

@@ -91,6 +91,12 @@ def render_frame(seed: int, index: int, width: int, height: int) -> bytes:
     return _jpeg(img, SynthConfig.quality)
 
 
+def _check_view(parts: tuple[str, ...]) -> None:
+    unknown = set(parts) - set(VIEW_PARTS)
+    if unknown:
+        raise ValueError(f"unknown view part {sorted(unknown)[0]!r}; choose from {', '.join(VIEW_PARTS)}")
+
+
 def new_view(img: Image.Image, rng: np.random.Generator, parts: tuple[str, ...] = VIEW_PARTS) -> Image.Image:
     """The same scene through another camera: 70-85% of the frame at a random place on a border of its
     mean colour (every object stays in the picture, so the truth holds), a white balance 10-20% warmer
@@ -99,9 +105,7 @@ def new_view(img: Image.Image, rng: np.random.Generator, parts: tuple[str, ...] 
     ``parts`` keeps only some of those changes (``benchmarks/shift_parts.py`` measures what each one
     costs); the random numbers are drawn whatever the parts, so each part is the same in any company.
     """
-    unknown = set(parts) - set(VIEW_PARTS)
-    if unknown:
-        raise ValueError(f"unknown view part {sorted(unknown)[0]!r}; choose from {', '.join(VIEW_PARTS)}")
+    _check_view(parts)
     w, h = img.size
     scale = rng.uniform(0.70, 0.85)
     small = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
@@ -162,6 +166,7 @@ def make_dataset(out_uri: str, config: SynthConfig = SynthConfig()) -> dict[str,
     """
     if config.kind not in KINDS:
         raise ValueError(f"unknown dataset kind {config.kind!r}; choose from {', '.join(KINDS)}")
+    _check_view(tuple(config.view))   # before any picture is written
     manifests = {}
     for split in SPLITS:
         count = getattr(config, split)
