@@ -1,4 +1,5 @@
-"""The learning-rate schedules: the cosine over the epochs that fit the budget, and the old plateau cut."""
+"""The learning-rate schedules: the cosine over a plan that the machine's load does not change (a time
+budget, when given, only caps it), and the old plateau cut."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ def test_planned_epochs_are_what_fits_the_budget_at_the_first_epochs_pace():
     assert planned_epochs(epochs=20, time_budget=270, epoch_seconds=1) == 20      # capped by epochs
     assert planned_epochs(epochs=60, time_budget=5, epoch_seconds=10) == 2        # warm-up and one more
     assert planned_epochs(epochs=1, time_budget=5, epoch_seconds=10) == 1
+
+
+def test_without_a_budget_the_plan_is_the_same_on_a_quiet_and_a_busy_machine():
+    maps = [0.5, 0.6, 0.62, 0.61, 0.7, 0.7, 0.71, 0.7]
+    runs = []
+    for seconds_per_epoch in (1.0, 400.0):        # a quiet machine, and one a hundred times slower
+        opt = _opt(3e-4, 3e-3)
+        schedule = Schedule(opt, "cosine", steps_per_epoch=3, epochs=8)
+        rates = _run(schedule, opt, maps, steps_per_epoch=3, seconds_per_epoch=seconds_per_epoch)
+        runs.append((rates, schedule.planned, schedule.cut, schedule.finished()))
+    assert runs[0] == runs[1]
+    assert runs[0][1:] == (8, None, "the cosine's 8 epochs are done")
+    assert planned_epochs(epochs=50, time_budget=None, epoch_seconds=1e6) == 50
+
+
+def test_a_budget_that_cannot_hold_the_plan_cuts_it_and_says_so():
+    opt = _opt(1.0)
+    schedule = Schedule(opt, "cosine", steps_per_epoch=2, epochs=50, time_budget=100)
+    _run(schedule, opt, [0.5, 0.6], steps_per_epoch=2, seconds_per_epoch=10)
+    assert schedule.planned == 10
+    assert schedule.cut == "the time budget of 100s cut the plan from 50 to 10 epochs (10.0s an epoch)"
+    roomy = Schedule(_opt(1.0), "cosine", steps_per_epoch=2, epochs=5, time_budget=100)
+    _run(roomy, roomy.opt, [0.5, 0.6], steps_per_epoch=2, seconds_per_epoch=10)
+    assert roomy.planned == 5 and roomy.cut is None
 
 
 def test_cosine_warms_up_then_anneals_to_zero_at_the_end_of_the_budget():

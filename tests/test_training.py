@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -225,7 +226,47 @@ def test_training_stops_early_and_keeps_the_best_epoch(small_dataset, tmp_path):
     meta = train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
                              output=str(tmp_path / "t"), image_size=32, epochs=40, time_budget=0.01,
                              progress=False))
-    assert meta["training"]["stopped"] == "time budget of 0s" and meta["training"]["epochs"] == 1
+    assert meta["training"]["stopped"] == "time budget of 0.01s" and meta["training"]["epochs"] == 1
+    assert meta["training"]["time_budget_cut"] == "the time budget of 0.01s ended training after 1 of 40 epochs"
+
+
+class _Clock:
+    """A fake ``time`` for train(): every reading is ``step`` seconds after the one before."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_the_same_data_and_seed_give_the_same_model_on_a_quiet_and_a_busy_machine(small_dataset, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """The plan is the configuration's: how long each epoch took changes nothing, unless a budget is given."""
+    from mlbatch.train import TrainConfig, loop, train
+
+    def run(name: str, step: float, **kwargs) -> dict:
+        monkeypatch.setattr(loop, "time", _Clock(step))
+        return train(TrainConfig(manifests=[small_dataset["train"]], val_manifests=[small_dataset["val"]],
+                                 output=str(tmp_path / name), image_size=32, epochs=4, progress=False, **kwargs))
+
+    quiet, busy = run("quiet", 0.001), run("busy", 500.0)
+    for meta in (quiet, busy):
+        assert meta["training"]["epochs"] == meta["training"]["planned_epochs"] == 4
+        assert meta["training"]["time_budget_cut"] is None
+        assert meta["training"]["stopped"] == "the cosine's 4 epochs are done"
+    assert [h["val_map"] for h in quiet["training"]["history"]] == [h["val_map"] for h in busy["training"]["history"]]
+    assert [h["lr"] for h in quiet["training"]["history"]] == [h["lr"] for h in busy["training"]["history"]]
+    assert quiet["thresholds"] == busy["thresholds"]
+    assert (tmp_path / "quiet" / "model.safetensors").read_bytes() == (tmp_path / "busy" / "model.safetensors").read_bytes()
+    with caplog.at_level("WARNING", logger="mlbatch.train.loop"):
+        cut = run("cut", 500.0, time_budget=3000)   # about 1,000 s an epoch: the clock is read twice an epoch
+    t = cut["training"]
+    assert re.fullmatch(r"the time budget of 3000s cut the plan from 4 to (2|3) epochs \(\d+\.\ds an epoch\)",
+                        t["time_budget_cut"]), t["time_budget_cut"]
+    assert t["epochs"] < 4 and t["planned_epochs"] == 4
+    assert "this model depends on the machine's speed" in caplog.text
 
 
 def test_the_cosine_runs_its_plan_and_keeps_its_latest_epoch_of_equals(small_dataset, tmp_path):

@@ -8,10 +8,11 @@ The recipe, read top to bottom in ``train``:
    library's hub; its input normalisation comes with the weights.
 3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
    and train only the shared hidden layer and the heads on them (seconds, not minutes).
-4. Epochs under a learning-rate ``schedule`` (``schedule.py``): the default cosine runs the
-   epochs that fit the ``time_budget`` (at most ``epochs``) and keeps the latest epoch within
-   ``MIN_DELTA`` of the best validation mAP; ``plateau`` stops by ``patience`` and keeps the
-   best epoch.
+4. Epochs under a learning-rate ``schedule`` (``schedule.py``): the default cosine runs
+   ``epochs``, a plan that does not depend on the machine's load, and keeps the latest epoch
+   within ``MIN_DELTA`` of the best validation mAP; ``plateau`` stops by ``patience`` and keeps
+   the best epoch. A ``time_budget``, when given, only shortens the plan, with a warning and a
+   note in the package (``time_budget_cut``).
 5. Per-label thresholds on the validation scores; write the package with what was done.
 """
 
@@ -67,6 +68,11 @@ def stop_reason(val_maps: list[float], epochs: int, patience: int | None,
     if len(val_maps) - 1 - best_at >= patience:
         return f"validation mAP did not improve for {patience} epochs"
     return None
+
+
+def budget_ends(time_budget: float | None, elapsed: float, epochs_done: int) -> bool:
+    """Whether one more epoch at the pace so far would end past ``time_budget`` (None: never)."""
+    return time_budget is not None and elapsed * (epochs_done + 1) / epochs_done > time_budget
 
 
 def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, chunk: int = 512) -> torch.Tensor:
@@ -319,7 +325,7 @@ def train(config: TrainConfig) -> dict:
     y_train = torch.from_numpy(data.y_train)
     best, best_map = (-1.0, 0, None), -1.0   # the kept epoch (its mAP, number, weights); the best mAP seen
     history: list[dict] = []
-    stopped = None
+    stopped = budget_cut = None
     loop_started = time.monotonic()
     for epoch in range(1, config.epochs + 1):
         net.train()
@@ -350,10 +356,15 @@ def train(config: TrainConfig) -> dict:
         elapsed = time.monotonic() - loop_started
         stopped = schedule.finished() or stop_reason([h["val_map"] for h in history], config.epochs,
                                                      config.patience if schedule.patience_ends_runs else None)
-        if stopped is None and elapsed * (epoch + 1) / epoch > config.time_budget:
-            stopped = f"time budget of {config.time_budget:.0f}s"
+        if stopped is None and budget_ends(config.time_budget, elapsed, epoch):
+            stopped = f"time budget of {config.time_budget:g}s"
+            budget_cut = f"the {stopped} ended training after {epoch} of {config.epochs} epochs"
         if stopped:
             break
+    budget_cut = budget_cut or schedule.cut
+    if budget_cut:
+        log.warning("%s: this model depends on the machine's speed; without --time-budget (or with --epochs %d) "
+                    "the same data, flags and seed give the same model anywhere", budget_cut, len(history))
     log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(history), stopped, best[1], best[0])
     net.load_state_dict(best[2])
     raw = scores(data.x_val)
@@ -371,6 +382,8 @@ def train(config: TrainConfig) -> dict:
         "initial_weights": source,
         "augment": list(config.augment),
         "epochs": len(history),
+        "planned_epochs": config.epochs,
+        "time_budget_cut": budget_cut,   # None: the plan ran as configured, whatever the machine's load
         "best_epoch": best[1],
         "stopped": stopped,
         "seconds": round(time.monotonic() - started, 1),
