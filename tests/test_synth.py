@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import boto3
@@ -188,7 +189,7 @@ def test_make_dataset_to_s3_matches_local(_moto_s3, tmp_path):
 
 # --- the other kinds ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["glyphs", "shapes"])
+@pytest.mark.parametrize("kind", ["glyphs", "shapes", "photos", "digits"])
 def test_other_kinds_are_deterministic_multi_label_datasets(tmp_path, kind):
     from mlbatch.synth import KINDS
     labels = KINDS[kind].labels
@@ -208,6 +209,41 @@ def test_other_kinds_are_deterministic_multi_label_datasets(tmp_path, kind):
     street = make_dataset(str(tmp_path / "s"), SynthConfig(train=1, val=0, test=0, seed=1, width=64, height=64))
     assert Path(street["train"]).parent.joinpath("images/train/train-000000.jpg").read_bytes() != \
         (tmp_path / "a" / "images" / "train" / "train-000000.jpg").read_bytes()
+
+
+def test_photos_cut_the_shifted_test_split_from_parts_of_each_photograph_that_training_never_sees(monkeypatch):
+    """A photograph whose every column says where it is: training cuts from the left 60%, the held-out draw
+    from the right 40%, and the labels are the materials in view."""
+    from mlbatch.synth import real
+    columns = np.tile((np.arange(500) // 2).astype(np.uint8), (300, 1))   # column k holds k // 2
+    monkeypatch.setattr(real, "_photograph", lambda name: np.repeat(columns[..., None], 3, axis=2))
+    for i in range(20):
+        rng = np.random.default_rng(i)
+        assert np.asarray(real._cut(rng, "brick", real.TRAIN_BAND, 64, 64)).max() < 150
+        assert np.asarray(real._cut(rng, "brick", real.HELD_OUT_BAND, 64, 64)).min() >= 150
+    img, truth = real.draw_photos_held_out(np.random.default_rng(0))
+    assert img.size == (64, 64) and set(truth) == set(real.PHOTO_LABELS)
+
+
+def test_digits_for_the_shifted_test_split_come_from_scans_that_training_never_sees(monkeypatch):
+    from mlbatch.synth import real
+    scans, targets = real._scans()
+    split = int(len(targets) * real.DIGITS_SEEN)
+    monkeypatch.setattr(real, "_scans", lambda: (scans, np.r_[np.zeros(split, int), np.ones(len(targets) - split, int)]))
+    for i in range(20):
+        assert {k for k, v in real.draw_digits(np.random.default_rng(i))[1].items() if v} == {"d0"}
+        assert {k for k, v in real.draw_digits_held_out(np.random.default_rng(i))[1].items() if v} == {"d1"}
+
+
+def test_the_photos_kind_without_scikit_image_says_what_to_install(tmp_path, monkeypatch):
+    from mlbatch.synth import real
+    real._photograph.cache_clear()
+    monkeypatch.setitem(sys.modules, "skimage", None)   # as if it were not installed
+    try:
+        with pytest.raises(RuntimeError, match=r"pip install 'mlbatch\[photos\]'"):
+            make_dataset(str(tmp_path / "p"), SynthConfig(kind="photos", train=1, val=0, test=0))
+    finally:
+        real._photograph.cache_clear()
 
 
 def test_glyphs_mirror_pairs_change_label_under_a_flip():

@@ -15,11 +15,15 @@ from .help import EPILOG, MODEL_HELP
 
 def add_training_parsers(sub: Any) -> None:
     """Add the training-side subcommands to ``mlbatch``'s subparsers."""
-    p = sub.add_parser("make-dataset", help="draw a synthetic dataset (street scenes, glyphs or shapes)",
+    p = sub.add_parser("make-dataset", help="draw a synthetic dataset (street scenes, glyphs, shapes, photos, digits)",
                        description="Write JPEG pictures and labeled train/val/test manifests to OUT (a local folder "
                                    "or s3:// prefix). Deterministic by kind and seed. Kinds: street (car, bus, "
                                    "pedestrian; 128x96), glyphs (eight stroke symbols on clutter, mirror pairs among "
-                                   "them; 64x64), shapes (colours, shape types, stripes and a count; 64x64).",
+                                   "them; 64x64), shapes (colours, shape types, stripes and a count; 64x64), photos "
+                                   "(mosaics of eight materials cut from scikit-image's photographs: pip install "
+                                   "'mlbatch[photos]'; 64x64), digits (scikit-learn's handwritten digits on paper, "
+                                   "d0-d9; 64x64). With --shift, photos and digits also cut the test split from parts "
+                                   "of the photographs and scans that training never sees.",
                        epilog=EPILOG)
     p.add_argument("out", metavar="OUT", help="output folder or s3:// prefix")
     p.add_argument("--kind", default=SynthConfig.kind, choices=sorted(KINDS),
