@@ -114,10 +114,12 @@ def add_training_parsers(sub: Any) -> None:
     p.add_argument("--image-size", type=int, default=TrainConfig.image_size, help="input side in pixels (default: %(default)s)")
     p.add_argument("--pos-weight", action="store_true", help="weight each label's positives by its negative/positive ratio")
     p.add_argument("--threshold-policy", default=TrainConfig.threshold_policy, metavar="POLICY",
-                   help="per-label threshold chosen on validation data: 'f1' (maximise F1), 'plateau:D' (the "
-                        "middle of the thresholds within D of the best F1), 'shrink:A' (A x the F1 threshold + "
-                        "(1 - A) x 0.5), 'fixed:T', or 'precision:P' (lowest threshold reaching precision P) "
-                        "(default: %(default)s)")
+                   help="per-label threshold chosen on validation data: 'guarded:W' (0.5 unless validation F1, "
+                        "averaged over a shift of W logits, gains 0.01 or more elsewhere: then that peak), "
+                        "'smooth:W' (always that peak: the middle of a gap between the classes), 'f1' (maximise F1), "
+                        "'plateau:D' (the median of the thresholds within D of the best F1), 'shrink:A' (A x the F1 "
+                        "threshold + (1 - A) x 0.5), 'fixed:T', or 'precision:P' (lowest threshold reaching "
+                        "precision P) (default: %(default)s, chosen leave-one-kind-out: docs/training.md)")
     p.add_argument("--calibration", default=TrainConfig.calibration, choices=["none", "platt"],
                    help="platt: fit each label's probability to the frequencies seen on validation data (Platt "
                         "scaling, before the thresholds), recorded in the package and applied by evaluate, predict "

@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     augment: tuple[str, ...] = DEFAULT_AUGMENT
     pos_weight: bool = False                 # weight positives by negatives/positives per label
-    threshold_policy: str = "plateau:0.05"   # transfers best to a shifted view, by validation (benchmarks/NOTES.md)
+    threshold_policy: str = "guarded:0.5"    # chosen leave-one-kind-out; never below 0.5 (docs/training.md)
     calibration: str = "none"   # none | platt: per-label Platt scaling fitted on validation, before the thresholds
     seed: int = 0
     name: str = "mlbatch-multilabel"

@@ -24,12 +24,15 @@ log = logging.getLogger(__name__)
 
 # ---- thresholds ----------------------------------------------------------------------------
 
-POLICIES = "'f1', 'plateau:D', 'shrink:A', 'fixed:T' or 'precision:P'"
+POLICIES = "'guarded:W', 'smooth:W', 'f1', 'plateau:D', 'shrink:A', 'fixed:T' or 'precision:P'"
+LOGIT_LIMIT = 16.0     # scores are clipped to sigmoid(+-16): float32 sigmoids saturate beyond
+LOGIT_STEP = 0.01      # the grid the smoothed F1 is evaluated on
+GUARD = 0.01           # guarded: a smoothed validation F1 gain over 0.5 smaller than this is noise
 
 
 def parse_policy(policy: str) -> tuple[str, float | None]:
-    """``f1``; ``plateau:D`` (0 <= D < 1); ``shrink:A`` (0 <= A <= 1); ``fixed:T`` (0 < T < 1);
-    ``precision:P`` (0 < P <= 1)."""
+    """``f1``; ``guarded:W`` and ``smooth:W`` (0 < W <= 8); ``plateau:D`` (0 <= D < 1); ``shrink:A``
+    (0 <= A <= 1); ``fixed:T`` (0 < T < 1); ``precision:P`` (0 < P <= 1)."""
     if policy == "f1":
         return "f1", None
     kind, _, value = policy.partition(":")
@@ -37,7 +40,7 @@ def parse_policy(policy: str) -> tuple[str, float | None]:
         number = float(value)
     except ValueError:
         number = math.nan
-    bounds = {"plateau": (0.0, 1.0, True, False), "shrink": (0.0, 1.0, True, True),
+    bounds = {"guarded": (0.0, 8.0, False, True), "smooth": (0.0, 8.0, False, True), "plateau": (0.0, 1.0, True, False), "shrink": (0.0, 1.0, True, True),
               "fixed": (0.0, 1.0, False, False), "precision": (0.0, 1.0, False, True)}
     if kind in bounds:
         low, high, low_in, high_in = bounds[kind]
@@ -46,10 +49,52 @@ def parse_policy(policy: str) -> tuple[str, float | None]:
     raise ValueError(f"unknown threshold policy {policy!r}: use {POLICIES}")
 
 
+def smoothed_f1(y_true: np.ndarray, y_score: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """F1 over a grid of thresholds in logit space, and its average over a Gaussian of ``width`` logits.
+
+    The average at t is the F1 that threshold t would give, in expectation, if every logit moved by
+    an amount drawn from N(0, width^2): the same scores seen through another camera, another season.
+    Returns (grid of logits, smoothed F1).
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    logits = np.clip(_logit(y_score), -LOGIT_LIMIT, LOGIT_LIMIT)
+    grid = np.arange(-LOGIT_LIMIT - 4 * width, LOGIT_LIMIT + 4 * width + LOGIT_STEP / 2, LOGIT_STEP)
+    positives, negatives = np.sort(logits[y_true == 1]), np.sort(logits[y_true == 0])
+    tp = len(positives) - np.searchsorted(positives, grid, side="left")   # predicted positive: logit >= t
+    fp = len(negatives) - np.searchsorted(negatives, grid, side="left")
+    f1 = 2 * tp / np.maximum(tp + fp + len(positives), 1)
+    return grid, gaussian_filter1d(f1.astype(np.float64), width / LOGIT_STEP, mode="nearest")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def _smooth_threshold(y_true: np.ndarray, y_score: np.ndarray, width: float, guard: float | None = None) -> float:
+    """The peak of ``smoothed_f1``; where it is flat, the middle of the flat top (in logit space). With
+    ``guard``: 0.5 instead, unless the peak beats the smoothed F1 at 0.5 by at least ``guard``."""
+    grid, f1 = smoothed_f1(y_true, y_score, width)
+    if guard is not None and f1[np.argmin(np.abs(grid))] > f1.max() - guard:
+        return 0.5
+    top = f1 >= f1.max() - 1e-9
+    peak = int(np.argmax(f1))
+    start, end = peak, peak   # the run of the flat top that holds the first peak
+    while end + 1 < len(top) and top[end + 1]:
+        end += 1
+    return float(1 / (1 + np.exp(-(grid[start] + grid[end]) / 2)))
+
+
 def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1") -> float:
     """One label's decision threshold from validation truth (0/1) and scores.
 
-    ``f1``: the threshold that maximises F1. ``plateau:D``: the median of the thresholds whose F1
+    ``smooth:W``: the peak of validation F1 averaged over a Gaussian of W logits (``smoothed_f1``): the
+    threshold with the most room on both sides. Where validation separates the classes it lands in the
+    middle of the gap between them (in logit space), not at an edge; a narrow spike of F1 that a small
+    validation set places by chance weighs less than a wide plateau. ``guarded:W``: 0.5, which BCE
+    training calibrates, unless that peak beats the smoothed F1 at 0.5 by ``GUARD`` or more: validation
+    moves a threshold only on evidence larger than its own noise. ``f1``: the threshold that maximises F1. ``plateau:D``: the median of the thresholds whose F1
     is within D of the best, the middle of the plateau rather than its spike, which a small
     validation set places by chance. ``shrink:A``: A times the F1 threshold plus (1 - A) times 0.5.
     ``fixed:T``: T. ``precision:P``: the lowest threshold whose precision reaches P (the most recall
@@ -65,6 +110,8 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1"
         log.warning("no %s examples to choose a threshold from: using 0.5",
                     "positive" if y_true.sum() == 0 else "negative")
         return 0.5
+    if kind in ("smooth", "guarded"):
+        return _smooth_threshold(y_true, y_score, value, GUARD if kind == "guarded" else None)
     precision, recall, thresholds = precision_recall_curve(y_true, y_score)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     if kind in ("f1", "plateau", "shrink"):
