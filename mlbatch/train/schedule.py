@@ -7,11 +7,12 @@ Both schedules warm up over the first epoch (from a tenth of the rate to all of 
   seed give the same model on a quiet machine and a busy one. A ``time_budget`` (none by default)
   only caps it: after every epoch the cosine spans the epochs that fit the budget at the pace so far
   (at most ``epochs``), the rest of it spread over the epochs left (the rate never jumps, up or
-  down), and a cut is reported (``Schedule.cut``) so that training warns and records it in the package. The run is
-  planned, so patience does not end it; of the epochs within ``MIN_DELTA`` of the best validation
-  mAP the latest, most annealed one is kept. Why: some labels are learnt late (on the shapes kind a
-  network sits at one validation mAP for ten epochs before it tells a circle from a square, and a
-  rate cut during that wait stops it there), and annealed weights transfer better to a new view.
+  down), and a cut is reported (``Schedule.cut``) so that training warns and records it in the
+  package. The run is planned, so patience does not end it; of the epochs within ``MIN_DELTA`` of
+  the best validation mAP the latest, most annealed one is kept. Why: some labels are learnt late
+  (on the shapes kind a network sits at one validation mAP for ten epochs before it tells a circle
+  from a square, and a rate cut during that wait stops it there), and annealed weights transfer
+  better to a new view.
 - ``plateau`` (the old default): cut the rate by ``PLATEAU_FACTOR`` whenever validation mAP has not
   improved for ``PLATEAU_EPOCHS`` epochs; patience ends the run; the best epoch is kept.
 
@@ -98,12 +99,13 @@ class Schedule:
     def epoch_done(self, val_map: float, elapsed: float) -> None:
         if self.kind == "cosine" and self.epoch > 1:
             self.progress = self._progress()
-        # with a budget, slower epochs shorten the cosine so that it still ends within it, and faster
-        # ones give back what they took (never beyond ``epochs``); without one the plan stays as set
-        self.planned = max(planned_epochs(self.epochs, self.time_budget, elapsed / self.epoch), self.epoch)
-        self.cut = None if self.planned >= self.epochs else (
-            f"the time budget of {self.time_budget:g}s cut the plan from {self.epochs} to {self.planned} epochs "
-            f"({elapsed / self.epoch:.1f}s an epoch)")
+        if self.kind == "cosine":
+            # with a budget, slower epochs shorten the cosine so that it still ends within it, and faster
+            # ones give back what they took (never beyond ``epochs``); without one the plan stays as set
+            self.planned = max(planned_epochs(self.epochs, self.time_budget, elapsed / self.epoch), self.epoch)
+            self.cut = None if self.planned >= self.epochs else (
+                f"the time budget of {self.time_budget:g}s cut the plan from {self.epochs} to {self.planned} "
+                f"epochs ({elapsed / self.epoch:.1f}s an epoch)")
         if self.epoch == 1:
             self._set(1.0)
         if self.kind == "plateau":
