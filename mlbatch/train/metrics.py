@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 POLICIES = "'guarded:W', 'smooth:W', 'f1', 'plateau:D', 'shrink:A', 'fixed:T' or 'precision:P'"
 LOGIT_LIMIT = 16.0     # scores are clipped to sigmoid(+-16): float32 sigmoids saturate beyond
 LOGIT_STEP = 0.01      # the grid the smoothed F1 is evaluated on
-GUARD = 0.01           # guarded: a smoothed validation F1 gain over 0.5 smaller than this is noise
+GUARD = 0.01           # guarded: a smoothed validation F1 gain over 0.5 smaller than this is taken for noise
 
 
 def parse_policy(policy: str) -> tuple[str, float | None]:
@@ -94,7 +94,8 @@ def choose_threshold(y_true: np.ndarray, y_score: np.ndarray, policy: str = "f1"
     middle of the gap between them (in logit space), not at an edge; a narrow spike of F1 that a small
     validation set places by chance weighs less than a wide plateau. ``guarded:W``: 0.5, which BCE
     training calibrates, unless that peak beats the smoothed F1 at 0.5 by ``GUARD`` or more: validation
-    moves a threshold only on evidence larger than its own noise. ``f1``: the threshold that maximises F1. ``plateau:D``: the median of the thresholds whose F1
+    moves a threshold only for a gain that is not within the noise of a few hundred pictures (the guard is
+    fixed, not scaled by a label's positives). ``f1``: the threshold that maximises F1. ``plateau:D``: the median of the thresholds whose F1
     is within D of the best, the middle of the plateau rather than its spike, which a small
     validation set places by chance. ``shrink:A``: A times the F1 threshold plus (1 - A) times 0.5.
     ``fixed:T``: T. ``precision:P``: the lowest threshold whose precision reaches P (the most recall
