@@ -20,6 +20,11 @@ not depend on thread timing. A request is never faulted more than ``max_consecut
 a row: the faults are transient, as S3's are, and the least patient client in the job (pyarrow,
 3 attempts) always gets through.
 
+``lose_reply`` (a function of method, path and headers) picks requests that are forwarded, applied
+by the server, and whose answer is then lost: the client's connection is reset instead (a timeout or
+a reset after the server acted, as S3 clients meet them). Each one picked is counted in
+``stats["lost_reply"]``.
+
 ``deny_writes=True`` answers every PUT, POST and DELETE with 403 AccessDenied (a bucket whose
 policy denies writes). The proxy is bounded: it stops by itself after ``lifetime`` seconds, and
 idle connections time out.
@@ -35,6 +40,7 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import urlparse
 
 FAULTS = ("throttle", "error", "reset", "slow")
@@ -51,12 +57,13 @@ _XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Mess
 class FaultProxy:
     def __init__(self, upstream: str, seed: int = 0, rate: float = 0.2, mix: dict[str, float] | None = None,
                  slow_seconds: float = 1.0, max_consecutive: int = 2, deny_writes: bool = False,
-                 lifetime: float = 600.0):
+                 lifetime: float = 600.0, lose_reply: Callable[[str, str, dict[str, str]], bool] | None = None):
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.seed, self.rate, self.slow_seconds = seed, rate, slow_seconds
         self.mix = dict(mix or DEFAULT_MIX)
         self.max_consecutive, self.deny_writes, self.lifetime = max_consecutive, deny_writes, lifetime
+        self.lose_reply = lose_reply
         self.stats: collections.Counter = collections.Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, path, fault or "ok"), in arrival order
         self._seen: collections.Counter = collections.Counter()
@@ -218,6 +225,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reset()  # the upstream went away: so does the client's connection
         finally:
             conn.close()
+        if owner.lose_reply is not None and owner.lose_reply(self.command, self.path, dict(self.headers.items())):
+            with owner._lock:
+                owner.stats["lost_reply"] += 1
+            return self._reset()   # the server applied it; the client never hears so
 
         self.send_response_only(status)
         for name, value in headers:

@@ -437,3 +437,45 @@ def test_a_kill_between_removing_data_and_markers_strands_nothing(ray_cluster, t
     data = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
             if f.endswith(".parquet") and "/_" not in d]
     assert len(data) == 2 and all("dt=2025-04-03" in f for f in data)
+
+
+# ---- a conditional write whose answer was lost after the server applied it (issue 38, item 1) ----
+
+def test_a_conditional_write_that_landed_but_whose_answer_was_lost_is_known_to_have_landed(
+        bucket, s3_endpoint, monkeypatch):
+    """The server applies the PUT, the answer never arrives, botocore sends the same request again and
+    meets the condition the first try already changed (412). That is this writer's own write, not
+    another writer's: ``swap`` reads the object back and returns its token."""
+    from faultproxy import FaultProxy
+
+    lost = []
+
+    def lose_first_conditional_put(method: str, path: str, headers: dict[str, str]) -> bool:
+        conditional = {k.lower() for k in headers} & {"if-match", "if-none-match"}
+        if method == "PUT" and conditional and len(lost) < 1:
+            lost.append(path)
+            return True
+        return False
+
+    uri, fresh = f"{bucket}/_nightly/state.json", f"{bucket}/_lease.json"
+    first = storage.swap(uri, b'{"night": 1}', None)
+    with FaultProxy(s3_endpoint, rate=0.0, lose_reply=lose_first_conditional_put) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        token = storage.swap(uri, b'{"night": 2}', first)            # If-Match, its answer lost
+        assert proxy.stats["lost_reply"] == 1
+        assert token is not None, "a write that landed was reported as lost to another writer"
+        assert storage.read_versioned(uri) == (b'{"night": 2}', token)
+        # another writer really did get there first: still None, nothing written
+        assert storage.swap(uri, b'{"night": 3}', first) is None
+        assert storage.read_bytes(uri) == b'{"night": 2}'
+        lost.clear()
+        created = storage.swap(fresh, b'{"owner": "a"}', None)       # If-None-Match: *, its answer lost
+        assert proxy.stats["lost_reply"] == 2 and created is not None
+        assert storage.swap(fresh, b'{"owner": "b"}', None) is None  # the object exists: b did not create it
+        lost.clear()
+        lease = Lease(f"{bucket}/out", "run-a", ttl=30).acquire()     # its answer lost: the lease is still its
+        assert proxy.stats["lost_reply"] == 3
+        with pytest.raises(LeaseHeld, match="run-a"):
+            Lease(f"{bucket}/out", "run-b", ttl=30).acquire()
+        lease.release()
+    assert storage.read_bytes(fresh) == b'{"owner": "a"}'
