@@ -479,3 +479,28 @@ def test_a_conditional_write_that_landed_but_whose_answer_was_lost_is_known_to_h
             Lease(f"{bucket}/out", "run-b", ttl=30).acquire()
         lease.release()
     assert storage.read_bytes(fresh) == b'{"owner": "a"}'
+
+
+def test_a_marker_that_names_a_path_outside_its_own_data_file_is_refused_and_nothing_is_deleted(
+        tmp_path, small_dataset, small_model):
+    """Issue 38, item 5: a marker's ``file`` is joined onto the output and deleted by a resume's sweep or a
+    relabel; one written by someone else naming ``../victim`` must not steer a delete outside the output."""
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out, victim = str(tmp_path / "out"), tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not mlbatch's")
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**common))
+    first = storage.list_files(commit.markers_dir(out, "r"), suffix=".json")[0].uri
+    marker = json.loads(storage.read_text(first))
+    for hostile in ("../victim", "r-a000-f000000-r000000000000-r000000000000.parquet/../../victim",
+                    "other-a000-f000000-r000000000016-r000000000016.parquet"):   # another run's name
+        storage.delete(storage.join(out, commit.SUCCESS_FILE))
+        storage.write_bytes(first, json.dumps({**marker, "file": hostile}).encode())
+        with pytest.raises(JobError, match=re.escape(f"commit marker {first} names the data file {hostile!r}")
+                           + ".*nothing was deleted"):
+            label(LabelConfig(**common, resume=True))
+        assert (victim / "keep.txt").read_text() == "not mlbatch's"
+    storage.write_bytes(first, json.dumps(marker).encode())   # the marker as mlbatch wrote it: resumes cleanly
+    label(LabelConfig(**common, resume=True))
+    assert sum(n for *_, n in _count(out)) == 32

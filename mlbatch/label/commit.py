@@ -100,13 +100,21 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
 
 def _read_marker(uri: str) -> dict[str, Any]:
     """One commit marker. A marker is written whole, so one that does not parse is read once more (a short
-    read under load), then refused by name: a guess at what it vouched for could double or drop rows."""
+    read under load), then refused by name: a guess at what it vouched for could double or drop rows. Its
+    ``file`` is joined onto the output and deleted by a relabel or a sweep, so it must name the marker's own
+    data file, a name of this run (``_units/<run_id>/<name>.json`` vouches for ``<name>.parquet`` only)."""
     marker = _marker(storage.read_bytes(uri)) or _marker(raw := storage.read_bytes(uri))
     if marker is None:
         raise JobError(f"commit marker {uri} is not a marker ({len(raw)} bytes, not a JSON object "
                        "of a data file's name, unit, file index, attempt and statistics): mlbatch "
                        "writes markers whole, so it was cut or made by something else. Delete it and rerun "
                        "with --resume: its unit is labeled again")
+    folder, _, name = uri.rpartition("/")
+    own = name[: -len(".json")] + ".parquet"
+    if marker["file"] != own or not _parse(own, folder.rsplit("/", 1)[-1]):
+        raise JobError(f"commit marker {uri} names the data file {str(marker['file'])[:200]!r}, not its own "
+                       f"({own!r}): mlbatch never writes that, so something else did; nothing was deleted. "
+                       "Delete the marker and rerun with --resume: its unit is labeled again")
     return marker
 
 
