@@ -75,6 +75,25 @@ def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_pa
     third.release()
 
 
+def test_a_dead_holder_is_taken_over_at_once_only_from_its_own_process_table(tmp_path):
+    """Issue 38, item 6: pods with hostNetwork (or containers with --network host) share a host name, not
+    their process ids: a holder's pid absent here says nothing there. Only the same host, boot and PID
+    namespace takes a dead holder's lease before it expires."""
+    import socket
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, out = int(ended.stdout), str(tmp_path / "out")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        here = {"host": socket.gethostname(), "boot": f.read().strip(), "pidns": os.readlink("/proc/self/ns/pid")}
+    doc = {"owner": "x", "run": "run-gone", **here, "pid": dead_pid, "acquired_at": time.time(),
+           "heartbeat_at": time.time(), "expires_at": time.time() + 600}
+    for other in ({"pidns": "pid:[1]"}, {"boot": "another-boot"}, {"pidns": None}):
+        storage.write_bytes(lease_uri(out), json.dumps({**doc, **other}).encode())
+        with pytest.raises(LeaseHeld, match="run-gone"):
+            Lease(out, "run-b", ttl=30).acquire()
+    storage.write_bytes(lease_uri(out), json.dumps(doc).encode())    # this process table: the holder is gone
+    Lease(out, "run-b", ttl=30).acquire().release()
+
+
 def test_a_second_label_run_on_a_held_output_exits_4_touching_nothing(ray_cluster, tmp_path, small_dataset,
                                                                         small_model, capsys):
     out = str(tmp_path / "out")

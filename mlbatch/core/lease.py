@@ -1,10 +1,11 @@
 """One writer per output: a lease taken by compare-and-swap before anything is written.
 
-    OUTPUT/_lease.json   {"owner", "run", "host", "pid", "acquired_at", "heartbeat_at", "expires_at"}
+    OUTPUT/_lease.json   {"owner", "run", "host", "boot", "pidns", "pid", "acquired_at", "heartbeat_at", "expires_at"}
 
 ``Lease.acquire`` creates the lease object only if it is absent (S3 ``If-None-Match: *``, locally an
 exclusive check under ``flock``: ``storage.swap``), or replaces one whose holder stopped renewing
-it (its ``expires_at`` passed, or it ran on this host and its process is gone) only if it is still
+it (its ``expires_at`` passed, or it ran in this process table, the same host, boot and PID namespace,
+and its process is gone) only if it is still
 the version that was read (``If-Match``). A
 thread renews it every third of its time to live while the run lives; ``release`` marks it expired
 at the end, by the same compare-and-swap. A lease lost to someone else (this holder stalled for a
@@ -54,9 +55,23 @@ def _describe(doc: dict[str, Any], now: float) -> str:
             f"last heartbeat {beat:.0f} s ago, expires in {max(left, 0):.0f} s)")
 
 
+def _here() -> dict[str, str | None]:
+    """Where a process id means this process table: the host name, this boot, this PID namespace. Two
+    containers with ``--network host`` (or pods with ``hostNetwork``) share a host name, not their pids."""
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else open(path).read().strip()
+        except OSError:
+            return None
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),
+            "pidns": read("/proc/self/ns/pid", link=True)}
+
+
 def _dead_here(doc: dict[str, Any]) -> bool:
-    """The holder ran on this host and its process is gone (killed): no need to wait for the expiry."""
-    if doc.get("host") != socket.gethostname() or not isinstance(doc.get("pid"), int):
+    """The holder ran in this process table (same host, boot and PID namespace) and its process is gone
+    (killed): no need to wait for the expiry. Anything less certain waits for the expiry."""
+    here = _here()
+    if None in here.values() or any(doc.get(k) != v for k, v in here.items()) or not isinstance(doc.get("pid"), int):
         return False
     try:
         os.kill(doc["pid"], 0)
@@ -87,7 +102,7 @@ class Lease:
 
     def _doc(self, acquired_at: float | None = None) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "run": self.run, "host": socket.gethostname(), "pid": os.getpid(),
+        return json.dumps({"owner": self.owner, "run": self.run, **_here(), "pid": os.getpid(),
                            "acquired_at": acquired_at or now, "heartbeat_at": now,
                            "expires_at": now + self.ttl}).encode()
 
