@@ -63,6 +63,22 @@ def test_register_and_resolve(versions, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"{registry.version_uri(reg, NAME, v)}  {NAME} {v}"
 
 
+def test_a_registered_version_cut_in_half_is_written_again_not_called_registered(versions, tmp_path, caplog):
+    """Issue 38, item 6: the description used to be written in place; a torn one left a version that did not
+    read while ``register`` said "already registered"."""
+    reg = str(tmp_path / "reg")
+    v = _register(reg, versions, "good")["good"]
+    meta = os.path.join(registry.version_uri(reg, NAME, v), "mlbatch-model.json")
+    text = open(meta).read()
+    with open(meta, "w") as f:
+        f.write(text[: len(text) // 2])
+    with caplog.at_level("WARNING", logger="mlbatch.registry.store"):
+        again = registry.register(versions["good"], reg)
+    assert again["created"] is True and "does not read back as this package" in caplog.text
+    assert open(meta).read() == text and read_package(registry.resolve(f"{reg}/{NAME}@{v}"))[0]["version"] == v
+    assert not [n for n in os.listdir(os.path.dirname(meta)) if n.startswith(".")]   # no temporary file left
+
+
 def test_a_cut_champion_alias_is_refused_by_name_by_resolve_and_by_promote(versions, small_dataset, tmp_path, capsys):
     reg = str(tmp_path / "reg")
     v = _register(reg, versions, "good")["good"]
