@@ -4,6 +4,7 @@ that broke it before."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -523,3 +524,29 @@ def test_a_marker_that_names_a_path_outside_its_own_data_file_is_refused_and_not
     storage.write_bytes(first, json.dumps(marker).encode())   # the marker as mlbatch wrote it: resumes cleanly
     label(LabelConfig(**common, resume=True))
     assert sum(n for *_, n in _count(out)) == 32
+
+
+def test_the_unit_check_catches_any_one_or_two_rows_missing_or_doubled():
+    """Issue 38, item 6: count and row sum pass two compensating faults (rows 101 and 102 missing, 100 and 103
+    written twice); the sum of squares beside them catches every such pair, enumerated here."""
+    from mlbatch.label.stats import Stats, whole
+    start, stop = 100, 112
+    rows = list(range(start, stop))
+
+    def stats(positions: list[int]) -> Stats:
+        n = len(positions)
+        table = pa.table({SOURCE_ROW: pa.array(positions, pa.int64()), "status": ["ok"] * n, "error": [None] * n})
+        return Stats.from_dict(json.loads(json.dumps(Stats.of_table(table, []).to_dict())))   # as a marker holds it
+
+    assert whole(stats(rows), start, stop)
+    faults = 0
+    for missing in [(a,) for a in rows] + [(a, b) for a in rows for b in rows if a < b]:
+        kept = [r for r in rows if r not in missing]
+        for doubled in {tuple(sorted(d)) for d in itertools.product(kept, repeat=len(missing))}:
+            faults += 1
+            assert not whole(stats(sorted(kept + list(doubled))), start, stop), (missing, doubled)
+    compensating = stats(sorted([100, 100, 103, 103] + rows[4:]))            # 101 and 102 missing
+    assert (compensating.rows, compensating.row_sum) == (stats(rows).rows, stats(rows).row_sum)
+    old = Stats(rows=compensating.rows, row_sum=compensating.row_sum, row_square_sum=None)
+    assert whole(old, start, stop)   # a marker from before the squares: count and sum only, as it was
+    print(f"{faults} one- and two-row faults, every one caught")

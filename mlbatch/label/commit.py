@@ -244,7 +244,7 @@ class Run:
     state: str
     markers: str
     attempt: int
-    done: dict[str, tuple[int, int]]        # unit -> committed (rows, row_sum), earlier attempts and this one
+    done: dict[str, Stats]                  # unit -> what is committed of it, earlier attempts and this one
     file_stats: list[Stats]                 # per manifest file
     total: Stats                            # the whole run
     todo: list[tuple[int, int, int]]
@@ -254,8 +254,7 @@ class Run:
         """Count the commit markers the write stage returned (``unit``, ``file_index``, ``marker``) into the run."""
         for unit, file_index, text in zip(*(markers.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
             stats = Stats.from_dict(json.loads(text))
-            rows, row_sum = self.done.get(unit, (0, 0))
-            self.done[unit] = (rows + stats.rows, row_sum + stats.row_sum)
+            self.done.setdefault(unit, Stats()).add(stats, keep=0)
             self.file_stats[file_index].add(stats)
             self.total.add(stats)
             self.files_written += 1
@@ -348,7 +347,7 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
     record = plan_record(config, plan)
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
-    done: dict[str, tuple[int, int]] = {}
+    done: dict[str, Stats] = {}
     file_stats = [Stats() for _ in plan.files]
     total = Stats()
     attempt = 0
@@ -370,8 +369,8 @@ def prepare(config: LabelConfig, plan: Plan) -> Run:
             stats = Stats()
             for m in ms:
                 stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
-            if unit in bounds and whole(stats.rows, stats.row_sum, *bounds[unit]):
-                done[unit] = (stats.rows, stats.row_sum)
+            if unit in bounds and whole(stats, *bounds[unit]):
+                done[unit] = stats
                 file_stats[ms[0]["file_index"]].add(stats)
                 total.add(stats)
         keep = {m["file"] for u in done for m in committed[u]}

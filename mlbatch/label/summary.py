@@ -26,8 +26,8 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
     """Add up the units' statistics, check every unit is whole, write ``_run.json`` then ``_SUCCESS``."""
     config, plan = run.config, run.plan
     total = run.total
-    broken = [(unit_id(f, a), run.done[unit_id(f, a)][0], b - a) for f, a, b in plan.units
-              if unit_id(f, a) in run.done and not whole(*run.done[unit_id(f, a)], a, b)]
+    broken = [(unit_id(f, a), run.done[unit_id(f, a)].rows, b - a) for f, a, b in plan.units
+              if unit_id(f, a) in run.done and not whole(run.done[unit_id(f, a)], a, b)]
     missing = sum(1 for f, a, _ in plan.units if unit_id(f, a) not in run.done)
     wall = time.time() - started
     rows_out = total.rows
