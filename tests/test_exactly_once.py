@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlbatch.cli import main
-from mlbatch.core import storage
+from mlbatch.core import storage, versioned
 from mlbatch.core.lease import Lease, LeaseHeld, LeaseLost, lease_uri
 from mlbatch.core.table import SOURCE_ROW
 from mlbatch.label import JobError, LabelConfig, label
@@ -53,10 +53,10 @@ def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_pa
     first = Lease(folder, "run-a", ttl=30).acquire()
     with pytest.raises(LeaseHeld, match=r"being written by run 'run-a' \(owner .*host .*pid \d+; last heartbeat"):
         Lease(folder, "run-b", ttl=30).acquire()
-    before = json.loads(storage.read_versioned(lease_uri(folder))[0])
+    before = json.loads(versioned.read_versioned(lease_uri(folder))[0])
     time.sleep(0.05)
     first.renew()
-    assert json.loads(storage.read_versioned(lease_uri(folder))[0])["heartbeat_at"] > before["heartbeat_at"]
+    assert json.loads(versioned.read_versioned(lease_uri(folder))[0])["heartbeat_at"] > before["heartbeat_at"]
     first.release()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mlbatch.core.lease"):
@@ -69,7 +69,7 @@ def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_pa
         third = Lease(folder, "run-c", ttl=30).acquire()     # expired: taken over, which is worth a warning
         assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["WARNING"]
         assert "took over the expired lease of run 'run-b'" in caplog.text
-    assert json.loads(storage.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
+    assert json.loads(versioned.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
     second.renew()                                        # the dead holder wakes up: it has lost the lease
     with pytest.raises(LeaseLost, match="taken over by run 'run-c'"):
         second.check()
@@ -253,7 +253,7 @@ def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, id_
 def test_a_lease_read_short_once_is_read_again_not_taken_from_its_live_holder(tmp_path, monkeypatch):
     folder = str(tmp_path / "out")
     holder = Lease(folder, "run-a", ttl=30).acquire()
-    real, short = storage.read_versioned, [lease_uri(folder)]
+    real, short = versioned.read_versioned, [lease_uri(folder)]
 
     def read_once_short(uri):                 # an S3 GET answered empty once, its ETag the real one
         raw, token = real(uri)
@@ -262,7 +262,7 @@ def test_a_lease_read_short_once_is_read_again_not_taken_from_its_live_holder(tm
             return b"", token
         return raw, token
 
-    monkeypatch.setattr(storage, "read_versioned", read_once_short)
+    monkeypatch.setattr(versioned, "read_versioned", read_once_short)
     with pytest.raises(LeaseHeld, match="being written by run 'run-a'"):
         Lease(folder, "run-b", ttl=30).acquire()
     assert not short
@@ -478,20 +478,20 @@ def test_a_conditional_write_that_landed_but_whose_answer_was_lost_is_known_to_h
         return False
 
     uri, fresh = f"{bucket}/_nightly/state.json", f"{bucket}/_lease.json"
-    first = storage.swap(uri, b'{"night": 1}', None)
+    first = versioned.swap(uri, b'{"night": 1}', None)
     with FaultProxy(s3_endpoint, rate=0.0, lose_reply=lose_first_conditional_put) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        token = storage.swap(uri, b'{"night": 2}', first)            # If-Match, its answer lost
+        token = versioned.swap(uri, b'{"night": 2}', first)            # If-Match, its answer lost
         assert proxy.stats["lost_reply"] == 1
         assert token is not None, "a write that landed was reported as lost to another writer"
-        assert storage.read_versioned(uri) == (b'{"night": 2}', token)
+        assert versioned.read_versioned(uri) == (b'{"night": 2}', token)
         # another writer really did get there first: still None, nothing written
-        assert storage.swap(uri, b'{"night": 3}', first) is None
+        assert versioned.swap(uri, b'{"night": 3}', first) is None
         assert storage.read_bytes(uri) == b'{"night": 2}'
         lost.clear()
-        created = storage.swap(fresh, b'{"owner": "a"}', None)       # If-None-Match: *, its answer lost
+        created = versioned.swap(fresh, b'{"owner": "a"}', None)       # If-None-Match: *, its answer lost
         assert proxy.stats["lost_reply"] == 2 and created is not None
-        assert storage.swap(fresh, b'{"owner": "b"}', None) is None  # the object exists: b did not create it
+        assert versioned.swap(fresh, b'{"owner": "b"}', None) is None  # the object exists: b did not create it
         lost.clear()
         lease = Lease(f"{bucket}/out", "run-a", ttl=30).acquire()     # its answer lost: the lease is still its
         assert proxy.stats["lost_reply"] == 3

@@ -13,7 +13,7 @@ import pytest
 
 from mlbatch import registry
 from mlbatch.registry import promotion
-from mlbatch.core import storage
+from mlbatch.core import storage, versioned
 from mlbatch.cli import main
 from mlbatch.label import LabelConfig, label
 from mlbatch.core.manifest import ManifestError
@@ -149,7 +149,7 @@ def test_write_if_is_a_compare_and_swap(where, tmp_path, request):
 
     def create(i: int) -> None:
         barrier.wait()
-        if storage.write_if(uri, f"writer {i}".encode(), None):
+        if versioned.write_if(uri, f"writer {i}".encode(), None):
             wins.append(i)
 
     threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
@@ -158,11 +158,11 @@ def test_write_if_is_a_compare_and_swap(where, tmp_path, request):
     for t in threads:
         t.join()
     assert len(wins) == 1
-    data, token = storage.read_versioned(uri)
+    data, token = versioned.read_versioned(uri)
     assert data == f"writer {wins[0]}".encode()
-    assert storage.write_if(uri, b"next", token) is True
-    assert storage.write_if(uri, b"stale", token) is False          # the token named the version just replaced
-    assert storage.read_versioned(uri)[0] == b"next"
+    assert versioned.write_if(uri, b"next", token) is True
+    assert versioned.write_if(uri, b"stale", token) is False          # the token named the version just replaced
+    assert versioned.read_versioned(uri)[0] == b"next"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -314,7 +314,7 @@ def test_a_promotion_that_always_loses_the_swap_exits_5(versions, small_dataset,
     reg = str(tmp_path / "reg")
     v = _register(reg, versions, "broken", "good")
     registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
-    monkeypatch.setattr(promotion.storage, "write_if", lambda uri, data, token: False)   # someone always got there first
+    monkeypatch.setattr(promotion.versioned, "write_if", lambda uri, data, token: False)   # someone always got there first
     capsys.readouterr()
     assert main(["models", "promote", f"{NAME}@{v['good']}", "--registry", reg, "--eval", small_dataset["test"]]) == 5
     err = capsys.readouterr().err

@@ -3,7 +3,7 @@
     OUTPUT/_lease.json   {"owner", "run", "host", "boot", "pidns", "pid", "acquired_at", "heartbeat_at", "expires_at"}
 
 ``Lease.acquire`` creates the lease object only if it is absent (S3 ``If-None-Match: *``, locally an
-exclusive check under ``flock``: ``storage.swap``), or replaces one whose holder stopped renewing
+exclusive check under ``flock``: ``versioned.swap``), or replaces one whose holder stopped renewing
 it (its ``expires_at`` passed, or it ran in this process table, the same host, boot and PID namespace,
 and its process is gone) only if it is still
 the version that was read (``If-Match``). A
@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import storage
+from . import storage, versioned
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,19 @@ class Lease:
         """Take the lease, or raise ``LeaseHeld`` naming the live holder; starts the renewal."""
         if self.ttl <= 0:
             raise ValueError(f"--lease-seconds {self.ttl}: must be positive")
-        raw, token = storage.read_versioned(self.uri)
+        raw, token = versioned.read_versioned(self.uri)
         held = storage.json_object(raw)
         if raw is not None and held is None:   # a short read under load: read once more before judging it
-            raw, token = storage.read_versioned(self.uri)
+            raw, token = versioned.read_versioned(self.uri)
             held = storage.json_object(raw)
         now = time.time()
         if held is not None:
             if held.get("owner") != self.owner and float(held.get("expires_at", 0)) > now and not _dead_here(held):
                 raise LeaseHeld(f"output {self.folder} is being written by {_describe(held, now)}; this run "
                                 "touched nothing. Wait for it to finish, or for its lease to expire if it died")
-        self._token = storage.swap(self.uri, self._doc(), token)
+        self._token = versioned.swap(self.uri, self._doc(), token)
         if self._token is None:
-            again, _ = storage.read_versioned(self.uri)
+            again, _ = versioned.read_versioned(self.uri)
             other = storage.json_object(again) or {}
             raise LeaseHeld(f"output {self.folder} was just taken by {_describe(other, time.time())}; "
                             "this run touched nothing")
@@ -151,11 +151,11 @@ class Lease:
         with self._lock:
             if self._lost or self._token is None:
                 return
-            token = storage.swap(self.uri, self._doc(acquired_at), self._token)
+            token = versioned.swap(self.uri, self._doc(acquired_at), self._token)
             if token is not None:
                 self._token = token
                 return
-            raw, _ = storage.read_versioned(self.uri)
+            raw, _ = versioned.read_versioned(self.uri)
             other = storage.json_object(raw) or {}
             self._lost = _describe(other, time.time()) if other else "nobody (the lease is gone)"
             log.error("output %s: lease lost to %s", self.folder, self._lost)
@@ -176,7 +176,7 @@ class Lease:
                 return
             done = json.loads(self._doc())
             done.update(expires_at=0.0, released_at=time.time())
-            storage.swap(self.uri, json.dumps(done).encode(), self._token)
+            versioned.swap(self.uri, json.dumps(done).encode(), self._token)
             self._token = None
 
     def __enter__(self) -> Lease:

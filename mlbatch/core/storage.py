@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import gc
-import hashlib
 import io
 import json
 import logging
@@ -276,106 +275,6 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue())
-
-
-# ---- compare-and-swap: one small object that several writers may race to replace ----------
-
-def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
-    """The bytes of a small object and a token for ``write_if`` (None, None when it is absent).
-
-    The token is the object's ETag on S3 and the sha256 of the bytes on a local disk.
-    """
-    if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        try:
-            answer = s3_client().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None, None
-            raise OSError(f"cannot read {uri}: {exc}") from None
-        return answer["Body"].read(), answer["ETag"]
-    try:
-        with open(os.path.abspath(local_path(uri)), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None, None
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def write_if(uri: str, data: bytes, token: str | None) -> bool:
-    """``swap`` that only says whether it won."""
-    return swap(uri, data, token) is not None
-
-
-def swap(uri: str, data: bytes, token: str | None) -> str | None:
-    """Replace ``uri`` with ``data`` only if it is still the version ``token`` names (absent for None).
-
-    Returns the new version's token, or None, writing nothing, when another writer got there first. On S3 this is a
-    conditional PutObject (``If-Match: <etag>``, or ``If-None-Match: *`` to create), which AWS S3
-    and MinIO decide atomically on the server; locally the check and an atomic rename happen
-    under an exclusive ``flock`` on ``<uri>.lock``.
-
-    A conditional write's outcome is never guessed. When its answer is lost after the server applied it,
-    the client's retry meets the condition it just changed (412), or the retries run out; then the
-    object is read back, and if it holds exactly ``data`` the write landed and its token is returned.
-    Every caller's document names its writer (an owner, a run, a decision), so equal bytes are this
-    write, or one with the same meaning.
-    """
-    if is_s3(uri):
-        return _swap_s3(uri, data, token)
-    import fcntl
-
-    path = os.path.abspath(local_path(uri))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, even if this process dies
-        _, current = read_versioned(path)
-        if current != token:
-            return None
-        write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _swap_s3(uri: str, data: bytes, token: str | None) -> str | None:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
-    try:
-        return s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        # 412: the condition failed; 409: a concurrent conditional write won; 404: deleted meanwhile.
-        # Each may be the retry of a try that landed: read back before saying another writer won
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
-            return _landed(bucket, key, data)
-        failure: Exception = exc
-    except BotoCoreError as exc:   # the retries ran out (timeouts, resets): did one of them land?
-        failure = exc
-    landed = _landed(bucket, key, data)
-    if landed is None:
-        raise OSError(f"cannot write {uri}: {failure}") from None
-    return landed
-
-
-def _landed(bucket: str, key: str, data: bytes) -> str | None:
-    """The object's ETag if it holds exactly ``data`` (this write landed), else None."""
-    from botocore.exceptions import ClientError
-
-    try:
-        got = s3_client().get_object(Bucket=bucket, Key=key)
-        body = got["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404"):
-            return None
-        raise OSError(f"cannot read s3://{bucket}/{key} back after a conditional write: {exc}") from None
-    if body != data:
-        return None
-    log.info("s3://%s/%s: a conditional write whose answer was lost had landed", bucket, key)
-    return got["ETag"]
 
 
 # ---- boto3: the S3 client (conditional puts, listings, image reads) and presigned links ----------

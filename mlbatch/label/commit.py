@@ -5,12 +5,11 @@
     STATE/_units/<run_id>/_plan.json                                         what a resume must share with the units it keeps
     STATE/_run.json, STATE/_SUCCESS                                          written last, by ``summary``
 
-A marker is written only after its data file is whole (``storage.write_atomic``), so it *is* the
-commit; a unit is done when its committed rows are exactly its rows (``stats.whole``). The names
-are fixed by the unit and its first row, so a retried task writes the same names again.
-``--resume`` lists the markers (O(units)), keeps the whole units, and deletes every file of the
-others; a fresh run deletes every file of its run id. Nightly uses these functions too and never
-builds a path itself.
+A marker is written only after its data file is whole (``storage.write_atomic``), so it *is* the commit; a unit
+is done when its committed rows are exactly its rows (``stats.whole``). The names are fixed by the unit and its
+first row, so a retried task writes the same names again. ``--resume`` lists the markers (O(units)), keeps the
+whole units, and deletes every file of the others; a fresh run deletes every file of its run id. Nightly uses
+these functions too and never builds a path itself.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from ..core import storage
+from ..core import storage, versioned
 from ..core.lease import Lease, LeaseHeld, LeaseLost
 from .config import JobError, LabelConfig, OutputBusy
 from .plan import Plan, absolute
@@ -99,22 +98,19 @@ def read_markers(markers: str) -> list[dict[str, Any]]:
 
 
 def _read_marker(uri: str) -> dict[str, Any]:
-    """One commit marker. A marker is written whole, so one that does not parse is read once more (a short
-    read under load), then refused by name: a guess at what it vouched for could double or drop rows. Its
-    ``file`` is joined onto the output and deleted by a relabel or a sweep, so it must name the marker's own
-    data file, a name of this run (``_units/<run_id>/<name>.json`` vouches for ``<name>.parquet`` only)."""
+    """One commit marker, as untrusted input. One that does not parse is read once more (a short read under
+    load), then refused by name: a guess could double or drop rows. Its ``file`` is joined onto the output and
+    deleted, so it must be its own (``_units/<run>/<name>.json`` vouches for ``<name>.parquet`` only)."""
     marker = _marker(storage.read_bytes(uri)) or _marker(raw := storage.read_bytes(uri))
+    redo = "Delete it and rerun with --resume: its unit is labeled again"
     if marker is None:
-        raise JobError(f"commit marker {uri} is not a marker ({len(raw)} bytes, not a JSON object "
-                       "of a data file's name, unit, file index, attempt and statistics): mlbatch "
-                       "writes markers whole, so it was cut or made by something else. Delete it and rerun "
-                       "with --resume: its unit is labeled again")
+        raise JobError(f"commit marker {uri} is not a marker ({len(raw)} bytes, not a JSON object of a data file's "
+                       "name, unit, file index, attempt and statistics): mlbatch writes markers whole, so it was "
+                       f"cut or made by something else. {redo}")
     folder, _, name = uri.rpartition("/")
-    own = name[: -len(".json")] + ".parquet"
-    if marker["file"] != own or not _parse(own, folder.rsplit("/", 1)[-1]):
+    if marker["file"] != (own := name[: -len(".json")] + ".parquet") or not _parse(own, folder.rsplit("/", 1)[-1]):
         raise JobError(f"commit marker {uri} names the data file {str(marker['file'])[:200]!r}, not its own "
-                       f"({own!r}): mlbatch never writes that, so something else did; nothing was deleted. "
-                       "Delete the marker and rerun with --resume: its unit is labeled again")
+                       f"({own!r}): made by something else; nothing was deleted. {redo}")
     return marker
 
 
@@ -154,9 +150,7 @@ def unit_files(output: str, state: str, run_id: str, file_index: int) -> list[st
 
 def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> int:
     """Delete the data files (and markers) of one manifest of a completed run, found by their markers; the count.
-
-    Only for a run that will not be resumed: its markers no longer vouch for rows once its data go.
-    """
+    Only for a run that will not be resumed: its markers no longer vouch for rows once its data go."""
     markers = markers_dir(state, run_id)
     mine = unit_files(output, state, run_id, file_index)
     for uri in mine:   # the data first: a crash in between leaves a marker of a gone file, which a redo removes
@@ -192,7 +186,7 @@ def superseded(markers: str, attempt: int) -> str | None:
     """Why a worker of ``attempt`` must not commit now (a later attempt has begun, or the run was removed),
     or None. The fence against a killed run's actors that finish a unit late: they check it before writing."""
     uri = storage.join(markers, PLAN_FILE)
-    record, _ = storage.read_versioned(uri)
+    record, _ = versioned.read_versioned(uri)
     if record is None:
         return "its run was removed (its plan record is gone)"
     doc = storage.json_object(record)

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..core import storage
+from ..core import storage, versioned
 from ..core.names import SEGMENT_RE
 from .package import META_FILE, PackageError
 
@@ -69,7 +69,7 @@ def versions(registry: str, name: str) -> list[str]:
 def read_alias(registry: str, name: str, alias: str = CHAMPION) -> tuple[dict[str, Any] | None, str | None]:
     """The alias document and its compare-and-swap token; (None, None) before the first promotion."""
     uri = alias_uri(registry, name, alias)
-    raw, token = storage.read_versioned(uri)
+    raw, token = versioned.read_versioned(uri)
     if raw is None:
         return None, None
     doc = storage.json_object(raw)

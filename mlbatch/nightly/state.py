@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..core import storage
+from ..core import storage, versioned
 from ..label import commit
 from ..label.config import JobError
 
@@ -53,7 +53,7 @@ class NightState(dict):
         self.uri, self.token = uri, token
 
     def save(self) -> None:
-        token = storage.swap(self.uri, (json.dumps(self, indent=2) + "\n").encode(), self.token)
+        token = versioned.swap(self.uri, (json.dumps(self, indent=2) + "\n").encode(), self.token)
         if token is None:
             raise JobError(f"{self.uri} was changed by another writer since this night read it; nothing of "
                            "theirs was overwritten")
@@ -63,7 +63,7 @@ class NightState(dict):
 def load_state(output: str) -> NightState:
     """The nightly state of an output (an empty one if there is none yet)."""
     uri = state_uri(output)
-    raw, token = storage.read_versioned(uri)
+    raw, token = versioned.read_versioned(uri)
     if raw is None:
         return NightState(uri, {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []},
                           None)

@@ -1,5 +1,5 @@
 """Promotion: the alias moves only when the candidate beats the champion on the same evaluation
-manifests (``decide``), and only by a compare-and-swap of the alias object (``storage.write_if``):
+manifests (``decide``), and only by a compare-and-swap of the alias object (``versioned.write_if``):
 two promotions at once cannot both win against the same champion; the one that loses the swap
 compares itself again with the new champion, and its first decision is rewritten as ``superseded``.
 So the decisions with ``promoted`` true and ``superseded`` false are exactly the alias's generations.
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..core import storage
+from ..core import storage, versioned
 from ..core.names import check_segment
 from ..model.refs import ALIASES_DIR, CHAMPION, RegistryError, alias_uri, read_alias, resolve, version_uri
 from ..train.evaluate import evaluate
@@ -165,10 +165,10 @@ def promote(config: PromoteConfig) -> Decision:
 def _swap(alias: str, decision: Decision, token: str | None) -> bool:
     """Move the alias to ``decision`` if it is still the version ``token`` names; whether it moved."""
     try:
-        return storage.write_if(alias, (json.dumps(decision.alias, indent=2) + "\n").encode(), token)
+        return versioned.write_if(alias, (json.dumps(decision.alias, indent=2) + "\n").encode(), token)
     except Exception:   # the swap failed midway: the alias itself says whether it moved
         try:
-            raw, _ = storage.read_versioned(alias)
+            raw, _ = versioned.read_versioned(alias)
             if raw is None or json.loads(raw).get("reports") != decision.reports:
                 _supersede(decision)
         except (OSError, ValueError):   # unknown: the decision stays as it is; the first error is reported
