@@ -17,6 +17,7 @@ that may share an output (minutes, not seconds).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -55,12 +56,17 @@ def _describe(doc: dict[str, Any], now: float) -> str:
             f"last heartbeat {beat:.0f} s ago, expires in {max(left, 0):.0f} s)")
 
 
+@functools.cache
 def _here() -> dict[str, str | None]:
-    """Where a process id means this process table: the host name, this boot, this PID namespace. Two
-    containers with ``--network host`` (or pods with ``hostNetwork``) share a host name, not their pids."""
+    """Where a process id means this process table: the host name, this boot, this PID namespace (read once:
+    none changes while a process lives). Two containers with ``--network host`` (or pods with
+    ``hostNetwork``) share a host name, not their pids."""
     def read(path: str, link: bool = False) -> str | None:
         try:
-            return os.readlink(path) if link else open(path).read().strip()
+            if link:
+                return os.readlink(path)
+            with open(path) as f:
+                return f.read().strip()
         except OSError:
             return None
     return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"),

@@ -89,28 +89,20 @@ def _swap_s3(uri: str, data: bytes, token: str | None) -> str | None:
         # 412: the condition failed; 409: a concurrent conditional write won; 404: deleted meanwhile.
         # Each may be the retry of a try that landed: read back before saying another writer won
         if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (409, 412):
-            return _landed(bucket, key, data)
+            return _landed(uri, data)
         failure: Exception = exc
     except BotoCoreError as exc:   # the retries ran out (timeouts, resets): did one of them land?
         failure = exc
-    landed = _landed(bucket, key, data)
+    landed = _landed(uri, data)
     if landed is None:
         raise OSError(f"cannot write {uri}: {failure}") from None
     return landed
 
 
-def _landed(bucket: str, key: str, data: bytes) -> str | None:
-    """The object's ETag if it holds exactly ``data`` (this write landed), else None."""
-    from botocore.exceptions import ClientError
-
-    try:
-        got = storage.s3_client().get_object(Bucket=bucket, Key=key)
-        body = got["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code", "") in ("NoSuchKey", "404"):
-            return None
-        raise OSError(f"cannot read s3://{bucket}/{key} back after a conditional write: {exc}") from None
-    if body != data:
+def _landed(uri: str, data: bytes) -> str | None:
+    """The object's token if it holds exactly ``data`` (this write landed), else None."""
+    there, token = read_versioned(uri)
+    if there != data:
         return None
-    log.info("s3://%s/%s: a conditional write whose answer was lost had landed", bucket, key)
-    return got["ETag"]
+    log.info("%s: a conditional write whose answer was lost had landed", uri)
+    return token

@@ -57,19 +57,15 @@ def smoothed_f1(y_true: np.ndarray, y_score: np.ndarray, width: float) -> tuple[
     Returns (grid of logits, smoothed F1).
     """
     from scipy.ndimage import gaussian_filter1d
+    from scipy.special import logit
 
-    logits = np.clip(_logit(y_score), -LOGIT_LIMIT, LOGIT_LIMIT)
+    logits = np.clip(logit(np.asarray(y_score, dtype=np.float64)), -LOGIT_LIMIT, LOGIT_LIMIT)   # 0, 1 -> +-inf -> +-16
     grid = np.arange(-LOGIT_LIMIT - 4 * width, LOGIT_LIMIT + 4 * width + LOGIT_STEP / 2, LOGIT_STEP)
     positives, negatives = np.sort(logits[y_true == 1]), np.sort(logits[y_true == 0])
     tp = len(positives) - np.searchsorted(positives, grid, side="left")   # predicted positive: logit >= t
     fp = len(negatives) - np.searchsorted(negatives, grid, side="left")
     f1 = 2 * tp / np.maximum(tp + fp + len(positives), 1)
     return grid, gaussian_filter1d(f1.astype(np.float64), width / LOGIT_STEP, mode="nearest")
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return np.log(p) - np.log1p(-p)
 
 
 def _smooth_threshold(y_true: np.ndarray, y_score: np.ndarray, width: float, guard: float | None = None) -> float:
