@@ -24,22 +24,33 @@ def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
     The token is the object's ETag on S3 and the sha256 of the bytes on a local disk.
     """
     if storage.is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, _, key = uri[len("s3://"):].partition("/")
-        try:
-            answer = storage.s3_client().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                return None, None
-            raise OSError(f"cannot read {uri}: {exc}") from None
-        return answer["Body"].read(), answer["ETag"]
+        return _read_s3(uri)
     try:
         with open(os.path.abspath(storage.local_path(uri)), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return None, None
     return data, hashlib.sha256(data).hexdigest()
+
+
+def _read_s3(uri: str, tries: int = 4) -> tuple[bytes | None, str | None]:
+    """``read_versioned`` on S3. botocore retries a request, not a body cut half way (a reset while it
+    streams): such a read is made again, a few times, before it fails."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    for left in range(tries - 1, -1, -1):
+        try:
+            answer = storage.s3_client().get_object(Bucket=bucket, Key=key)
+            return answer["Body"].read(), answer["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise OSError(f"cannot read {uri}: {exc}") from None
+        except BotoCoreError as exc:
+            if not left:
+                raise OSError(f"cannot read {uri}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 def write_if(uri: str, data: bytes, token: str | None) -> bool:
