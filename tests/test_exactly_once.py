@@ -274,7 +274,7 @@ def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path,
     out = str(tmp_path / "out")
     done = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", **TUNING))
     (name,) = [u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r")]
-    stray = storage.join(out, name.replace("-a000-", "-a007-"))      # written, then killed before its marker
+    stray = storage.join(out, re.sub(r"-a\d+-", "-a007-", name))   # written, then killed before its marker
     storage.write_bytes(stray, storage.read_bytes(storage.join(out, name)))
     again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", resume=True, **TUNING))
     assert again == done and not storage.exists(stray) and sum(n for *_, n in _count(out)) == 16
@@ -300,7 +300,7 @@ def test_a_marker_read_short_is_read_again_and_a_cut_or_foreign_one_is_refused_b
     monkeypatch.setattr(storage, "read_bytes", read_once_short)
     label(LabelConfig(**common, resume=True))
     monkeypatch.undo()
-    assert not short and all("-a000-" in u for u in commit.run_files(out, "r"))   # both units kept, none redone
+    assert not short and all("-a001-" in u for u in commit.run_files(out, "r"))   # both units kept, none redone
 
     for bad in (text[: len(text) // 2], json.dumps({"file": "x.parquet"})):
         storage.delete(storage.join(out, commit.SUCCESS_FILE))
@@ -327,7 +327,8 @@ def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_ou
     saved = {uri: storage.read_bytes(uri) for uri in files}
     for uri in [*files, storage.join(out, commit.SUCCESS_FILE), storage.join(out, commit.SUMMARY_FILE)]:
         storage.delete(uri)
-    prepare = commit.prepare
+    job_module = sys.modules["mlbatch.label.job"]
+    prepare = job_module.prepare
 
     def commits_late(*args, **kwargs):   # ...and its worker commits it just after the resume listed the commits
         run = prepare(*args, **kwargs)
@@ -335,7 +336,7 @@ def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_ou
             storage.write_bytes(uri, body)
         return run
 
-    monkeypatch.setattr(commit, "prepare", commits_late)
+    monkeypatch.setattr(job_module, "prepare", commits_late)
     again = label(LabelConfig(**config, resume=True))
     assert again["rows_out"] == 32 and again["attempts"] == 2
     assert _count(out) == [(os.path.abspath(manifest), row, 1) for row in range(32)]
@@ -345,7 +346,7 @@ def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_ou
 
 def test_a_killed_runs_worker_that_commits_after_the_resume_has_finished_writes_nothing(
         tmp_path, small_dataset, small_model, monkeypatch, caplog):
-    """The fence: a worker of an earlier attempt checks the run's attempt before it writes, so a unit it
+    """The fence: a worker of an earlier attempt checks the output's lease before it writes, so a unit it
     finishes after a resume (whole, with _SUCCESS) does not come back as a second copy of its rows."""
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
@@ -366,10 +367,10 @@ def test_a_killed_runs_worker_that_commits_after_the_resume_has_finished_writes_
         storage.delete(uri)
     assert label(LabelConfig(**config, resume=True))["attempts"] == 2
     batch, kwargs = next((b, k) for b, k in calls if b.num_rows and pc.max(b.column(SOURCE_ROW)).as_py() >= 16)
-    assert kwargs["attempt"] == 0
+    assert kwargs["fence"].epoch == 1
     assert write(batch, **kwargs).num_rows == 0          # the killed run's worker, late: no marker...
     assert _count(out) == [(os.path.abspath(manifest), row, 1) for row in range(32)]   # ...and no second copy
-    assert f"not committing {batch.num_rows} rows of attempt 0 of run r: attempt 1 of its run has begun" in caplog.text
+    assert f"not committing {batch.num_rows} rows of run r (lease epoch 1): epoch 2 of the lease" in caplog.text
     commit.remove_run(out, out, "r")                     # a run removed under it: nothing comes back either
     assert write(batch, **kwargs).num_rows == 0 and commit.run_files(out, "r") == []
 
@@ -550,3 +551,155 @@ def test_the_unit_check_catches_any_one_or_two_rows_missing_or_doubled():
     old = Stats(rows=compensating.rows, row_sum=compensating.row_sum, row_square_sum=None)
     assert whole(old, start, stop)   # a marker from before the squares: count and sum only, as it was
     print(f"{faults} one- and two-row faults, every one caught")
+
+
+# ---- issue 38: cleanup a crash cannot strand, resume that trusts no file alone ----------------
+
+def test_a_removal_cut_at_any_point_is_never_resumed_as_complete(tmp_path, small_dataset, small_model, monkeypatch):
+    """Removing a run deletes what vouches for it first (``_SUCCESS``, the summary, the plan record), and a
+    resume calls a run complete only with all of them, a whole commit per unit and every file. Cut the
+    removal at each of its deletes in turn: the resume then finishes the run or refuses it, never reports a
+    run with rows missing as complete."""
+    import shutil
+
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    pristine = str(tmp_path / "pristine")
+    config = dict(manifests=[manifest], model=small_model, run_id="r", rows_per_file=8, **TUNING)
+    label(LabelConfig(**config, output=pristine))
+    real_delete, deletes = storage.delete, []
+
+    def cut_at(k: int):
+        def delete(uri):
+            deletes.append(uri)
+            if len(deletes) == k:
+                raise OSError("killed")
+            return real_delete(uri)
+        return delete
+
+    outcomes = []
+    for k in itertools.count(1):
+        out = str(tmp_path / f"cut{k}")
+        shutil.copytree(pristine, out)
+        deletes.clear()
+        monkeypatch.setattr(storage, "delete", cut_at(k))
+        try:
+            commit.remove_run(out, out, "r")
+        except OSError:
+            pass
+        monkeypatch.setattr(storage, "delete", real_delete)
+        if len(deletes) < k:      # the removal ran whole: every cut point is covered
+            break
+        try:
+            again = label(LabelConfig(**config, output=out, resume=True))
+        except JobError as exc:
+            assert "cannot resume run r: its plan record is gone" in str(exc)
+            outcomes.append("refused")
+            continue
+        assert again["rows_out"] == 32 and _count(out) == [(os.path.abspath(manifest), r, 1) for r in range(32)]
+        outcomes.append("finished")
+    assert len(outcomes) == 8 and outcomes[:2] == ["finished", "finished"] and "refused" in outcomes
+
+
+def test_a_unit_landed_late_beside_a_complete_run_is_found_by_the_next_resume(tmp_path, small_dataset, small_model):
+    """A writer paused between its fence check and its write can still land one unit after the attempt that
+    took over finished (no object store fences a write by another object). ``_SUCCESS`` alone no longer
+    vouches: the next resume finds the unit committed twice and labels it once again."""
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    label(LabelConfig(**config))
+    markers = commit.markers_dir(out, "r")
+    first = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]   # as if killed before it
+    for uri in [storage.join(out, first), commit.marker_uri(markers, first), storage.join(out, commit.SUCCESS_FILE)]:
+        storage.delete(uri)
+    label(LabelConfig(**config, resume=True))              # the attempt that took over labels it and finishes
+    name = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]
+    late = first                                           # the earlier attempt's copy lands after all
+    storage.write_bytes(storage.join(out, late), storage.read_bytes(storage.join(out, name)))
+    marker = json.loads(storage.read_bytes(commit.marker_uri(markers, name)))
+    storage.write_bytes(commit.marker_uri(markers, late), json.dumps({**marker, "file": late, "attempt": 0}).encode())
+    assert sum(n for *_, n in _count(out)) == 48          # what a reader of the folder sees until then
+    again = label(LabelConfig(**config, resume=True))
+    assert again["rows_out"] == 32 and _count(out) == [(os.path.abspath(manifest), r, 1) for r in range(32)]
+
+
+# ---- issue 38: fencing ------------------------------------------------------------------------
+
+def test_a_fresh_reruns_fence_stops_the_earlier_attempts_workers(tmp_path, small_dataset, small_model, monkeypatch):
+    """A fresh rerun with the same run id takes a new lease epoch, so a worker of the earlier attempt that
+    finishes a unit afterwards writes nothing (it used to pass: both attempts were attempt 0)."""
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", **TUNING)
+    calls, write = [], local.write_units
+
+    def recording(batch, **kwargs):
+        calls.append((batch, kwargs))
+        return write(batch, **kwargs)
+
+    monkeypatch.setattr(local, "write_units", recording)
+    label(LabelConfig(**common, rows_per_file=32))
+    monkeypatch.setattr(local, "write_units", write)
+    label(LabelConfig(**common, rows_per_file=8))           # the same run id again, from the start
+    batch, kwargs = calls[0]
+    assert write(batch, **kwargs).num_rows == 0             # the first attempt's worker, late
+    assert _count(out) == [(os.path.abspath(manifest), r, 1) for r in range(32)]
+
+
+def test_a_paused_overwrite_run_that_wakes_after_another_committed_removes_nothing(
+        tmp_path, small_dataset, small_model, monkeypatch):
+    """``--mode overwrite`` removes the other runs' rows once it is whole. Paused past its lease (renewals
+    too) just before that, it wakes after another run took the output over and committed: it must remove
+    nothing. Its fence reads the lease itself, not the renewal's last answer, which a paused holder lacks."""
+    manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, **TUNING)
+    label(LabelConfig(**common, run_id="old"))
+    leases, acquire, drop = [], Lease.acquire, commit.drop_late_commits
+
+    def recording(self):
+        leases.append(self)
+        return acquire(self)
+
+    def paused(run):
+        if run.plan.run_id == "new":
+            leases[-1]._stop.set()                              # the whole process sleeps: no renewals
+            leases[-1]._thread.join()
+            time.sleep(3.2)
+            label(LabelConfig(**common, run_id="other", mode="append"))   # takes the expired lease over
+        return drop(run)
+
+    monkeypatch.setattr(Lease, "acquire", recording)
+    monkeypatch.setattr(commit, "drop_late_commits", paused)
+    with pytest.raises(JobError, match="no longer holds its lease"):
+        label(LabelConfig(**common, run_id="new", mode="overwrite", lease_seconds=3))
+    assert commit.run_files(out, "other") and commit.run_files(out, "old")   # nobody's rows removed
+    assert storage.json_object(storage.read_bytes(storage.join(out, commit.SUMMARY_FILE)))["run_id"] == "other"
+
+
+# ---- issue 38: a rerun into a table -----------------------------------------------------------
+
+def test_a_rerun_into_a_table_never_deletes_or_rewrites_a_file_the_table_reads(tmp_path, small_dataset, small_model):
+    """The same command with another threshold is another run (its id covers every setting that changes a
+    row), which meets the first as rows it did not write; with ``--mode overwrite`` it replaces them in one
+    snapshot. The same run id labeled afresh is refused while the table reads its files."""
+    from mlbatch.core import iceberg
+
+    manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
+    out = str(tmp_path / "out")
+    common = dict(manifests=[manifest], model=small_model, output=out, table="ns.t", **TUNING)
+    first = label(LabelConfig(**common))
+    label_name = next(iter(first["labels"]))
+    other = {label_name: 0.01}
+    with pytest.raises(JobError, match="already holds rows this run did not write"):
+        label(LabelConfig(**common, thresholds=other))
+    again = label(LabelConfig(**common, thresholds=other, mode="overwrite"))
+    assert again["run_id"] != first["run_id"]
+    read = iceberg.snapshot_files("ns.t", iceberg.DEFAULT_CATALOG, out)
+    assert read and all(os.path.exists(storage.local_path(f)) for f in read)
+    rows = iceberg.catalog(iceberg.DEFAULT_CATALOG, out).load_table("ns.t").scan(
+        row_filter=f"label_{label_name} = true").to_arrow()
+    assert rows.num_rows == round(again["labels"][label_name]["positive_rate"] * again["ok"]) and rows.num_rows > 0
+    with pytest.raises(JobError, match=f"run {again['run_id']} is committed to table ns.t"):
+        label(LabelConfig(**common, run_id=again["run_id"], thresholds=other, mode="overwrite"))
+    assert iceberg.snapshot_files("ns.t", iceberg.DEFAULT_CATALOG, out) == read

@@ -151,6 +151,19 @@ def commit_files(identifier: str, catalog_name: str, output: str, key: str, add:
                      "committers; its files are written and committed as units: run again with --resume")
 
 
+def reads(identifier: str, catalog_name: str, output: str, files: list[str]) -> list[str]:
+    """Those of ``files`` that the table's current snapshot reads ([] when there is no such table yet)."""
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    if not files:
+        return []
+    try:
+        current = set(snapshot_files(identifier, catalog_name, output))
+    except (NoSuchTableError, NoSuchNamespaceError):
+        return []
+    return [f for f in files if _path(f) in current]
+
+
 def snapshot_files(identifier: str, catalog_name: str, output: str, snapshot_id: int | None = None) -> list[str]:
     """The data files a snapshot of the table reads (its current one by default)."""
     table = catalog(catalog_name, output).load_table(identifier)

@@ -1,6 +1,7 @@
 """One writer per output: a lease taken by compare-and-swap before anything is written.
 
-    OUTPUT/_lease.json   {"owner", "run", "host", "boot", "pidns", "pid", "acquired_at", "heartbeat_at", "expires_at"}
+    OUTPUT/_lease.json   {"owner", "epoch", "run", "host", "boot", "pidns", "pid", "acquired_at", "heartbeat_at",
+                          "expires_at"}
 
 ``Lease.acquire`` creates the lease object only if it is absent (S3 ``If-None-Match: *``, locally an
 exclusive check under ``flock``: ``versioned.swap``), or replaces one whose holder stopped renewing
@@ -10,6 +11,12 @@ the version that was read (``If-Match``). A
 thread renews it every third of its time to live while the run lives; ``release`` marks it expired
 at the end, by the same compare-and-swap. A lease lost to someone else (this holder stalled for a
 whole time to live) is noticed by the renewal, and ``check`` then refuses to commit.
+
+**Fencing.** Each take of the lease has a new *epoch*, one more than the last holder's, and a new
+owner id. A ``Fence`` (the lease's object, owner and epoch: small, picklable, for any worker)
+says whether the lease is still this take's by reading the lease object; every write that a reader
+or a resume counts is made only after that check, and an unrenewed holder that wakes after
+another took over finds it lost before its next such write.
 
 Times are the holders' wall clocks: keep the time to live well above the clock skew of the hosts
 that may share an output (minutes, not seconds).
@@ -88,6 +95,46 @@ def _dead_here(doc: dict[str, Any]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Fence:
+    """One take of an output's lease, as a worker carries it: what it checks before a write that counts."""
+
+    uri: str
+    owner: str
+    epoch: int
+
+    def lost(self) -> str | None:
+        """Why this take no longer holds the lease, or None: another took it over, it was released, or its
+        holder stopped renewing it (under a third of its time to live is left, by this host's clock), so it
+        may be taken over before a write begun now ends."""
+        raw, _ = versioned.read_versioned(self.uri)
+        doc = storage.json_object(raw)
+        if doc is None:
+            return "the lease is gone" if raw is None else "the lease is not one (cut, or made by something else)"
+        if doc.get("owner") != self.owner or doc.get("epoch") != self.epoch:
+            return f"epoch {doc.get('epoch')} of the lease, {_describe(doc, time.time())}, took it over"
+        if "released_at" in doc:
+            return "the lease was released"
+        left, ttl = float(doc.get("expires_at", 0)) - time.time(), float(doc.get("expires_at", 0)) - float(
+            doc.get("heartbeat_at", 0))
+        if left < ttl / 3:
+            return f"its holder has not renewed it for {ttl - left:.0f} s of its {ttl:.0f} s"
+        return None
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if this take no longer holds the lease."""
+        why = self.lost()
+        if why is not None:
+            raise LeaseLost(f"output {self.uri.rsplit('/', 1)[0]}: this run (lease epoch {self.epoch}) no longer "
+                            f"holds its lease: {why}; it stopped before writing anything more")
+
+
+def _epoch(held: dict[str, Any] | None) -> int:
+    """The epoch after the one ``held`` names (1 for none, or a lease that names no number)."""
+    last = held.get("epoch") if held else None
+    return last + 1 if isinstance(last, int) and not isinstance(last, bool) and last >= 0 else 1
+
+
 @dataclass
 class Lease:
     """The lease of one output folder, for one run."""
@@ -96,6 +143,7 @@ class Lease:
     run: str
     ttl: float = DEFAULT_TTL_SECONDS
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    epoch: int = 0                  # set when taken
     _token: str | None = None
     _lost: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -108,7 +156,7 @@ class Lease:
 
     def _doc(self, acquired_at: float | None = None) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "run": self.run, **_here(), "pid": os.getpid(),
+        return json.dumps({"owner": self.owner, "epoch": self.epoch, "run": self.run, **_here(), "pid": os.getpid(),
                            "acquired_at": acquired_at or now, "heartbeat_at": now,
                            "expires_at": now + self.ttl}).encode()
 
@@ -126,6 +174,7 @@ class Lease:
             if held.get("owner") != self.owner and float(held.get("expires_at", 0)) > now and not _dead_here(held):
                 raise LeaseHeld(f"output {self.folder} is being written by {_describe(held, now)}; this run "
                                 "touched nothing. Wait for it to finish, or for its lease to expire if it died")
+        self.epoch = _epoch(held)
         self._token = versioned.swap(self.uri, self._doc(), token)
         if self._token is None:
             again, _ = versioned.read_versioned(self.uri)
@@ -166,11 +215,18 @@ class Lease:
             self._lost = _describe(other, time.time()) if other else "nobody (the lease is gone)"
             log.error("output %s: lease lost to %s", self.folder, self._lost)
 
+    @property
+    def fence(self) -> Fence:
+        """This take of the lease, for the workers to check before each write that counts."""
+        return Fence(self.uri, self.owner, self.epoch)
+
     def check(self) -> None:
-        """Raise ``LeaseLost`` if another run took this lease over."""
+        """Raise ``LeaseLost`` unless this take still holds the lease: read from the lease object, not only
+        from the renewal's last answer (a holder paused for a whole time to live has not heard it)."""
         if self._lost:
             raise LeaseLost(f"output {self.folder}: this run's lease was taken over by {self._lost} while it "
                             "ran; it did not commit")
+        self.fence.check()
 
     def release(self) -> None:
         """Stop renewing and mark the lease expired (only if it is still ours)."""

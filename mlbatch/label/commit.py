@@ -1,15 +1,15 @@
-"""The commit protocol of a run: unit file names, commit markers, their listing, and resume. The one owner.
+"""The commit protocol of a run: unit file names, commit markers, their listing and removal. The one owner.
 
-    OUTPUT/<run_id>-a<attempt>-f<file>-r<unit start>-r<first row>.parquet   one unit's rows (a data file)
+    OUTPUT/<run_id>-a<epoch>-f<file>-r<unit start>-r<first row>.parquet     one unit's rows (a data file)
     STATE/_units/<run_id>/<the same name>.json                               its commit marker: the file's statistics
     STATE/_units/<run_id>/_plan.json                                         what a resume must share with the units it keeps
     STATE/_run.json, STATE/_SUCCESS                                          written last, by ``summary``
 
 A marker is written only after its data file is whole (``storage.write_atomic``), so it *is* the commit; a unit
 is done when its committed rows are exactly its rows (``stats.whole``). The names are fixed by the unit and its
-first row, so a retried task writes the same names again. ``--resume`` lists the markers (O(units)), keeps the
-whole units, and deletes every file of the others; a fresh run deletes every file of its run id. Nightly uses
-these functions too and never builds a path itself.
+first row, so a retried task writes the same names again; the attempt in the name is the lease epoch the
+attempt took, so two attempts never share a name. ``prepare`` starts or resumes a run from these (a resume
+lists the markers, O(units)). Nightly uses these functions too and never builds a path itself.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from ..core import storage, versioned
-from ..core.lease import Lease, LeaseHeld, LeaseLost
+from ..core import storage
+from ..core.lease import Fence, Lease, LeaseHeld, LeaseLost
 from .config import JobError, LabelConfig, OutputBusy
 from .plan import Plan, absolute
-from .stats import TOP_ERRORS_KEPT, Stats, whole
+from .stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,15 @@ def _marker(raw: bytes) -> dict[str, Any] | None:
 def remove_run(output: str, state: str, run_id: str) -> int:
     """Delete a run's data files and its markers; how many data files there were.
 
-    The plan record goes first, so that a crash part way leaves a run no ``--resume`` accepts (no
+    What vouches for the run goes first: its ``_SUCCESS`` and summary (when they are this run's), then its
+    plan record, so that a crash part way leaves a run no ``--resume`` accepts as done or resumes (no
     marker can then vouch for a data file already deleted); its leftovers go with the next fresh run.
     """
     markers = markers_dir(state, run_id)
+    summary = storage.join(state, SUMMARY_FILE)
+    if storage.exists(summary) and (storage.json_object(storage.read_bytes(summary)) or {}).get("run_id") == run_id:
+        storage.delete(storage.join(state, SUCCESS_FILE))
+        storage.delete(summary)
     storage.delete(storage.join(markers, PLAN_FILE))
     files = run_files(output, run_id)
     for uri in files:
@@ -160,19 +165,6 @@ def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> 
     return len(mine)
 
 
-def completed(state: str, run_id: str) -> dict[str, Any] | None:
-    """The summary of ``run_id`` if it completed in ``state`` (its ``_SUCCESS`` is there), else None."""
-    if not storage.exists(storage.join(state, SUCCESS_FILE)):
-        return None
-    uri = storage.join(state, SUMMARY_FILE)
-    done = storage.json_object(storage.read_bytes(uri)) if storage.exists(uri) else None
-    if done is None:   # its markers still say what is committed: a resume reads them, and writes it again
-        log.warning("%s is not a run summary (cut, or made by something else): resuming from the commit markers",
-                    uri)
-        return None
-    return done if done.get("run_id") == run_id else None
-
-
 def sweep_unmarked(output: str, state: str, run_id: str) -> int:
     """Delete the data files of a run that no commit marker names (a crash between writing the two)."""
     marked = {m["file"] for m in read_markers(markers_dir(state, run_id))}
@@ -182,29 +174,15 @@ def sweep_unmarked(output: str, state: str, run_id: str) -> int:
     return len(stale)
 
 
-def superseded(markers: str, attempt: int) -> str | None:
-    """Why a worker of ``attempt`` must not commit now (a later attempt has begun, or the run was removed),
-    or None. The fence against a killed run's actors that finish a unit late: they check it before writing."""
-    uri = storage.join(markers, PLAN_FILE)
-    record, _ = versioned.read_versioned(uri)
-    if record is None:
-        return "its run was removed (its plan record is gone)"
-    doc = storage.json_object(record)
-    if doc is None:   # the task fails, and Ray's retry reads it again
-        raise JobError(f"{uri} is not a plan record (cut, or made by something else)")
-    current = doc.get("attempt", 0)
-    return f"attempt {current} of its run has begun" if current > attempt else None
-
-
 def drop_late_commits(run: "Run") -> int:
     """Remove the commits an earlier attempt made of units this attempt labeled itself; return how many.
 
     On Ray the actors of a killed driver can finish a unit seconds after it died, after a resume has
-    listed the commits but before it recorded its attempt (``superseded``): the resume labels that unit too. Before the run is called whole, the late copy
-    goes (its marker first, then its data file), so each unit's rows are in the output once. The units
-    the resume kept are not touched.
+    listed the commits but before its fence check failed: the resume labels that unit too. Before the run
+    is called whole, the late copy goes (its marker first, then its data file), so each unit's rows are in
+    the output once. The units the resume kept are not touched.
     """
-    if not run.attempt:
+    if run.attempts == 1:
         return 0
     redone = {unit_id(f, a) for f, a, _ in run.todo}
     late = [m for m in read_markers(run.markers)
@@ -237,12 +215,18 @@ class Run:
     output: str
     state: str
     markers: str
-    attempt: int
+    fence: Fence                            # the lease this attempt took; its epoch is in its data files' names
     done: dict[str, Stats]                  # unit -> what is committed of it, earlier attempts and this one
     file_stats: list[Stats]                 # per manifest file
     total: Stats                            # the whole run
     todo: list[tuple[int, int, int]]
     files_written: int = 0
+    attempts: int = 1                       # how many attempts the run has had, this one included
+
+    @property
+    def attempt(self) -> int:
+        """This attempt's number in its data files' names: the lease epoch it took (increasing per output)."""
+        return self.fence.epoch
 
     def add_markers(self, markers: pa.Table) -> None:
         """Count the commit markers the write stage returned (``unit``, ``file_index``, ``marker``) into the run."""
@@ -252,39 +236,6 @@ class Run:
             self.file_stats[file_index].add(stats)
             self.total.add(stats)
             self.files_written += 1
-
-
-def plan_record(config: LabelConfig, plan: Plan) -> dict[str, Any]:
-    """What a resumed run must share with the units it keeps: everything that changes a row's value."""
-    return {"files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
-            "rows_per_unit": config.rows_per_file, "decode": config.decode, "model_version": plan.meta["version"],
-            "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
-            "uri_column": config.uri_column}
-
-
-_FLAGS = {"rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
-          "thresholds": "the thresholds", "max_pixels": "--max-pixels",
-          "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
-
-
-def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between a run's first plan record and this try's, in words."""
-    out = []
-    old_files = {f[0]: f[1:] for f in before.get("files", [])}
-    new_files = {f[0]: f[1:] for f in now["files"]}
-    for uri in sorted(set(old_files) | set(new_files)):
-        if uri not in new_files:
-            out.append(f"manifest {uri} is no longer in the run")
-        elif uri not in old_files:
-            out.append(f"manifest {uri} was not in the run")
-        elif old_files[uri] != new_files[uri]:
-            out.append(f"manifest {uri} changed since the run started (its footer differs)")
-    for key, flag in _FLAGS.items():
-        if key not in before:
-            out.append(f"{flag} is not recorded (the run was started by an older mlbatch)")
-        elif before[key] != now[key]:
-            out.append(f"{flag} changed ({before[key]} -> {now[key]})")
-    return out
 
 
 def _others(output: str, run_id: str) -> Iterator[tuple[str, str]]:
@@ -321,68 +272,6 @@ def remove_other_runs(output: str, state: str, run_id: str) -> int:
             storage.delete(storage.join(output, name))
             removed += 1
     return removed
-
-
-def prepare(config: LabelConfig, plan: Plan) -> Run:
-    """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
-    output, state = output_dirs(config)
-    markers = markers_dir(state, plan.run_id)
-    others = other_runs(output, plan.run_id) if config.mode == "error" else {}
-    if others:   # before anything is removed
-        held = ", ".join(f"{who} ({n} files)" for who, n in sorted(others.items())[:5])
-        raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
-                       "again would double them: pass --mode overwrite to replace them once this run has "
-                       "committed, or --mode append to add this run beside them")
-    swept = sum(storage.sweep_temporaries(d) for d in {output, state, markers})   # writers killed mid-write
-    if swept:
-        log.info("removed %d temporaries that writers killed mid-write left in %s", swept, output)
-    for name in (SUCCESS_FILE, SUMMARY_FILE):
-        storage.delete(storage.join(state, name))
-    record = plan_record(config, plan)
-    plan_uri = storage.join(markers, PLAN_FILE)
-    files = run_files(output, plan.run_id)
-    done: dict[str, Stats] = {}
-    file_stats = [Stats() for _ in plan.files]
-    total = Stats()
-    attempt = 0
-    if config.resume and (files or storage.exists(plan_uri)):
-        recorded = storage.exists(plan_uri)
-        before = storage.json_object(storage.read_bytes(plan_uri)) if recorded else None
-        changes = (["its plan record is gone"] if not recorded else
-                   ["its plan record is not one (cut, or made by something else)"] if before is None else
-                   _changes(before, record))
-        if changes:
-            raise JobError(f"cannot resume run {plan.run_id}: {'; '.join(changes[:5])} ({plan_uri}): its "
-                           "manifests, --rows-per-file or --decode are not those it started with, or the model "
-                           "version, thresholds, --max-pixels, --max-bytes or --uri-column changed; run again without --resume")
-        committed: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-        for m in read_markers(markers):
-            committed[m["unit"]].append(m)
-        bounds = {unit_id(f, a): (a, b) for f, a, b in plan.units}
-        for unit, ms in committed.items():
-            stats = Stats()
-            for m in ms:
-                stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
-            if unit in bounds and whole(stats, *bounds[unit]):
-                done[unit] = stats
-                file_stats[ms[0]["file_index"]].add(stats)
-                total.add(stats)
-        keep = {m["file"] for u in done for m in committed[u]}
-        for unit, ms in committed.items():       # a part of a unit is no commit: markers first, then the data
-            if unit not in done:
-                for m in ms:
-                    storage.delete(marker_uri(markers, m["file"]))
-        stale = [u for u in files if u.rsplit("/", 1)[-1] not in keep]
-        for uri in stale:
-            storage.delete(uri)
-        attempt = max([attempt_of(u, plan.run_id) for u in files] + [before.get("attempt", 0)]) + 1
-        log.info("resuming run %s (attempt %d): %d of %d units committed, %d files of unfinished units removed",
-                 plan.run_id, attempt, len(done), len(plan.units), len(stale))
-    else:  # a repeated run replaces its own files
-        remove_run(output, state, plan.run_id)
-    storage.write_atomic(plan_uri, json.dumps({**record, "attempt": attempt}).encode())
-    todo = [u for u in plan.units if unit_id(u[0], u[1]) not in done]
-    return Run(config, plan, output, state, markers, attempt, done, file_stats, total, todo)
 
 
 @contextlib.contextmanager

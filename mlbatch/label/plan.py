@@ -72,7 +72,9 @@ def make_plan(config: LabelConfig) -> Plan:
     step = config.rows_per_file
     units = [(i, start, min(start + step, n)) for i, n in enumerate(rows) for start in range(0, n, step)]
     model_uri, meta, thresholds = resolve_model(config.model, config.thresholds)
-    run_id = config.run_id or default_run_id(files, meta["version"], absolute(config.output))
+    settings = {"thresholds": thresholds, "decode": config.decode, "max_pixels": config.max_pixels,
+                "max_bytes": config.max_bytes, "rows_per_file": config.rows_per_file, "uri_column": config.uri_column}
+    run_id = config.run_id or default_run_id(files, meta["version"], absolute(config.output), settings)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
@@ -123,10 +125,13 @@ def may_hold_nulls(footer: pq.FileMetaData, column: str) -> bool:
     return not all(s is not None and s.has_null_count and s.null_count == 0 for s in stats)
 
 
-def default_run_id(files: list[str], model_version: str, output: str) -> str:
-    """A digest of the manifests (names and sizes), the model version and the output."""
+def default_run_id(files: list[str], model_version: str, output: str, settings: dict[str, Any]) -> str:
+    """A digest of the manifests (names and sizes), the model version, the output and every setting that changes
+    a row's value (thresholds, decoding, limits, unit size): the same command with another threshold is
+    another run, which meets the first as rows it did not write, never as its own files to rewrite."""
     sizes = [(e.uri, e.size) for f in files for e in storage.list_files(f)]
-    text = json.dumps({"manifests": sizes, "model": model_version, "output": output.rstrip("/")}, sort_keys=True)
+    text = json.dumps({"manifests": sizes, "model": model_version, "output": output.rstrip("/"), **settings},
+                      sort_keys=True)
     return "run-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

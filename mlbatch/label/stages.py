@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from ..core import fetch, heap, images, manifest, storage
 from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, file_metadata, output_columns,
                           predicted_columns, renamed_inputs)
-from .commit import Run, data_file_name, marker_text, marker_uri, superseded, unit_id
+from ..core.lease import Fence
+from .commit import Run, data_file_name, marker_text, marker_uri, unit_id
 from .decoder import decode_uris
 from .plan import Plan, footer_digest
 from .stats import Stats
@@ -48,7 +49,7 @@ def wiring(run: Run) -> dict[str, Any]:
                     "max_bytes": config.max_bytes},
         "decode": {"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
                    "max_bytes": config.max_bytes, "fetch_only": config.decode != "pil"},
-        "write": {"output": run.output, "markers": run.markers, "run_id": plan.run_id, "attempt": run.attempt,
+        "write": {"output": run.output, "markers": run.markers, "run_id": plan.run_id, "fence": run.fence,
                   "rows_per_unit": config.rows_per_file, "columns": columns, "labels": labels, "metadata": metadata},
     }
 
@@ -273,30 +274,32 @@ class UnitLabeler(Predictor):
         heap.release_freed_memory()   # what this unit's batches freed, back to the system (core/heap.py)
 
 
-def write_units(batch: pa.Table, output: str, markers: str, run_id: str, attempt: int, rows_per_unit: int,
+def write_units(batch: pa.Table, output: str, markers: str, run_id: str, fence: Fence, rows_per_unit: int,
                 columns: list[str], labels: list[str], metadata: dict[bytes, bytes]) -> pa.Table:
     """Write one data file per unit this batch holds rows of, then its commit marker; return the markers.
 
     The marker is written only after the data file is whole (a local file is renamed into place,
     an S3 object exists only once its upload completed), so it *is* the commit. The names are
-    fixed by the unit and its first row: a retried task writes the same names again.
+    fixed by the unit, its first row and the attempt's lease epoch: a retried task writes the same names
+    again. The fence: nothing is written unless this attempt still holds the output's lease with a third of
+    its time to live ahead (``Fence.lost``), so a worker whose attempt was superseded, or whose holder
+    stopped renewing, stops here; what the next attempt does with a unit that lands anyway is in ``prepare``.
     """
     files = batch.column(FILE_INDEX).to_numpy()
     starts = batch.column(SOURCE_ROW).to_numpy() // rows_per_unit * rows_per_unit
     keys = np.stack([files, starts], axis=1)
-    out = []
-    late = superseded(markers, attempt)
-    if late:   # a killed run's worker, finishing after a resume began: the resume labels these rows itself
-        log.warning("not committing %d rows of attempt %d of run %s: %s", batch.num_rows, attempt, run_id, late)
+    lost = fence.lost()
+    if lost:   # a superseded attempt's worker: the attempt that holds the lease labels these rows itself
+        log.warning("not committing %d rows of run %s (lease epoch %d): %s", batch.num_rows, run_id, fence.epoch, lost)
         keys = keys[:0]
+    out = []
     for f, start in np.unique(keys, axis=0):
         piece = batch.filter(pa.array((files == f) & (starts == start)))
         piece = piece.sort_by(SOURCE_ROW).select(columns).replace_schema_metadata(metadata)
         unit = unit_id(int(f), int(start))
-        name = data_file_name(run_id, attempt, unit, piece.column(SOURCE_ROW)[0].as_py())
+        name = data_file_name(run_id, fence.epoch, unit, piece.column(SOURCE_ROW)[0].as_py())
         storage.write_atomic(storage.join(output, name), piece)
-        stats = Stats.of_table(piece, labels)
-        text = marker_text(name, unit, int(f), attempt, stats)
+        text = marker_text(name, unit, int(f), fence.epoch, Stats.of_table(piece, labels))
         storage.write_atomic(marker_uri(markers, name), text.encode())
         out.append({"unit": unit, "file_index": int(f), "marker": text})
     return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),

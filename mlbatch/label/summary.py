@@ -49,8 +49,9 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
                   "version": plan.meta["version"]},
         "renamed_columns": renamed_inputs(plan.schema.names, plan.meta["labels"]),
         "units": len(plan.units),
-        "files": len(read_markers(run.markers)) if run.attempt else run.files_written,
-        "attempts": run.attempt + 1,
+        "files": len(read_markers(run.markers)) if run.attempts > 1 else run.files_written,
+        "attempts": run.attempts,
+        "lease_epoch": run.attempt,
         "predictor": predictor,
         "wall_seconds": round(wall, 2),
         "rows_per_second": round(rows_out / wall, 2) if wall > 0 else None,
@@ -59,6 +60,7 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         **config.extra_summary,
     }
     summary_uri = storage.join(run.state, SUMMARY_FILE)
+    run.fence.check()   # an attempt that lost its output (paused past its lease) writes and removes nothing more
     if broken or missing or rows_out != plan.rows_in:
         summary["status"] = "failed"
         storage.write_text(summary_uri, json.dumps(summary, indent=2) + "\n")

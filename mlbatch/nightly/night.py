@@ -50,6 +50,7 @@ from typing import Any
 
 from ..core import iceberg, storage
 from ..core import manifest as manifest_mod
+from ..core.lease import Fence
 from ..label import commit
 from ..label.config import JobError, LabelConfig, options_of
 from ..label.job import label
@@ -58,8 +59,7 @@ from .config import DriftError, NightlyConfig, NightlyError, check_config
 from .discover import Manifest, find_manifests
 from .drift import METRICS, drift, night_stats
 from .publish import journal, publish, settle
-from .state import (NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, NightState, load_state, partition_uri, remove_manifest, remove_run,
-                    run_dir, write_json)
+from .state import NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, NightState, load_state, partition_uri, run_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,16 @@ class _Todo:
     replaces: dict[str, Any] | None  # the same model version's previous record of this manifest
 
 
-def _abandon(output: str, day: str, run_id: str) -> NightState:
+def _abandon(before: NightState, output: str, day: str, run_id: str) -> NightState:
     """A run whose recording failed part way: the state as last saved, without the run, whose files go (its
-    manifests are labeled again next night). If even that fails, the next night finds the run pending."""
-    state = load_state(output)
+    manifests are labeled again next night). A save whose answer was lost may have landed: a run that the
+    reloaded state records is kept, never removed. If even that fails, the next night finds the run pending."""
+    state = load_state(output, before.fence)
+    if any(r.get("run_id") == run_id for r in state["runs"]):
+        log.warning("nightly %s: run %s is recorded in the state after all: kept", day, run_id)
+        return state
     try:
-        remove_run(output, day, run_id)
+        state.remove_run(output, day, run_id)
         state.get("pending", {}).pop(run_id, None)
         state.save()
     except Exception as exc:
@@ -110,16 +114,16 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
         # absolute: one spelling of each path, in the state and in the job's plans
         output = os.path.abspath(output)
     model_uri, meta, _ = resolve_model(config.model, config.thresholds)  # once, for every run of the night
-    with commit.holding(output, f"nightly-{day}", config.lease_seconds):   # one night at a time on an output
-        return _night(config, day, output, model_uri, meta, started)
+    with commit.holding(output, f"nightly-{day}", config.lease_seconds) as lease:   # one night at a time
+        return _night(config, day, output, model_uri, meta, started, lease.fence)
 
 
 def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: dict[str, Any],
-           started: float) -> dict[str, Any]:
+           started: float, fence: Fence) -> dict[str, Any]:
     """The night itself, under the output's lease: find, group into runs, label, record, watch drift."""
     version = meta["version"]
     storage.sweep_temporaries(storage.join(output, NIGHTLY_DIR))   # of a night killed mid-write
-    state = load_state(output)
+    state = load_state(output, fence)
     if config.table:
         try:
             settle(config, output, state)
@@ -160,7 +164,7 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
             labeled += _label_run(replace(config, model=model_uri, rows_per_file=rows_per_file), output, run_day,
                                   meta, run_id, jobs, resume, state, failed)
         except Exception as exc:   # recording the run failed (the state, S3): its manifests are retried next night
-            state = _abandon(output, run_day, run_id)
+            state = _abandon(state, output, run_day, run_id)
             recorded = {f["manifest"] for f in failed}
             for job in jobs:
                 if job.manifest.uri not in recorded:
@@ -227,7 +231,7 @@ def night_run_id(day: str, manifests: list[Manifest], model_version: str) -> str
 
 
 def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo: list[_Todo],
-                state: dict[str, Any], failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool, int]]:
+                state: NightState, failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool, int]]:
     """The night's labeling runs: first any run a crash left unfinished (resumed with its own manifests, in
     its own partition and with its own unit size), then one run for everything else (one per schema, if
     the manifests differ).
@@ -239,7 +243,7 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
     left = {job.manifest.uri: job for job in todo}
     for run_id, pending in list(state.get("pending", {}).items()):
         if pending["model_version"] != version:   # its model is no longer the one: its rows go, the manifests
-            remove_run(output, pending["dt"], run_id)  # are labeled by this version (new, or --relabel)
+            state.remove_run(output, pending["dt"], run_id)  # are labeled by this version (new, or --relabel)
             del state["pending"][run_id]
             continue
         same = [left[u] for u, fp in pending["manifests"].items()
@@ -249,7 +253,7 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
             for job in same:
                 del left[job.manifest.uri]
         else:  # its manifests changed or went since: its rows are not wanted
-            remove_run(output, pending["dt"], run_id)
+            state.remove_run(output, pending["dt"], run_id)
             del state["pending"][run_id]
     by_schema: dict[str, list[_Todo]] = {}
     for job in left.values():
@@ -265,7 +269,7 @@ def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo
 
 
 def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any], run_id: str, jobs: list[_Todo],
-               resume: bool, state: dict[str, Any], failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+               resume: bool, state: NightState, failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Label the night's manifests in one run (or resume it), then record each manifest; returns what was done."""
     rdir = run_dir(output, run_id)
     state.setdefault("pending", {})[run_id] = {
@@ -284,7 +288,7 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
     try:
         summary = label(base)
     except Exception as exc:   # any error of this run is its manifests' (a Ray error, a failed S3 write): the night goes on
-        remove_run(output, day, run_id)   # no half output of a failed run; its manifests are tried afresh next night
+        state.remove_run(output, day, run_id)   # no half output of a failed run; its manifests are tried afresh next night
         del state["pending"][run_id]
         state.save()
         for job in jobs:
@@ -299,7 +303,7 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
         index, stats = per_manifest[m.uri]
         rate = stats["errors"] / stats["rows"] if stats["rows"] else 0.0
         if rate > config.max_error_rate:  # this manifest's rows go; the others' stay
-            remove_manifest(output, day, run_id, index)
+            state.remove_manifest(output, day, run_id, index)
             error = (f"{stats['errors']} of {stats['rows']} rows are errors ({rate:.1%}), above --max-error-rate "
                      f"{config.max_error_rate:.1%}")
             log.error("nightly %s: %s failed: %s", day, m.uri, error)
@@ -311,7 +315,7 @@ def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any
             log.info("nightly %s: %s changed; its previous run %s (dt=%s) leaves the table with tonight's commit",
                      day, m.uri, job.replaces["run_id"], job.replaces["dt"])
         elif job.replaces is not None and job.replaces["run_id"] != run_id:
-            removed = remove_manifest(output, job.replaces["dt"], job.replaces["run_id"], job.replaces.get("file_index"))
+            removed = state.remove_manifest(output, job.replaces["dt"], job.replaces["run_id"], job.replaces.get("file_index"))
             log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", day, m.uri, removed,
                      job.replaces["run_id"], job.replaces["dt"])
         labeled_at = summary.get("finished_at") or _now()

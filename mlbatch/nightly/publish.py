@@ -26,7 +26,7 @@ from typing import Any
 from ..core import iceberg
 from ..label import commit
 from .config import NightlyConfig
-from .state import NightState, partition_uri, remove_manifest, run_dir
+from .state import NightState, partition_uri, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def settle(config: NightlyConfig, output: str, state: NightState) -> None:
         log.info("nightly: commit %s never reached table %s; tonight's commit takes its runs", todo["commit"],
                  config.table)
         return
-    _delete(output, todo["removals"])
+    _delete(state, output, todo["removals"])
     state["table"] = {"runs": [], "removals": [], "commit": None}
     state.save()
 
@@ -93,7 +93,7 @@ def publish(config: NightlyConfig, day: str, output: str, state: NightState,
                                     {"night": day, "model_version": model_version, "runs": ",".join(runs)})
     done = {"identifier": config.table, "catalog": config.catalog, "snapshot_id": snapshot,
             "commit": todo["commit"], "added_files": len(add), "dropped_files": len(drop), "adopted": len(adopt)}
-    _delete(output, todo["removals"])
+    _delete(state, output, todo["removals"])
     state["table"] = {"runs": [], "removals": [], "commit": None}
     state.save()
     log.info("nightly %s: table %s at snapshot %d (%d files added, %d dropped)", day, config.table, snapshot,
@@ -101,6 +101,6 @@ def publish(config: NightlyConfig, day: str, output: str, state: NightState,
     return done
 
 
-def _delete(output: str, removals: list[dict[str, Any]]) -> None:
+def _delete(state: NightState, output: str, removals: list[dict[str, Any]]) -> None:
     for r in removals:
-        remove_manifest(output, r["dt"], r["run_id"], r["file_index"])
+        state.remove_manifest(output, r["dt"], r["run_id"], r["file_index"])

@@ -2,7 +2,7 @@
 
 Layout of the output (``OUT``)::
 
-    OUT/dt=YYYY-MM-DD/<run_id>-a<attempt>-....parquet   the labeled rows: one Hive partition per night
+    OUT/dt=YYYY-MM-DD/<run_id>-a<epoch>-....parquet     the labeled rows: one Hive partition per night
     OUT/dt=YYYY-MM-DD/_run.json                          that night's nightly summary (drift included)
     OUT/_nightly/state.json                              which manifest was labeled by which model version
     OUT/_nightly/runs/<run_id>/                          one labeling run's _run.json, _SUCCESS, _units/
@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from ..core import storage, versioned
+from ..core.lease import Fence
 from ..label import commit
 from ..label.config import JobError
 
@@ -45,52 +46,59 @@ class NightState(dict):
     """The nightly state of an output, read with its version and written back by compare-and-swap.
 
     The night holds the output's lease, so a lost swap means someone wrote the state behind the
-    lease's back (or took it over): the night stops rather than overwrite what it did not read.
+    lease's back (or took it over): the night stops rather than overwrite what it did not read. Its
+    saves and its removals check the night's fence first: a night paused past its lease writes and
+    removes nothing once it wakes.
     """
 
-    def __init__(self, uri: str, data: dict[str, Any], token: str | None):
+    def __init__(self, uri: str, data: dict[str, Any], token: str | None, fence: Fence | None = None):
         super().__init__(data)
-        self.uri, self.token = uri, token
+        self.uri, self.token, self.fence = uri, token, fence
+
+    def _check(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
 
     def save(self) -> None:
+        self._check()
         token = versioned.swap(self.uri, (json.dumps(self, indent=2) + "\n").encode(), self.token)
         if token is None:
             raise JobError(f"{self.uri} was changed by another writer since this night read it; nothing of "
                            "theirs was overwritten")
         self.token = token
 
+    def remove_run(self, output: str, day: str, run_id: str) -> int:
+        """Delete a run's data files and its run folder; how many data files there were."""
+        self._check()
+        removed = commit.remove_run(partition_uri(output, day), run_dir(output, run_id), run_id)
+        storage.delete(run_dir(output, run_id))
+        return removed
 
-def load_state(output: str) -> NightState:
-    """The nightly state of an output (an empty one if there is none yet)."""
+    def remove_manifest(self, output: str, day: str, run_id: str, file_index: int | None) -> int:
+        """Delete one manifest's data files from a run (its units' files, found by their markers); the whole
+        run's folder when nothing of it is left. ``file_index`` None: a run of that manifest alone."""
+        if file_index is None:
+            return self.remove_run(output, day, run_id)
+        self._check()
+        removed = commit.remove_file_units(partition_uri(output, day), run_dir(output, run_id), run_id, file_index)
+        if not commit.read_markers(commit.markers_dir(run_dir(output, run_id), run_id)):
+            self.remove_run(output, day, run_id)
+        return removed
+
+
+def load_state(output: str, fence: Fence | None = None) -> NightState:
+    """The nightly state of an output (an empty one if there is none yet); saved and removed from under ``fence``."""
     uri = state_uri(output)
     raw, token = versioned.read_versioned(uri)
     if raw is None:
         return NightState(uri, {"format": STATE_FORMAT, "format_version": STATE_VERSION, "manifests": {}, "runs": []},
-                          None)
+                          None, fence)
     state = storage.json_object(raw)
     if state is None or state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
         raise JobError(f"{uri} is not an mlbatch nightly state of format version {STATE_VERSION}")
-    return NightState(uri, state, token)
+    return NightState(uri, state, token, fence)
 
 
 def write_json(uri: str, data: Any) -> None:
     """Write JSON whole (``storage.write_atomic``)."""
     storage.write_atomic(uri, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
-
-
-def remove_run(output: str, day: str, run_id: str) -> int:
-    """Delete a run's data files and its run folder; how many data files there were."""
-    removed = commit.remove_run(partition_uri(output, day), run_dir(output, run_id), run_id)
-    storage.delete(run_dir(output, run_id))
-    return removed
-
-
-def remove_manifest(output: str, day: str, run_id: str, file_index: int | None) -> int:
-    """Delete one manifest's data files from a run (its units' files, found by their markers); the whole
-    run's folder when nothing of it is left. ``file_index`` None: a run of that manifest alone."""
-    if file_index is None:
-        return remove_run(output, day, run_id)
-    removed = commit.remove_file_units(partition_uri(output, day), run_dir(output, run_id), run_id, file_index)
-    if not commit.read_markers(commit.markers_dir(run_dir(output, run_id), run_id)):
-        remove_run(output, day, run_id)
-    return removed
