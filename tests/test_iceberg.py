@@ -37,7 +37,8 @@ def test_a_run_is_one_snapshot_that_pyiceberg_and_duckdb_read_alike(ray_cluster,
     table = _table(out)
     (snap,) = table.snapshots()
     assert summary["table"] == {"identifier": TABLE, "catalog": "mlbatch", "snapshot_id": snap.snapshot_id}
-    assert snap.summary[iceberg.COMMIT_PROPERTY] == summary["run_id"] and snap.summary["added-data-files"] == "3"
+    assert snap.summary[iceberg.COMMIT_PROPERTY] == f"{summary['run_id']}@{summary['lease_epoch']}"   # this attempt's
+    assert snap.summary["mlbatch.run_id"] == summary["run_id"] and snap.summary["added-data-files"] == "3"
     assert snap.summary["mlbatch.model_version"] == summary["model"]["version"]
     by_pyiceberg = table.scan().to_arrow().sort_by("source_row")
     by_duckdb = query(out, "SELECT * FROM labels ORDER BY source_row", table=TABLE)

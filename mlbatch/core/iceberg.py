@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import storage
+from .faults import FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def commit_files(identifier: str, catalog_name: str, output: str, key: str, add:
         current = {t.file.file_path: t.file for t in table.scan().plan_files()} if table.current_snapshot() else {}
         new = [f for f in adding if f not in current]
         drop = sorted(dropping & current.keys())
+        FAULTS.point()
         try:
             with table.transaction() as tx:
                 if add:

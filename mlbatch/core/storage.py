@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .faults import FAULTS
+
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
@@ -96,6 +98,7 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    FAULTS.point()
     fs, path = filesystem(uri)
     if not is_s3(uri):
         fs.create_dir(posixpath.dirname(path), recursive=True)
@@ -111,6 +114,7 @@ def write_atomic(uri: str, data: bytes | pa.Table) -> None:
     """
     if is_s3(uri):
         if isinstance(data, pa.Table):
+            FAULTS.point()
             fs, path = filesystem(uri)
             pq.write_table(data, path, filesystem=fs)
         else:
@@ -119,6 +123,7 @@ def write_atomic(uri: str, data: bytes | pa.Table) -> None:
     path = os.path.abspath(local_path(uri))
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
+    FAULTS.point()
     _replace_local(path, os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"), data)
 
 
@@ -135,6 +140,7 @@ def _replace_local(path: str, tmp: str, data: bytes | pa.Table) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    FAULTS.point()   # a crash here leaves the hidden temporary, which the next writer sweeps
     os.replace(tmp, path)
     fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
@@ -153,6 +159,7 @@ def sweep_temporaries(folder: str) -> int:
         return 0
     stale = [e.path for e in os.scandir(local_path(folder)) if e.is_file() and _TEMPORARY.fullmatch(e.name)]
     for path in stale:
+        FAULTS.point()
         os.remove(path)
     return len(stale)
 
@@ -191,6 +198,8 @@ def delete(uri: str) -> None:
     """Delete a file or a whole folder/prefix; absent is fine."""
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
+    if info.type in (pafs.FileType.Directory, pafs.FileType.File):
+        FAULTS.point()
     if info.type == pafs.FileType.Directory:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
@@ -232,7 +241,8 @@ def list_files(uri: str, suffix: str = "") -> list[FileEntry]:
     if info.type == pafs.FileType.NotFound:
         return []
     entries = []
-    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+    # allow_not_found: an S3 prefix is only its objects, so it vanishes when its last one is deleted meanwhile
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
         if item.type != pafs.FileType.File:
             continue
         rel = item.path[len(path):].lstrip("/")

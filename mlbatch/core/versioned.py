@@ -14,6 +14,7 @@ import logging
 import os
 
 from . import storage
+from .faults import FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def swap(uri: str, data: bytes, token: str | None) -> str | None:
     Every caller's document names its writer (an owner, a run, a decision), so equal bytes are this
     write, or one with the same meaning.
     """
+    FAULTS.point()
     if storage.is_s3(uri):
-        return _swap_s3(uri, data, token)
+        return _lost_reply(uri, data) if (landed := _swap_s3(uri, data, token)) and FAULTS.reply_lost() else landed
     import fcntl
 
     path = os.path.abspath(storage.local_path(uri))
@@ -83,8 +85,18 @@ def swap(uri: str, data: bytes, token: str | None) -> str | None:
         _, current = read_versioned(path)
         if current != token:
             return None
-        storage.write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+        FAULTS.locked = True
+        try:
+            storage.write_atomic(path, data)
+        finally:
+            FAULTS.locked = False
+    return _lost_reply(uri, data) if FAULTS.reply_lost() else hashlib.sha256(data).hexdigest()
+
+
+def _lost_reply(uri: str, data: bytes) -> str | None:
+    """An applied conditional write whose answer is lost (a crash-point test): resolved as a lost answer is."""
+    log.info("%s: the answer of an applied conditional write is treated as lost (MLBATCH_LOSE_REPLY_AT)", uri)
+    return _landed(uri, data)
 
 
 def _swap_s3(uri: str, data: bytes, token: str | None) -> str | None:

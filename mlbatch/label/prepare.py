@@ -115,6 +115,13 @@ def prepare(config: LabelConfig, plan: Plan, fence: Fence) -> Run:
     output, state = output_dirs(config)
     markers = markers_dir(state, plan.run_id)
     others = other_runs(output, plan.run_id) if config.mode == "error" else {}
+    if others and config.resume and not run_files(output, plan.run_id) and not storage.exists(
+            storage.join(markers, PLAN_FILE)):
+        held = ", ".join(sorted(others)[:5])
+        raise JobError(f"cannot resume run {plan.run_id}: output {output} holds {held}, not this run. Its manifests, "
+                       "--rows-per-file or --decode are not those it started with, or the model version, "
+                       "thresholds, --max-pixels, --max-bytes or --uri-column changed (the default run id covers "
+                       "them all): resume with the same settings, or pass the run's --run-id")
     if others:   # before anything is removed
         held = ", ".join(f"{who} ({n} files)" for who, n in sorted(others.items())[:5])
         raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
