@@ -139,8 +139,13 @@ class Flow:
             self.manifests.append(path)
         self.expect = {m: len(pq.read_table(m)) for m in self.manifests}
         self.case = 0
+        if name == "promotion":   # the candidate: the model as trained (the package's own name and version)
+            meta = json.loads(open(os.path.join(model, "mlbatch-model.json")).read())
+            self.candidate = (meta["name"], meta["version"])
 
     def output(self) -> str:
+        if self.name == "promotion":
+            return os.path.join(self.work, f"case{self.case}", "registry")
         if self.remote:
             return f"{os.environ['MLBATCH_CRASH_BUCKET']}/{self.name}/case{self.case}"
         return os.path.join(self.work, f"case{self.case}", "out")
@@ -158,14 +163,32 @@ class Flow:
         return nightly(NightlyConfig(input=self.inputs, model=self.model, output=out, date="2026-01-01",
                                      table="ns.t", rows_per_file=3, batch_size=8, engine="local", progress=False))
 
+    def _promote(self, registry: str) -> Any:
+        from mlbatch import registry as reg
+
+        name, version = self.candidate
+        return reg.promote(reg.PromoteConfig(f"{name}@{version}", registry, self.manifests))
+
     def setup(self, out: str) -> None:
         """What is there before the flow starts."""
+        if self.name == "promotion":      # a weak champion, and the candidate registered beside it
+            from mlbatch import registry as reg
+            from reviewdata import changed_copy
+
+            weak = os.path.join(self.work, "weak")
+            if not os.path.exists(weak):
+                changed_copy(self.model, weak, -20.0)
+            first = reg.register(weak, out)
+            reg.promote(reg.PromoteConfig(f"{first['name']}@{first['version']}", out, self.manifests))
+            reg.register(self.model, out)
         if self.name == "overwrite":
             self._label(out, run_id="old")
         if self.name == "rerun":          # the same command again, from the start: it removes the run first
             self._label(out)
 
     def start(self, out: str, **kw: Any) -> Any:
+        if self.name == "promotion":
+            return self._promote(out)
         if self.name.startswith("nightly"):
             return self._night(out)
         if self.name == "overwrite":
@@ -177,6 +200,8 @@ class Flow:
         the night again."""
         from mlbatch.label import JobError
 
+        if self.name == "promotion":
+            return self._promote(out)
         if self.name.startswith("nightly"):
             return self._night(out)
         given = dict(run_id="new", mode="overwrite", **kw) if self.name == "overwrite" else kw
@@ -187,10 +212,28 @@ class Flow:
                 raise
             return self._label(out, **given)
 
+    def _check_promotion(self, registry: str) -> None:
+        """The alias names the candidate, and the folder it names holds that decision's whole evidence; every
+        piece of evidence in the registry parses (none was left half written)."""
+        from mlbatch import registry as reg
+        from mlbatch.core import storage
+
+        name, version = self.candidate
+        alias, _ = reg.read_alias(registry, name)
+        decision = json.loads(storage.read_bytes(storage.join(alias["reports"], "decision.json")))
+        if alias["version"] != version or not decision["promoted"] or decision.get("superseded"):
+            raise AssertionError(f"alias {alias}, decision {decision}")
+        for e in storage.list_files(registry, suffix=".json"):
+            json.loads(storage.read_bytes(e.uri))
+        for side in ("candidate", "champion"):
+            json.loads(storage.read_bytes(storage.join(alias["reports"], side, "metrics.json")))
+
     def check(self, out: str) -> None:
         """The invariant: every manifest row exactly once for a reader of the folder (and of the table)."""
         from mlbatch.core import storage
 
+        if self.name == "promotion":
+            return self._check_promotion(out)
         if self.remote:   # read back into a local folder, as a reader of the bucket would see it
             local = os.path.join(self.work, f"case{self.case}", "read")
             shutil.rmtree(local, ignore_errors=True)

@@ -53,3 +53,13 @@ def test_a_run_paused_past_its_lease_at_any_write_adds_or_removes_nothing_once_i
     report = _run("pause", tmp_path, small_dataset, small_model)
     assert report["failures"] == [] and report["outside_touched"] == [], report["failures"]
     assert report["crash_points"] > report["paused"] >= 10   # not inside a local compare-and-swap's lock
+
+
+@pytest.mark.slow
+def test_every_crash_point_and_lost_answer_of_a_promotion_leaves_the_alias_and_its_evidence_whole(
+        tmp_path, small_dataset, small_model):
+    """The alias names the candidate after the rerun a user would make, the folder it names holds that
+    decision's whole evidence, and no piece of evidence in the registry is left half written."""
+    report = _run("promotion", tmp_path, small_dataset, small_model)
+    assert report["failures"] == [] and report["outside_touched"] == [], report["failures"]
+    assert report["crashed"] == report["crash_points"] >= 5 and report["lost_answers"] >= 1

@@ -703,3 +703,59 @@ def test_a_rerun_into_a_table_never_deletes_or_rewrites_a_file_the_table_reads(t
     with pytest.raises(JobError, match=f"run {again['run_id']} is committed to table ns.t"):
         label(LabelConfig(**common, run_id=again["run_id"], thresholds=other, mode="overwrite"))
     assert iceberg.snapshot_files("ns.t", iceberg.DEFAULT_CATALOG, out) == read
+
+
+def test_a_nightly_state_naming_paths_outside_its_output_is_refused_and_nothing_is_deleted(
+        tmp_path, small_dataset, small_model):
+    """A run id or a date read back from the state becomes a folder that a night deletes (a pending run whose
+    manifests went): it passes the one rule for names first, so a state written by someone else cannot
+    point a removal outside the output."""
+    os.makedirs(tmp_path / "in")
+    _rows(small_dataset["test"], 8, str(tmp_path / "in" / "a.parquet"))
+    nightly(_night(tmp_path, small_model, "2025-04-01"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    uri = state_uri(str(tmp_path / "out"))
+    for run_id, day in (("../../../victim", "2025-04-01"), ("x", "2025-04-01/../../../victim")):
+        state = json.loads(storage.read_bytes(uri))
+        state["pending"] = {run_id: {"dt": day, "model_version": "gone", "rows_per_file": 8, "manifests": {}}}
+        storage.write_bytes(uri, json.dumps(state).encode())
+        with pytest.raises(JobError, match="run id|partition's --date"):
+            nightly(_night(tmp_path, small_model, "2025-04-02"))
+        assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_a_manifest_edited_in_place_keeping_its_footer_fails_the_run_naming_it(tmp_path, small_dataset, small_model,
+                                                                            monkeypatch):
+    """Two image URIs of one length swapped across two units: the same values, lengths, minimum and maximum,
+    so the same footer. A unit read after the edit would label the other unit's picture again (one picture
+    twice, one never): the manifest's version (its mtime here, its ETag on S3) is checked with its footer."""
+    from mlbatch.label.plan import footer_digest
+
+    manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
+    table, probe = pq.read_table(manifest), str(tmp_path / "e.parquet")
+
+    def swapped(i: int, j: int) -> pa.Table:
+        uris = table.column("image_uri").to_pylist()
+        uris[i], uris[j] = uris[j], uris[i]
+        return table.set_column(table.schema.get_field_index("image_uri"), "image_uri", pa.array(uris))
+
+    def same_footer(edit: pa.Table) -> bool:   # compressed sizes move with the order for most pairs
+        pq.write_table(edit, probe)
+        return footer_digest(pq.read_metadata(manifest)) == footer_digest(pq.read_metadata(probe))
+
+    edited = next(e for e in (swapped(i, j) for i in range(16) for j in range(16, 32)) if same_footer(e))
+    real = local.UnitLabeler.__call__
+    units = []
+
+    def edited_after_the_first_unit(self, unit):
+        units.append(unit)
+        if len(units) == 2:
+            pq.write_table(edited, manifest)      # an upstream job edits it in place, between two units' reads
+        return real(self, unit)
+
+    monkeypatch.setattr(local.UnitLabeler, "__call__", edited_after_the_first_unit)
+    with pytest.raises(ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run read it')}"):
+        label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), run_id="r",
+                          rows_per_file=16, **TUNING))

@@ -184,6 +184,16 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def version(uri: str) -> str:
+    """What changes whenever an object is written again, even with the same size: its ETag on S3 (one HEAD),
+    its size and modification time (ns) on a local disk."""
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return "etag:" + s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    st = os.stat(local_path(uri))
+    return f"mtime:{st.st_size}:{st.st_mtime_ns}"
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

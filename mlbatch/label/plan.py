@@ -36,7 +36,7 @@ class Plan:
     thresholds: dict[str, float]
     run_id: str
     null_id_files: list[int]        # files whose footers do not rule out a null id
-    fingerprints: list[str]         # per file: a digest of its footer (row groups, sizes, statistics)
+    fingerprints: list[str]         # per file: its footer's digest, then "@" and its version (ETag, or mtime)
 
     @property
     def rows_in(self) -> int:
@@ -54,8 +54,8 @@ def make_plan(config: LabelConfig) -> Plan:
     null_id_files: list[int] = []
     pool = ThreadPoolExecutor(max_workers=min(32, len(files)))
     try:
-        footers = pool.map(manifest.read_footer, files)   # a few KiB each, in order, none kept
-        for i, (uri, footer) in enumerate(zip(files, footers)):
+        footers = pool.map(_versioned_footer, files)   # a few KiB each, in order, none kept
+        for i, (uri, (version, footer)) in enumerate(zip(files, footers)):
             s = check_footer(uri, footer, config.uri_column, config.id_column)
             if schema is None:
                 schema = s
@@ -63,7 +63,7 @@ def make_plan(config: LabelConfig) -> Plan:
                 raise manifest.ManifestError(f"manifest {uri}: its columns differ from {files[0]}'s "
                                              f"({_schema_diff(schema, s)}); manifests of one run must share a schema")
             rows.append(footer.num_rows)
-            fingerprints.append(footer_digest(footer))
+            fingerprints.append(f"{footer_digest(footer)}@{version}")
             if config.id_column and may_hold_nulls(footer, config.id_column):
                 null_id_files.append(i)
     finally:
@@ -79,6 +79,11 @@ def make_plan(config: LabelConfig) -> Plan:
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
     return Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_files, fingerprints)
+
+
+def _versioned_footer(uri: str) -> tuple[str, pq.FileMetaData]:
+    """A manifest's version, then its footer: rewritten in between, the version no longer matches."""
+    return storage.version(uri), manifest.read_footer(uri)
 
 
 def footer_digest(footer: pq.FileMetaData) -> str:

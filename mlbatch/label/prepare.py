@@ -49,7 +49,8 @@ def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
         elif uri not in old_files:
             out.append(f"manifest {uri} was not in the run")
         elif old_files[uri] != new_files[uri]:
-            out.append(f"manifest {uri} changed since the run started (its footer differs)")
+            out.append(f"manifest {uri} changed since the run started (its footer or its version, the ETag or the "
+                       "modification time, differs)")
     for key, flag in _FLAGS.items():
         if key not in before:
             out.append(f"{flag} is not recorded (the run was started by an older mlbatch)")

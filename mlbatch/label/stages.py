@@ -74,9 +74,13 @@ def unit_pointers(units: list[tuple[int, int, int]], plan: Plan) -> list[dict[st
 
 
 def refuse_if_changed(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> None:
-    """Refuse a manifest rewritten since the run was planned: its row numbers would name other rows."""
-    if fingerprint is not None and footer_digest(pf.metadata) != fingerprint:
-        raise manifest.ManifestError(f"manifest {uri} changed while this run read it (its footer is not the one "
+    """Refuse a manifest rewritten since the run was planned: its row numbers would name other rows. Its footer
+    and its version (ETag, or size and mtime) must both be the planned ones: an edit in place that keeps the
+    values' lengths and each column's min and max keeps the footer, not the version."""
+    digest, _, version = (fingerprint or "").partition("@")
+    if fingerprint is not None and (footer_digest(pf.metadata) != digest
+                                    or (version and storage.version(uri) != version)):
+        raise manifest.ManifestError(f"manifest {uri} changed while this run read it (its footer or its version is not the one "
                                      "the run was planned from): its rows now are not the rows the run counted. "
                                      "Run again once it is no longer being written")
 

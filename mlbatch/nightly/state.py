@@ -19,8 +19,10 @@ from typing import Any
 
 from ..core import storage, versioned
 from ..core.lease import Fence
+from ..core.names import NameError_, check_segment
 from ..label import commit
 from ..label.config import JobError
+from .config import check_date
 
 NIGHTLY_DIR = "_nightly"
 STATE_FILE = "state.json"
@@ -35,11 +37,19 @@ def state_uri(output: str) -> str:
 
 
 def run_dir(output: str, run_id: str) -> str:
-    return storage.join(output, NIGHTLY_DIR, RUNS_DIR, run_id)
+    """A run's folder. Its id may come from the state read back, so it passes the one rule for names first."""
+    try:
+        return storage.join(output, NIGHTLY_DIR, RUNS_DIR, check_segment(run_id, "run id"))
+    except NameError_ as exc:
+        raise JobError(f"{state_uri(output)}: {exc}") from None
 
 
 def partition_uri(output: str, day: str) -> str:
-    return storage.join(output, f"dt={day}")
+    """A night's partition. Its date may come from the state read back: a calendar date, nothing else."""
+    try:
+        return storage.join(output, f"dt={check_date(day if isinstance(day, str) else repr(day))}")
+    except ValueError as exc:
+        raise JobError(f"{state_uri(output)}: a partition's {exc}") from None
 
 
 class NightState(dict):
