@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from mlbatch.cli import main
 from mlbatch.core import storage
 from mlbatch.core.manifest import ManifestError
 from mlbatch.label import JobError, LabelConfig, label
@@ -185,3 +187,71 @@ def test_auto_uses_the_ray_instance_running_on_this_machine_and_says_so(tmp_path
     assert cold.returncode == 0, cold.stderr[-3000:]
     assert json.loads((tmp_path / "cold" / "_run.json").read_text())["predictor"]["engine"] == "local"
     subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def test_require_cuda_without_cuda_exits_before_anything_is_prepared(tmp_path, small_dataset, small_model, capsys):
+    """On this CPU machine: the message names the torch build and the driver, and the output holds nothing."""
+    out = str(tmp_path / "out")
+    code = main(["label", "--manifest", small_dataset["test"], "--model", small_model, "--output", out,
+                 "--engine", "local", "--require-cuda"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--require-cuda: CUDA is not usable here: torch 2.14.1" in err and "driver:" in err
+    assert not os.path.exists(os.path.join(out, "_units")) and not [f for f in os.listdir(out) if f.endswith(".parquet")]
+
+
+@pytest.mark.slow
+def test_a_gpu_asked_for_on_a_cluster_without_one_is_waited_for_then_named(ray_cluster, tmp_path, small_dataset,
+                                                                             small_model):
+    """``--num-gpus 1`` asks for a GPU whether or not the cluster has one now (an autoscaler would add it): the
+    run waits up to the stall limit, then ends naming what it waits for. It used to wait without end."""
+    config = dict(manifests=[small_dataset["test"]], model=small_model, output=str(tmp_path / "out"),
+                  engine="ray", progress=False)
+    started = time.monotonic()
+    with pytest.raises(JobError, match=r"no task with 1 GPU\(s\) could start within --stall-seconds 5: .* the "
+                                       r"cluster has 0 GPUs"):
+        label(LabelConfig(**config, num_gpus=1, stall_seconds=5))
+    assert time.monotonic() - started < 60
+    with pytest.raises(JobError, match="--require-cuda: the predictors ask for no GPU"):
+        label(LabelConfig(**config, require_cuda=True))
+
+
+def test_a_device_out_of_memory_halves_the_batch_and_labels_every_row(tmp_path, small_dataset, small_model,
+                                                                       monkeypatch):
+    """A fake device that holds at most 5 pictures at a time: every row is labeled, with the probabilities of a
+    device that holds them all. One that holds one picture, and not one particular picture even alone: that
+    row is an error row naming why, never a dead job."""
+    import torch
+
+    from mlbatch.label.stages import OUT_OF_MEMORY
+    from mlbatch.model.loaded import LoadedModel
+
+    def read(out: str) -> dict[int, dict]:
+        rows = pa.concat_tables([pq.read_table(e.uri) for e in storage.list_files(out, suffix=".parquet")])
+        return {r["source_row"]: r for r in rows.to_pylist()}
+
+    common = dict(manifests=[small_dataset["test"]], model=small_model, run_id="r", batch_size=16, engine="local",
+                  progress=False)
+    label(LabelConfig(**common, output=str(tmp_path / "whole")))
+    real, sizes, singles = LoadedModel.predict_pixels, [], []
+
+    def device_of(limit: int):
+        def predict(self, pixels):
+            sizes.append(len(pixels))
+            if len(pixels) == 1:
+                singles.append(1)
+            if len(pixels) > limit or (limit == 1 and len(singles) == 3):   # the third picture seen alone
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(self, pixels)
+        return predict
+
+    monkeypatch.setattr(LoadedModel, "predict_pixels", device_of(5))
+    summary = label(LabelConfig(**common, output=str(tmp_path / "five")))
+    whole, five = read(str(tmp_path / "whole")), read(str(tmp_path / "five"))
+    assert summary["rows_out"] == summary["ok"] == len(whole) == 60 and sizes[:3] == [16, 8, 4]
+    assert all(abs(five[i]["prob_car"] - whole[i]["prob_car"]) < 1e-6 for i in whole)
+    monkeypatch.setattr(LoadedModel, "predict_pixels", device_of(1))
+    summary = label(LabelConfig(**common, output=str(tmp_path / "one")))
+    one = read(str(tmp_path / "one"))
+    bad = [r for r in one.values() if r["status"] != "ok"]
+    assert summary["rows_out"] == 60 and summary["ok"] == 59 and [r["error"] for r in bad] == [OUT_OF_MEMORY]
+    assert bad[0]["prob_car"] is None and bad[0]["label_car"] is None

@@ -340,12 +340,19 @@ actors = [a for a in list_actors(address=f"http://127.0.0.1:{port}", detail=True
           if "Predictor" in a.class_name]
 print("ACTORS " + json.dumps([a.required_resources for a in actors]))
 print("SUMMARY " + json.dumps(summary["predictor"]))
+from mlbatch.label import JobError
+try:
+    label(LabelConfig(manifests=[sys.argv[1]], model=sys.argv[2], output=sys.argv[3] + "-required", num_gpus=1,
+                      require_cuda=True, progress=False))
+except JobError as exc:
+    print("REQUIRED " + json.dumps(str(exc)))
 """
 
 
 def test_gpu_actors_without_cuda_run_on_cpu_with_one_warning(tmp_path, small_dataset, small_model):
     """A separate local Ray instance that declares two logical GPUs (the session cluster has none): the
-    layout chosen is split (decode tasks feed predictors that hold GPUs); without GPUs it is fused."""
+    layout chosen is split (decode tasks feed predictors that hold GPUs); without GPUs it is fused. With
+    ``--require-cuda`` the same GPUs end the run before anything is written, naming the torch build."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     result = subprocess.run([sys.executable, "-c", GPU_SCRIPT, small_dataset["test"], small_model,
@@ -355,9 +362,12 @@ def test_gpu_actors_without_cuda_run_on_cpu_with_one_warning(tmp_path, small_dat
     assert len(actors) == 2 and all(a.get("GPU") == 1.0 for a in actors)
     predictor = json.loads(result.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
     assert predictor["num_gpus"] == 1 and predictor["device"].startswith("cpu") and predictor["layout"] == "split"
-    warnings = [line for line in result.stderr.splitlines() if "no CUDA device is visible" in line]
+    warnings = [line for line in result.stderr.splitlines() if "but CUDA is not usable there" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
     assert _read_output(str(tmp_path / "out")).num_rows == 60
+    required = json.loads(result.stdout.split("REQUIRED ", 1)[1].splitlines()[0])
+    assert required.startswith("--require-cuda: a task given GPUs") and "is built for CUDA" in required
+    assert not os.path.exists(str(tmp_path / "out-required" / "_units"))
 
 
 def test_the_driver_keeps_no_per_block_statistics(ray_cluster, tmp_path, small_dataset, small_model, monkeypatch):

@@ -678,3 +678,18 @@ def test_the_submit_cronjobs_deadline_stops_the_ray_job_not_only_its_client():
     assert stop[:3] == ["ray", "job", "stop"] and stop[-1] == "$POD_NAME"
     assert stop[stop.index("--address") + 1] == params["address"]
     assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_the_shipped_jobs_ask_for_gpus_and_require_cuda():
+    """The head has no CPUs for work and the gpu group starts at zero: a job that plans by what the cluster has
+    would ask for no GPU, and the autoscaler would never add one (every night on CPU, silently)."""
+    jobs = [*_docs("RayJob"), *_docs("RayCronJob")]
+    assert len(jobs) == 2
+    for doc in jobs:
+        spec = doc["spec"].get("jobTemplate", doc["spec"])
+        argv = shlex.split(spec["entrypoint"])
+        assert float(argv[argv.index("--num-gpus") + 1]) >= 1 and "--require-cuda" in argv
+        assert check_command(argv)[0][0] in ("label", "nightly")      # both flags are the CLI's own
+        cluster = spec["rayClusterSpec"]
+        gpu = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu")
+        assert cluster["enableInTreeAutoscaling"] and gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1

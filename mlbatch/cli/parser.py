@@ -96,7 +96,13 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="predictor actors: a fixed count or an autoscaling range "
                         "(default: one per GPU, or one per 2 CPUs without GPUs)")
     p.add_argument("--num-gpus", type=float, default=None, metavar="F",
-                   help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
+                   help="GPUs per predictor actor, asked for whether or not the cluster has them yet (an "
+                        "autoscaler adds GPU nodes; the run waits up to --stall-seconds for one) "
+                        "(default: 1 when the cluster has GPUs now, else 0)")
+    p.add_argument("--require-cuda", action="store_true",
+                   help="a predictor that cannot use CUDA (no GPU, or a torch build the driver cannot serve) "
+                        "ends the run before any row is labeled, naming the torch build and the driver, "
+                        "instead of predicting on the CPU")
     p.add_argument("--layout", choices=LAYOUTS, default=default(LabelOptions, "layout"),
                    help="fused: each predictor actor reads, fetches, decodes and predicts its units (no pixels "
                         "cross processes; best on CPU); split: decode tasks feed predictor actors (keeps GPUs "

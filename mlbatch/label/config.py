@@ -41,6 +41,7 @@ class LabelOptions:
     rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
+    require_cuda: bool = False                         # a predictor that cannot use CUDA is an error, not a CPU fallback
     layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
     decode: str = "pil"                                # pil | torchvision (JPEGs decoded on the predictor's device)
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds

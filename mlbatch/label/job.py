@@ -12,6 +12,7 @@ unwritable output, a stalled cluster, or too many error rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -64,16 +65,18 @@ def label(config: LabelConfig) -> dict[str, Any]:
 def _engine(engine: str, config: LabelConfig) -> Iterator[Any]:
     """The engine's function from a prepared run to its predictor's set-up; Ray connected (or started) for ray."""
     if engine == "local":
-        from .local import run_local
+        from .local import device_for, run_local
 
+        device_for(config)   # --require-cuda: refused before anything is prepared
         yield run_local
         return
     from . import ray_compat
-    from .pipeline import run_pipeline
+    from .pipeline import placed_predictors, run_pipeline
 
     connect_ray()
+    predictors = placed_predictors(config)   # a GPU asked for is waited for, and checked, before anything is prepared
     with ray_compat.data_context(config.progress, config.stall_seconds):
-        yield run_pipeline
+        yield functools.partial(run_pipeline, predictors=predictors)
 
 
 def _refuse_a_rerun_the_table_reads(config: LabelConfig, run_id: str) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from .commit import Run
+from .config import JobError, LabelConfig
 from .stages import UnitLabeler, unit_pointers, wiring, write_units
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,28 @@ def machine_cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def _device(num_gpus: float | None) -> str:
-    import torch
+def device_for(config: LabelConfig) -> str:
+    """Where this machine predicts: CUDA when it is usable and not declined (``--num-gpus 0``); with
+    ``--require-cuda``, CUDA or a ``JobError`` (checked before the run is prepared)."""
+    return _device(config.num_gpus, config.require_cuda)
 
+
+def _device(num_gpus: float | None, require_cuda: bool) -> str:
+    from ..model.loaded import cuda_problem
+
+    problem = cuda_problem()
+    if require_cuda and problem:
+        raise JobError(f"--require-cuda: {problem}")
     if num_gpus == 0:
         return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu" if problem else "cuda"
 
 
 def run_local(run: Run) -> dict[str, Any]:
     """Label the run's units one after another, each written and committed while the next is labeled."""
     config, plan = run.config, run.plan
     wired = wiring(run)
-    device, threads = _device(config.num_gpus), machine_cpus()
+    device, threads = _device(config.num_gpus, config.require_cuda), machine_cpus()
     rows = sum(b - a for _, a, b in run.todo)
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, local engine, %d decode helpers, "
              "device %s, %s decoding)", rows, len(run.todo), len(plan.files), run.output, plan.run_id, threads,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterator, NoReturn
 
 import pyarrow as pa
@@ -32,7 +33,7 @@ from ray.data.exceptions import ExecutionTimeoutError
 from ..core.manifest import ManifestError
 from . import ray_compat
 from .commit import Run
-from .config import LAYOUTS, JobError
+from .config import LAYOUTS, JobError, LabelConfig
 from .plan import Plan
 from .stages import Predictor, UnitLabeler, decode_batch, read_units, unit_pointers, wiring, write_units
 
@@ -58,20 +59,49 @@ def _cluster_resources() -> tuple[float, float]:
     return float(res.get("CPU", 1)), float(res.get("GPU", 0))
 
 
-def _predictor_device_check(num_gpus: float) -> str:
-    """Ask a task holding a GPU whether CUDA is usable there; warn once on the driver if not."""
+@dataclass(frozen=True)
+class Predictors:
+    """What each predictor actor asks for and where it will predict, settled before the run is prepared."""
+
+    num_gpus: float
+    device: str
+
+
+def placed_predictors(config: LabelConfig) -> Predictors:
+    """GPUs per predictor (``--num-gpus``, asked for whether or not the cluster has GPUs now, so an autoscaler
+    adds them; by default 1 if it has), and the device a task holding that many predicts on.
+
+    The probe waits for a GPU up to ``--stall-seconds`` (an autoscaler may take minutes), then ends the run
+    naming what it waits for. With ``--require-cuda`` a GPU whose CUDA is not usable is an error.
+    """
+    _, gpus = _cluster_resources()
+    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if num_gpus <= 0:
+        if config.require_cuda:
+            raise JobError("--require-cuda: the predictors ask for no GPU (--num-gpus 0, or a cluster without "
+                           "GPUs and no --num-gpus): pass --num-gpus 1")
+        return Predictors(0.0, "cpu")
 
     @ray.remote(num_gpus=num_gpus, num_cpus=0)
-    def probe() -> tuple[list, bool]:
-        import torch
-        return ray.get_gpu_ids(), torch.cuda.is_available()
+    def probe() -> tuple[list, str | None]:
+        from ..model.loaded import cuda_problem
+        return ray.get_gpu_ids(), cuda_problem()
 
-    ids, cuda = ray.get(probe.remote())
-    if not cuda:
-        log.warning("predictor actors are given GPUs %s, but no CUDA device is visible to them: "
-                    "predicting on CPU", ids)
-        return "cpu (GPU assigned, no CUDA device)"
-    return "cuda"
+    ref = probe.remote()
+    ready, _ = ray.wait([ref], timeout=config.stall_seconds or None)
+    if not ready:
+        ray.cancel(ref, force=True)
+        raise JobError(f"no task with {num_gpus:g} GPU(s) could start within --stall-seconds {config.stall_seconds:g}: "
+                       f"the predictors ask for {num_gpus:g} GPU(s) each and the cluster has {gpus:g} GPUs. An "
+                       "autoscaler adds GPU nodes when asked; without one, pass --num-gpus 0 to label on CPUs")
+    ids, problem = ray.get(ref)
+    if problem and config.require_cuda:
+        raise JobError(f"--require-cuda: a task given GPUs {ids} reports: {problem}")
+    if problem:
+        log.warning("predictor actors are given GPUs %s, but CUDA is not usable there, so they predict on the "
+                    "CPU: %s", ids, problem)
+        return Predictors(num_gpus, "cpu (GPU assigned, CUDA not usable)")
+    return Predictors(num_gpus, "cuda")
 
 
 def choose_layout(requested: str, num_gpus: float) -> str:
@@ -88,7 +118,7 @@ def choose_layout(requested: str, num_gpus: float) -> str:
     return "split" if num_gpus > 0 else "fused"
 
 
-def run_pipeline(run: Run) -> dict[str, Any]:
+def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
     """units -> [read -> fetch + decode -> predict] -> write + commit, streaming; returns the predictor's set-up.
 
     ``split``: read, fetch + decode (CPU tasks) and predict (actors, GPUs) are stages of their own;
@@ -96,7 +126,7 @@ def run_pipeline(run: Run) -> dict[str, Any]:
     """
     config, plan = run.config, run.plan
     cpus, gpus = _cluster_resources()
-    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    num_gpus, device = predictors.num_gpus, predictors.device
     layout = choose_layout(config.layout, num_gpus)
     if config.concurrency is not None:
         concurrency = config.concurrency
@@ -104,7 +134,6 @@ def run_pipeline(run: Run) -> dict[str, Any]:
         concurrency = (1, max(1, int(gpus // num_gpus)))
     else:
         concurrency = max(1, int(cpus // 2))
-    device = _predictor_device_check(num_gpus) if num_gpus > 0 else "cpu"
     wired = wiring(run)
     if wired["renames"]:
         log.info("manifest columns kept under new names (the output uses their names): %s", wired["renames"])

@@ -29,6 +29,7 @@ from .stats import Stats
 PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
 log = logging.getLogger(__name__)
 
+OUT_OF_MEMORY = "out of device memory for this picture alone (the model does not fit beside it)"
 FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
 
 
@@ -44,7 +45,8 @@ def wiring(run: Run) -> dict[str, Any]:
     return {
         "renames": renames,
         "predictor": {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
-                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels},
+                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels,
+                      "require_cuda": config.require_cuda},
         "labeler": {"renames": renames, "uri_column": uri_column, "batch_size": config.batch_size,
                     "max_bytes": config.max_bytes},
         "decode": {"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
@@ -157,20 +159,23 @@ class Predictor:
     """
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes],
-                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS, device: str | None = None):
-        import torch  # here, not at the top: the driver and the decode tasks never need torch
-
-        from ..model.loaded import load_model
+                 decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS, device: str | None = None,
+                 require_cuda: bool = False):
+        from ..model.loaded import cuda_problem, load_model
 
         if device is None:
             import ray
 
             device = "cpu"
+            problem = cuda_problem() if ray.get_gpu_ids() or require_cuda else None
+            if problem and require_cuda:   # this actor ends, and the run with it, naming the build and driver
+                raise RuntimeError(f"--require-cuda: {problem}")
             if ray.get_gpu_ids():
-                if torch.cuda.is_available():
+                if problem is None:
                     device = "cuda"
                 else:
-                    log.debug("this actor holds a GPU but no CUDA device is visible: predicting on CPU")
+                    # the driver's probe warned once, and _run.json says so: no warning per actor
+                    log.debug("this actor holds GPUs %s but %s: predicting on CPU", ray.get_gpu_ids(), problem)
         self.device = device
         self.model = load_model(model_uri, device=self.device)
         self.labels = self.model.labels
@@ -180,6 +185,7 @@ class Predictor:
         self.size = self.model.spec.image_size
         self.types = predicted_columns(self.labels)
         self.decode, self.max_pixels = decode, max_pixels
+        self.fits: int | None = None   # the largest batch the device held after running out of memory
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -198,7 +204,9 @@ class Predictor:
                                    for p in raw if p is not None])
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         if ok.any():
-            probs[ok] = self.model.predict_pixels(pixels)
+            probs[ok], lost = self._predict_fitting(pixels)
+            for i in np.flatnonzero(ok)[lost]:   # a picture the device cannot hold even alone: an error row
+                ok[i], errors[i] = False, OUT_OF_MEMORY
         hits = probs >= self.thresholds
         columns: list[Any] = []
         for j in range(len(self.labels)):
@@ -219,6 +227,29 @@ class Predictor:
         return out.replace_schema_metadata({**(out.schema.metadata or {}), **self.metadata})
 
 
+    def _predict_fitting(self, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities of ``pixels``, and which pictures could not be predicted. A batch the device has no
+        memory for is halved and tried again, down to one picture; the size that fit is kept for the next
+        batches (``fits``), so a too-large ``--batch-size`` costs one failed try, not one per batch."""
+        import torch
+
+        n = len(pixels)
+        if self.fits is not None and n > self.fits:
+            step = self.fits   # fixed for this split, though a part may lower ``fits`` for those after it
+            parts = [self._predict_fitting(pixels[i:i + step]) for i in range(0, n, step)]
+            return np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts])
+        try:
+            return self.model.predict_pixels(pixels), np.zeros(n, bool)
+        except torch.OutOfMemoryError:
+            if self.model.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if n == 1:
+                return np.full((1, len(self.labels)), np.nan, np.float32), np.ones(1, bool)
+            self.fits = n // 2
+            log.warning("out of device memory for a batch of %d pictures: predicting %d at a time", n, self.fits)
+            return self._predict_fitting(pixels)
+
+
 class UnitLabeler(Predictor):
     """The CPU layout: one actor reads a unit's rows, fetches and decodes them, and predicts.
 
@@ -234,14 +265,14 @@ class UnitLabeler(Predictor):
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
                  max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS,
-                 max_bytes: int = fetch.DEFAULT_MAX_BYTES, device: str | None = None):
+                 max_bytes: int = fetch.DEFAULT_MAX_BYTES, device: str | None = None, require_cuda: bool = False):
         from .decoder import HelperPool
 
         # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
         self.decoders = HelperPool(threads)
         import torch
 
-        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels, device)
+        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels, device, require_cuda)
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size, self.max_bytes = renames, uri_column, batch_size, max_bytes

@@ -119,3 +119,20 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
     except Exception as exc:  # safetensors' and torch's errors for foreign or mismatched bytes
         raise PackageError(f"model package {uri}: weights do not fit the described network: {exc}") from None
     return LoadedModel(meta, net, device)
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process, naming the torch build, its CUDA version and the NVIDIA
+    driver's (None when it can). The usual cause: a torch wheel built for a newer CUDA than the driver
+    serves (the default torch 2.14 wheel needs CUDA 13, driver 580 or newer)."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            driver = f.readline().strip()
+    except OSError:
+        driver = "no NVIDIA driver is loaded on this node (/proc/driver/nvidia/version is absent)"
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+    return (f"CUDA is not usable here: torch {torch.__version__} is built for {build}; driver: {driver}. "
+            "Install the torch build that matches the driver (docs/kubernetes.md#gpus), or drop --require-cuda "
+            "to predict on the CPU")
