@@ -255,3 +255,27 @@ def test_a_device_out_of_memory_halves_the_batch_and_labels_every_row(tmp_path, 
     bad = [r for r in one.values() if r["status"] != "ok"]
     assert summary["rows_out"] == 60 and summary["ok"] == 59 and [r["error"] for r in bad] == [OUT_OF_MEMORY]
     assert bad[0]["prob_car"] is None and bad[0]["label_car"] is None
+
+
+def test_a_sticky_device_error_ends_the_run_for_a_resume_instead_of_failing_every_batch(
+        tmp_path, small_dataset, small_model, monkeypatch):
+    """A CUDA error that leaves the device unusable fails every later batch on it. The local engine ends the run
+    naming it (on Ray the actor ends, so Ray restarts it); the units already committed stay for --resume."""
+    from mlbatch.model.loaded import LoadedModel
+
+    real, calls = LoadedModel.predict_pixels, []
+
+    def lost_device(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) > 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(self, pixels)
+
+    monkeypatch.setattr(LoadedModel, "predict_pixels", lost_device)
+    common = dict(manifests=[small_dataset["test"]], model=small_model, output=str(tmp_path / "out"), run_id="r",
+                  batch_size=16, rows_per_file=16, engine="local", progress=False)
+    with pytest.raises(JobError, match="the device is in an unusable state after: CUDA error: an illegal memory"):
+        label(LabelConfig(**common))
+    assert len(calls) == 3                      # ended at the first sticky error, not tried batch after batch
+    monkeypatch.setattr(LoadedModel, "predict_pixels", real)
+    assert label(LabelConfig(**common, resume=True))["rows_out"] == 60

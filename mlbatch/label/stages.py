@@ -9,6 +9,7 @@ becomes an *error row* (``status = 'error'`` and the reason) instead of stopping
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ from ..core.table import (SOURCE_MANIFEST, SOURCE_ROW, STATUS_ERROR, STATUS_OK, 
                           predicted_columns, renamed_inputs)
 from ..core.lease import Fence
 from .commit import Run, data_file_name, marker_text, marker_uri, unit_id
+from .config import JobError
 from .decoder import decode_uris
 from .plan import Plan, footer_digest
 from .stats import Stats
@@ -29,6 +31,8 @@ from .stats import Stats
 PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
 log = logging.getLogger(__name__)
 
+STICKY_ERRORS = ("CUDA error", "cuDNN error", "CUBLAS_STATUS", "device-side assert")   # the device is lost
+STICKY_EXIT = 75
 OUT_OF_MEMORY = "out of device memory for this picture alone (the model does not fit beside it)"
 FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
 
@@ -163,6 +167,7 @@ class Predictor:
                  require_cuda: bool = False):
         from ..model.loaded import cuda_problem, load_model
 
+        self.on_ray = device is None   # Ray chooses the device of an actor; the local engine passes its own
         if device is None:
             import ray
 
@@ -241,13 +246,37 @@ class Predictor:
         try:
             return self.model.predict_pixels(pixels), np.zeros(n, bool)
         except torch.OutOfMemoryError:
-            if self.model.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            if n == 1:
-                return np.full((1, len(self.labels)), np.nan, np.float32), np.ones(1, bool)
-            self.fits = n // 2
-            log.warning("out of device memory for a batch of %d pictures: predicting %d at a time", n, self.fits)
-            return self._predict_fitting(pixels)
+            pass
+        except RuntimeError as exc:
+            self._end_on_a_sticky_error(exc)
+            raise
+        return self._halved(pixels)
+
+    def _halved(self, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
+        """After running out of memory: the same pictures, half as many at a time (one that fails alone: lost)."""
+        import torch
+
+        n = len(pixels)
+        if self.model.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if n == 1:
+            return np.full((1, len(self.labels)), np.nan, np.float32), np.ones(1, bool)
+        self.fits = n // 2
+        log.warning("out of device memory for a batch of %d pictures: predicting %d at a time", n, self.fits)
+        return self._predict_fitting(pixels)
+
+    def _end_on_a_sticky_error(self, exc: RuntimeError) -> None:
+        """A CUDA error that leaves the device unusable (an illegal access, a device-side assert) fails every
+        later batch on this device. On Ray the actor ends, so Ray restarts it (on a healthy device if there is
+        one) and retries the batch; here a ``JobError`` ends the run, which ``--resume`` continues."""
+        text = str(exc)
+        if not any(marker in text for marker in STICKY_ERRORS):
+            return
+        if self.on_ray:
+            log.error("ending this predictor actor so that Ray restarts it: %s", text[:500])
+            os._exit(STICKY_EXIT)
+        raise JobError(f"the device is in an unusable state after: {text[:500]}. Run again with --resume "
+                       "(on another device if it happens again)") from None
 
 
 class UnitLabeler(Predictor):
