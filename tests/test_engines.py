@@ -279,3 +279,30 @@ def test_a_sticky_device_error_ends_the_run_for_a_resume_instead_of_failing_ever
     assert len(calls) == 3                      # ended at the first sticky error, not tried batch after batch
     monkeypatch.setattr(LoadedModel, "predict_pixels", real)
     assert label(LabelConfig(**common, resume=True))["rows_out"] == 60
+
+
+def test_precision_is_part_of_a_runs_identity(tmp_path, small_dataset, small_model):
+    """GPU actors compute in fp16 and a CPU in fp32: their probabilities differ by ~1e-3, enough to flip a
+    decision near a threshold. The device and precision are in _run.json and every file's metadata, and a
+    --resume on another one is refused, naming what changed, so one output never mixes them."""
+    from mlbatch.core.table import read_file_metadata
+
+    out = str(tmp_path / "out")
+    common = dict(manifests=[small_dataset["test"]], model=small_model, output=out, run_id="r", rows_per_file=16,
+                  engine="local", progress=False)
+    first = label(LabelConfig(**common, precision="bf16"))        # CPU autocast: what this machine can show
+    assert (first["predictor"]["device"], first["predictor"]["precision"]) == ("cpu", "bf16")
+    files = storage.list_files(out, suffix=".parquet")
+    assert {read_file_metadata(pq.read_schema(e.uri))["predictor"] for e in files} == {"cpu bf16"}
+    storage.delete(files[-1].uri)                                 # as if the run stopped before its last unit
+    storage.delete(storage.join(out, "_SUCCESS"))
+    with pytest.raises(JobError, match=r"the device and precision \(--precision, --num-gpus\) changed "
+                                       r"\(cpu bf16 -> cpu fp32\)"):
+        label(LabelConfig(**common, resume=True))                 # auto on a CPU is fp32
+    again = label(LabelConfig(**common, precision="bf16", resume=True))
+    assert again["rows_out"] == 60 and again["attempts"] == 2
+    fp32 = label(LabelConfig(**{**common, "output": str(tmp_path / "fp32")}))
+    assert fp32["predictor"]["precision"] == "fp32"
+    gap = max(abs(a["mean_probability"] - b["mean_probability"])
+              for a, b in zip(first["labels"].values(), fp32["labels"].values()))
+    assert 0 < gap < 0.05                                         # bf16 is really used, and close

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..label.config import DECODERS, ENGINES, LAYOUTS, MODES, LabelConfig, LabelOptions, default
+from ..label.config import DECODERS, ENGINES, LAYOUTS, MODES, PRECISIONS, LabelConfig, LabelOptions, default
 from ..nightly.config import NightlyConfig
 from ..review.export import ExportConfig
 
@@ -99,6 +99,10 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="GPUs per predictor actor, asked for whether or not the cluster has them yet (an "
                         "autoscaler adds GPU nodes; the run waits up to --stall-seconds for one) "
                         "(default: 1 when the cluster has GPUs now, else 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default=default(LabelOptions, "precision"),
+                   help="what predictors compute in: auto is fp16 mixed precision on CUDA and fp32 on a CPU. Part "
+                        "of a run's identity: a --resume on another device or precision is refused, so one "
+                        "output never mixes them (default: %(default)s)")
     p.add_argument("--require-cuda", action="store_true",
                    help="a predictor that cannot use CUDA (no GPU, or a torch build the driver cannot serve) "
                         "ends the run before any row is labeled, naming the torch build and the driver, "

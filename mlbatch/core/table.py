@@ -78,10 +78,11 @@ def renamed_inputs(names: list[str], labels: list[str]) -> dict[str, str]:
 
 
 def file_metadata(labels: list[str], thresholds: dict[str, float], model_name: str, model_version: str,
-                  run_id: str) -> dict[bytes, bytes]:
-    """The ``mlbatch`` key of every output file's Parquet metadata."""
+                  run_id: str, predictor: str | None = None) -> dict[bytes, bytes]:
+    """The ``mlbatch`` key of every output file's Parquet metadata (``predictor``: its device and precision)."""
+    extra = {"predictor": predictor} if predictor else {}
     return {METADATA_KEY: json.dumps({"labels": labels, "thresholds": thresholds, "model_name": model_name,
-                                      "model_version": model_version, "run_id": run_id}).encode()}
+                                      "model_version": model_version, "run_id": run_id, **extra}).encode()}
 
 
 def read_file_metadata(schema: pa.Schema) -> dict[str, Any] | None:

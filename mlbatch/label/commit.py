@@ -222,6 +222,7 @@ class Run:
     todo: list[tuple[int, int, int]]
     files_written: int = 0
     attempts: int = 1                       # how many attempts the run has had, this one included
+    predictor: str = ""                     # where its predictors compute: device and precision ("cuda fp16")
 
     @property
     def attempt(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from ..core import fetch, images, manifest
 from ..core.iceberg import DEFAULT_CATALOG
 from ..core.lease import DEFAULT_TTL_SECONDS
+from ..model.spec import PRECISIONS
 
 LAYOUTS = ("auto", "fused", "split")
 DECODERS = ("pil", "torchvision")  # who decodes: PIL on CPU before predicting, or the predictor (``jpeg``)
@@ -42,6 +43,7 @@ class LabelOptions:
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
     require_cuda: bool = False                         # a predictor that cannot use CUDA is an error, not a CPU fallback
+    precision: str = "auto"                            # auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)
     layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
     decode: str = "pil"                                # pil | torchvision (JPEGs decoded on the predictor's device)
     thresholds: dict[str, float] = field(default_factory=dict)  # overrides of the package's thresholds
@@ -72,8 +74,8 @@ class LabelConfig(LabelOptions):
 def check_choices(config: LabelOptions) -> None:
     """Refuse a named choice or limit no engine knows, before anything is planned or removed."""
     for flag, value, allowed in (("--engine", config.engine, ENGINES), ("--decode", config.decode, DECODERS),
-                                 ("--layout", config.layout, LAYOUTS), ("--mode", getattr(config, "mode", "error"),
-                                                                        MODES)):
+                                 ("--layout", config.layout, LAYOUTS), ("--precision", config.precision, PRECISIONS),
+                                 ("--mode", getattr(config, "mode", "error"), MODES)):
         if value not in allowed:
             raise JobError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
     if config.stall_seconds < 0:

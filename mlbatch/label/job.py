@@ -50,10 +50,10 @@ def label(config: LabelConfig) -> dict[str, Any]:
                      plan.run_id, output, swept)
             return publish(config, done, lease) if config.table else done
         _refuse_a_rerun_the_table_reads(config, plan.run_id)
-        with _engine(engine, config) as run_units:
+        with _engine(engine, config) as (run_units, predictor):
             if config.id_column:
                 check_ids(plan, config.id_column, on_ray=engine == "ray")
-            run = prepare(config, plan, lease.fence)
+            run = prepare(config, plan, lease.fence, predictor)
             predictor = run_units(run) if run.todo else NOTHING_TO_RUN
         lease.check()
         commit.drop_late_commits(run)   # a killed attempt's workers may have committed a unit this one redid
@@ -62,21 +62,26 @@ def label(config: LabelConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _engine(engine: str, config: LabelConfig) -> Iterator[Any]:
-    """The engine's function from a prepared run to its predictor's set-up; Ray connected (or started) for ray."""
+def _engine(engine: str, config: LabelConfig) -> Iterator[tuple[Any, str]]:
+    """The engine's function from a prepared run to its predictor's set-up, and where its predictors compute
+    (``"cuda fp16"``: part of the run's identity); Ray connected (or started) for ray."""
+    from ..model.spec import resolve_precision
+
     if engine == "local":
         from .local import device_for, run_local
 
-        device_for(config)   # --require-cuda: refused before anything is prepared
-        yield run_local
+        device = device_for(config)   # --require-cuda: refused before anything is prepared
+        yield run_local, f"{device} {resolve_precision(config.precision, device)}"
         return
     from . import ray_compat
     from .pipeline import placed_predictors, run_pipeline
 
     connect_ray()
     predictors = placed_predictors(config)   # a GPU asked for is waited for, and checked, before anything is prepared
+    device = "cuda" if predictors.device == "cuda" else "cpu"
     with ray_compat.data_context(config.progress, config.stall_seconds):
-        yield functools.partial(run_pipeline, predictors=predictors)
+        yield (functools.partial(run_pipeline, predictors=predictors),
+               f"{device} {resolve_precision(config.precision, device)}")
 
 
 def _refuse_a_rerun_the_table_reads(config: LabelConfig, run_id: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..model.spec import resolve_precision
 from .commit import Run
 from .config import JobError, LabelConfig
 from .stages import UnitLabeler, unit_pointers, wiring, write_units
@@ -88,4 +89,5 @@ def run_local(run: Run) -> dict[str, Any]:
     finally:
         labeler.close()
     return {"engine": "local", "layout": "fused", "concurrency": 1, "num_gpus": 1.0 if device == "cuda" else 0.0,
-            "device": device, "decode": config.decode, "decode_helpers": threads}
+            "device": device, "precision": resolve_precision(config.precision, device), "decode": config.decode,
+            "decode_helpers": threads}

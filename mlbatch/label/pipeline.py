@@ -31,6 +31,7 @@ import ray
 from ray.data.exceptions import ExecutionTimeoutError
 
 from ..core.manifest import ManifestError
+from ..model.spec import resolve_precision
 from . import ray_compat
 from .commit import Run
 from .config import LAYOUTS, JobError, LabelConfig
@@ -169,7 +170,7 @@ def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
     for batch in _stream(ds, run):
         run.add_markers(batch)
     return {"engine": "ray", "layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
-            "decode": config.decode}
+            "precision": resolve_precision(config.precision, "cuda" if device == "cuda" else "cpu"), "decode": config.decode}
 
 
 def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:

@@ -25,15 +25,16 @@ from .stats import TOP_ERRORS_KEPT, Stats, whole
 log = logging.getLogger(__name__)
 
 
-def plan_record(config: LabelConfig, plan: Plan) -> dict[str, Any]:
-    """What a resumed run must share with the units it keeps: everything that changes a row's value."""
-    return {"files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
+def plan_record(config: LabelConfig, plan: Plan, predictor: str) -> dict[str, Any]:
+    """What a resumed run must share with the units it keeps: everything that changes a row's value, the
+    device and precision its predictors compute in included (GPU and CPU rows differ near a threshold)."""
+    return {"predictor": predictor, "files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
             "rows_per_unit": config.rows_per_file, "decode": config.decode, "model_version": plan.meta["version"],
             "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
             "uri_column": config.uri_column}
 
 
-_FLAGS = {"rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
+_FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
           "thresholds": "the thresholds", "max_pixels": "--max-pixels",
           "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
 
@@ -52,6 +53,8 @@ def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
             out.append(f"manifest {uri} changed since the run started (its footer or its version, the ETag or the "
                        "modification time, differs)")
     for key, flag in _FLAGS.items():
+        if key == "predictor" and key not in before:   # recorded since issue 39: an older run resumes as before
+            continue
         if key not in before:
             out.append(f"{flag} is not recorded (the run was started by an older mlbatch)")
         elif before[key] != now[key]:
@@ -111,7 +114,7 @@ def completed(config: LabelConfig, plan: Plan) -> dict[str, Any] | None:
     return done
 
 
-def prepare(config: LabelConfig, plan: Plan, fence: Fence) -> Run:
+def prepare(config: LabelConfig, plan: Plan, fence: Fence, predictor: str) -> Run:
     """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
     output, state = output_dirs(config)
     markers = markers_dir(state, plan.run_id)
@@ -137,13 +140,14 @@ def prepare(config: LabelConfig, plan: Plan, fence: Fence) -> Run:
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
     run = Run(config, plan, output, state, markers, fence, {}, [Stats() for _ in plan.files], Stats(), [])
+    run.predictor = predictor
     attempts = 1
     if config.resume and (files or storage.exists(plan_uri)):
-        attempts = _resume(run, files, plan_record(config, plan))
+        attempts = _resume(run, files, plan_record(config, plan, predictor))
     else:  # a repeated run replaces its own files
         remove_run(output, state, plan.run_id)
     run.attempts = attempts
-    storage.write_atomic(plan_uri, json.dumps({**plan_record(config, plan), "attempts": attempts,
+    storage.write_atomic(plan_uri, json.dumps({**plan_record(config, plan, predictor), "attempts": attempts,
                                                "epoch": fence.epoch}).encode())
     run.todo = [u for u in plan.units if unit_id(u[0], u[1]) not in run.done]
     return run

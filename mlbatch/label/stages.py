@@ -43,14 +43,15 @@ def wiring(run: Run) -> dict[str, Any]:
     config, plan = run.config, run.plan
     labels = plan.meta["labels"]
     renames = renamed_inputs(plan.schema.names, labels)
-    metadata = file_metadata(labels, plan.thresholds, plan.meta["name"], plan.meta["version"], plan.run_id)
+    metadata = file_metadata(labels, plan.thresholds, plan.meta["name"], plan.meta["version"], plan.run_id,
+                             run.predictor)
     columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
     uri_column = renames.get(config.uri_column, config.uri_column)
     return {
         "renames": renames,
         "predictor": {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
                       "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels,
-                      "require_cuda": config.require_cuda},
+                      "require_cuda": config.require_cuda, "precision": config.precision},
         "labeler": {"renames": renames, "uri_column": uri_column, "batch_size": config.batch_size,
                     "max_bytes": config.max_bytes},
         "decode": {"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
@@ -164,7 +165,7 @@ class Predictor:
 
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str, schema_metadata: dict[bytes, bytes],
                  decode: str = "pil", max_pixels: int = images.DEFAULT_MAX_PIXELS, device: str | None = None,
-                 require_cuda: bool = False):
+                 require_cuda: bool = False, precision: str = "auto"):
         from ..model.loaded import cuda_problem, load_model
 
         self.on_ray = device is None   # Ray chooses the device of an actor; the local engine passes its own
@@ -182,7 +183,7 @@ class Predictor:
                     # the driver's probe warned once, and _run.json says so: no warning per actor
                     log.debug("this actor holds GPUs %s but %s: predicting on CPU", ray.get_gpu_ids(), problem)
         self.device = device
-        self.model = load_model(model_uri, device=self.device)
+        self.model = load_model(model_uri, device=self.device, precision=precision)
         self.labels = self.model.labels
         self.thresholds = np.asarray([thresholds[x] for x in self.labels], np.float32)
         self.run_id = run_id
@@ -294,14 +295,16 @@ class UnitLabeler(Predictor):
     def __init__(self, model_uri: str, thresholds: dict[str, float], run_id: str,
                  schema_metadata: dict[bytes, bytes], renames: dict[str, str], uri_column: str, batch_size: int,
                  max_pixels: int, decode: str = "pil", threads: int = FUSED_THREADS,
-                 max_bytes: int = fetch.DEFAULT_MAX_BYTES, device: str | None = None, require_cuda: bool = False):
+                 max_bytes: int = fetch.DEFAULT_MAX_BYTES, device: str | None = None, require_cuda: bool = False,
+                 precision: str = "auto"):
         from .decoder import HelperPool
 
         # helpers first: their start (a Python without torch or Ray) overlaps importing torch here
         self.decoders = HelperPool(threads)
         import torch
 
-        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels, device, require_cuda)
+        super().__init__(model_uri, thresholds, run_id, schema_metadata, decode, max_pixels, device, require_cuda,
+                         precision)
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.renames, self.uri_column, self.batch_size, self.max_bytes = renames, uri_column, batch_size, max_bytes

@@ -15,18 +15,22 @@ from . import calibration
 from .net import MultiLabelNet
 from .package import PackageError, read_package
 from .refs import resolve
-from .spec import spec_from_meta
+from .spec import resolve_precision, spec_from_meta
 
 log = logging.getLogger(__name__)
+
+
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LoadedModel:
     """A model package ready to predict: the one path used by evaluation and the labeling job."""
 
-    def __init__(self, meta: dict[str, Any], net: MultiLabelNet, device: str = "cpu"):
+    def __init__(self, meta: dict[str, Any], net: MultiLabelNet, device: str = "cpu", precision: str = "auto"):
         self.meta = meta
         self.net = net.to(device).eval()
         self.device = device
+        self.precision = resolve_precision(precision, device)
         self.spec = net.spec
         ab = calibration.coefficients(meta.get("calibration"), self.labels)
         self._calibration = None if ab is None else tuple(torch.from_numpy(v).to(device) for v in ab)
@@ -58,8 +62,8 @@ class LoadedModel:
             return np.zeros((0, len(self.labels)), np.float32)
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, np.float32))
         x = x.to(self.device, non_blocking=True)
-        if self.device.startswith("cuda"):
-            with torch.autocast("cuda", dtype=torch.float16):
+        if self.precision in _AUTOCAST:   # mixed precision: the weights stay fp32, matmuls and convolutions do not
+            with torch.autocast(self.device.split(":")[0], dtype=_AUTOCAST[self.precision]):
                 logits = self.net(x)
         else:
             logits = self.net(x)
@@ -108,7 +112,7 @@ def to_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (x - m) / s
 
 
-def load_model(uri: str, device: str = "cpu") -> LoadedModel:
+def load_model(uri: str, device: str = "cpu", precision: str = "auto") -> LoadedModel:
     """Load a model package from a local folder, an ``s3://`` prefix or a registry reference
     (``REGISTRY/NAME@champion``). Never unpickles anything."""
     uri = resolve(uri)
@@ -118,7 +122,7 @@ def load_model(uri: str, device: str = "cpu") -> LoadedModel:
         net.load_state_dict(load_safetensors(weights), strict=True)
     except Exception as exc:  # safetensors' and torch's errors for foreign or mismatched bytes
         raise PackageError(f"model package {uri}: weights do not fit the described network: {exc}") from None
-    return LoadedModel(meta, net, device)
+    return LoadedModel(meta, net, device, precision)
 
 
 def cuda_problem() -> str | None:

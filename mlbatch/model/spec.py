@@ -14,6 +14,17 @@ from .package import validate_labels
 DEFAULT_BACKBONE = "cnn-small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")   # what a predictor computes in (``loaded.resolve_precision``)
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """The precision a predictor on ``device`` computes in: ``auto`` is fp16 on CUDA (mixed precision,
+    the network's weights stay fp32) and fp32 elsewhere."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 @dataclass
