@@ -78,10 +78,8 @@ def _engine(engine: str, config: LabelConfig) -> Iterator[tuple[Any, str]]:
 
     connect_ray()
     predictors = placed_predictors(config)   # a GPU asked for is waited for, and checked, before anything is prepared
-    device = "cuda" if predictors.device == "cuda" else "cpu"
     with ray_compat.data_context(config.progress, config.stall_seconds):
-        yield (functools.partial(run_pipeline, predictors=predictors),
-               f"{device} {resolve_precision(config.precision, device)}")
+        yield functools.partial(run_pipeline, predictors=predictors), predictors.identity
 
 
 def _refuse_a_rerun_the_table_reads(config: LabelConfig, run_id: str) -> None:

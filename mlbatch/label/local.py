@@ -40,16 +40,12 @@ def machine_cpus() -> int:
 def device_for(config: LabelConfig) -> str:
     """Where this machine predicts: CUDA when it is usable and not declined (``--num-gpus 0``); with
     ``--require-cuda``, CUDA or a ``JobError`` (checked before the run is prepared)."""
-    return _device(config.num_gpus, config.require_cuda)
-
-
-def _device(num_gpus: float | None, require_cuda: bool) -> str:
     from ..model.loaded import cuda_problem
 
     problem = cuda_problem()
-    if require_cuda and problem:
+    if config.require_cuda and problem:
         raise JobError(f"--require-cuda: {problem}")
-    if num_gpus == 0:
+    if config.num_gpus == 0:
         return "cpu"
     return "cpu" if problem else "cuda"
 
@@ -58,7 +54,7 @@ def run_local(run: Run) -> dict[str, Any]:
     """Label the run's units one after another, each written and committed while the next is labeled."""
     config, plan = run.config, run.plan
     wired = wiring(run)
-    device, threads = _device(config.num_gpus, config.require_cuda), machine_cpus()
+    device, threads = device_for(config), machine_cpus()
     rows = sum(b - a for _, a, b in run.todo)
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, local engine, %d decode helpers, "
              "device %s, %s decoding)", rows, len(run.todo), len(plan.files), run.output, plan.run_id, threads,

@@ -65,7 +65,13 @@ class Predictors:
     """What each predictor actor asks for and where it will predict, settled before the run is prepared."""
 
     num_gpus: float
-    device: str
+    device: str          # "cuda", or "cpu" with why
+    precision: str       # what they compute in (``--precision`` resolved for the device)
+
+    @property
+    def identity(self) -> str:
+        """Where they compute, as a run records it: ``"cuda fp16"``."""
+        return f"{'cuda' if self.device == 'cuda' else 'cpu'} {self.precision}"
 
 
 def placed_predictors(config: LabelConfig) -> Predictors:
@@ -81,7 +87,7 @@ def placed_predictors(config: LabelConfig) -> Predictors:
         if config.require_cuda:
             raise JobError("--require-cuda: the predictors ask for no GPU (--num-gpus 0, or a cluster without "
                            "GPUs and no --num-gpus): pass --num-gpus 1")
-        return Predictors(0.0, "cpu")
+        return Predictors(0.0, "cpu", resolve_precision(config.precision, "cpu"))
 
     @ray.remote(num_gpus=num_gpus, num_cpus=0)
     def probe() -> tuple[list, str | None]:
@@ -101,8 +107,8 @@ def placed_predictors(config: LabelConfig) -> Predictors:
     if problem:
         log.warning("predictor actors are given GPUs %s, but CUDA is not usable there, so they predict on the "
                     "CPU: %s", ids, problem)
-        return Predictors(num_gpus, "cpu (GPU assigned, CUDA not usable)")
-    return Predictors(num_gpus, "cuda")
+        return Predictors(num_gpus, "cpu (GPU assigned, CUDA not usable)", resolve_precision(config.precision, "cpu"))
+    return Predictors(num_gpus, "cuda", resolve_precision(config.precision, "cuda"))
 
 
 def choose_layout(requested: str, num_gpus: float) -> str:
@@ -170,7 +176,7 @@ def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
     for batch in _stream(ds, run):
         run.add_markers(batch)
     return {"engine": "ray", "layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
-            "precision": resolve_precision(config.precision, "cuda" if device == "cuda" else "cpu"), "decode": config.decode}
+            "precision": predictors.precision, "decode": config.decode}
 
 
 def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:
