@@ -306,3 +306,53 @@ def test_precision_is_part_of_a_runs_identity(tmp_path, small_dataset, small_mod
     gap = max(abs(a["mean_probability"] - b["mean_probability"])
               for a, b in zip(first["labels"].values(), fp32["labels"].values()))
     assert 0 < gap < 0.05                                         # bf16 is really used, and close
+
+
+def test_the_local_engine_places_one_predictor_per_visible_gpu_or_share_of_one(monkeypatch):
+    """``--num-gpus`` is GPUs per predictor: by default one predictor per visible GPU, 0.5 two per GPU, 0 the
+    CPU; more than 1 is refused (a predictor uses one GPU), as on Ray."""
+    from mlbatch.label import local
+    from mlbatch.label.config import check_choices
+
+    monkeypatch.setattr("mlbatch.model.loaded.cuda_problem", lambda: None)
+    monkeypatch.setattr(local, "visible_gpus", lambda: 2)
+    config = dict(manifests=["m"], model="p", output="o")
+    devices = {f: local.predictor_devices(LabelConfig(**config, num_gpus=f)) for f in (None, 1, 0.5, 0.3, 0)}
+    assert devices == {None: ["cuda:0", "cuda:1"], 1: ["cuda:0", "cuda:1"], 0: ["cpu"],
+                       0.5: ["cuda:0", "cuda:0", "cuda:1", "cuda:1"], 0.3: ["cuda:0"] * 3 + ["cuda:1"] * 3}
+    monkeypatch.setattr(local, "visible_gpus", lambda: 0)
+    assert local.predictor_devices(LabelConfig(**config)) == ["cpu"]
+    with pytest.raises(JobError, match=r"--num-gpus 2: GPUs per predictor, from 0 \(none\) to 1; a predictor uses "
+                                       r"one GPU, so to use more GPUs run more predictors"):
+        check_choices(LabelConfig(**config, num_gpus=2))
+
+
+def test_the_local_engine_with_two_fake_devices_starts_two_predictors_and_labels_every_row_once(
+        tmp_path, small_dataset, small_model, monkeypatch):
+    """Two visible GPUs (faked: each predictor told ``cuda:i`` computes on the CPU): two labelers start, one per
+    device, both take units of work, and the output is row for row a one-predictor run's."""
+    from mlbatch.label import local
+
+    started, units = [], {}
+
+    class FakeDevice(local.UnitLabeler):
+        def __init__(self, *args, device, **kw):
+            started.append(device)
+            super().__init__(*args, device="cpu", **kw)
+            self.fake = device
+
+        def __call__(self, unit):
+            units[self.fake] = units.get(self.fake, 0) + 1
+            yield from super().__call__(unit)
+
+    common = dict(manifests=[small_dataset["test"]], model=small_model, run_id="r", rows_per_file=8, batch_size=8,
+                  engine="local", progress=False, precision="fp32")
+    label(LabelConfig(**common, output=str(tmp_path / "one")))
+    monkeypatch.setattr("mlbatch.model.loaded.cuda_problem", lambda: None)
+    monkeypatch.setattr(local, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(local, "UnitLabeler", FakeDevice)
+    summary = label(LabelConfig(**common, output=str(tmp_path / "two")))
+    assert started == ["cuda:0", "cuda:1"] and sorted(units) == ["cuda:0", "cuda:1"] and sum(units.values()) == 8
+    assert summary["predictor"]["devices"] == ["cuda:0", "cuda:1"] and summary["predictor"]["concurrency"] == 2
+    assert summary["rows_out"] == 60
+    _assert_same_rows(_output(tmp_path / "one"), _output(tmp_path / "two"))

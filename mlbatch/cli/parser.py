@@ -96,9 +96,10 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="predictor actors: a fixed count or an autoscaling range "
                         "(default: one per GPU, or one per 2 CPUs without GPUs)")
     p.add_argument("--num-gpus", type=float, default=None, metavar="F",
-                   help="GPUs per predictor actor, asked for whether or not the cluster has them yet (an "
-                        "autoscaler adds GPU nodes; the run waits up to --stall-seconds for one) "
-                        "(default: 1 when the cluster has GPUs now, else 0)")
+                   help="GPUs per predictor, 0 to 1 (0.5: two predictors share each GPU). On Ray it is asked for "
+                        "whether or not the cluster has GPUs yet (an autoscaler adds GPU nodes; the run waits up "
+                        "to --stall-seconds for one); the local engine starts predictors on every visible GPU "
+                        "(CUDA_VISIBLE_DEVICES narrows them) (default: 1 where there are GPUs, else 0)")
     p.add_argument("--precision", choices=PRECISIONS, default=default(LabelOptions, "precision"),
                    help="what predictors compute in: auto is fp16 mixed precision on CUDA and fp32 on a CPU. Part "
                         "of a run's identity: a --resume on another device or precision is refused, so one "

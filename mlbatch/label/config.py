@@ -41,7 +41,7 @@ class LabelOptions:
     batch_size: int = 64
     rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
-    num_gpus: float | None = None                      # per predictor actor; default 1 if the cluster has GPUs
+    num_gpus: float | None = None                      # per predictor, 0..1; default 1 where there are GPUs
     require_cuda: bool = False                         # a predictor that cannot use CUDA is an error, not a CPU fallback
     precision: str = "auto"                            # auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)
     layout: str = "auto"                               # fused | split | auto (split where predictors hold GPUs)
@@ -78,6 +78,10 @@ def check_choices(config: LabelOptions) -> None:
                                  ("--mode", getattr(config, "mode", "error"), MODES)):
         if value not in allowed:
             raise JobError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if config.num_gpus is not None and not 0 <= config.num_gpus <= 1:
+        raise JobError(f"--num-gpus {config.num_gpus:g}: GPUs per predictor, from 0 (none) to 1; a predictor uses "
+                       "one GPU, so to use more GPUs run more predictors (--concurrency on Ray; the local engine "
+                       "starts one per visible GPU), and below 1 several predictors share one GPU")
     if config.stall_seconds < 0:
         raise JobError(f"--stall-seconds {config.stall_seconds:g}: must be 0 (never) or more")
 

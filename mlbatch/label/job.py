@@ -68,9 +68,9 @@ def _engine(engine: str, config: LabelConfig) -> Iterator[tuple[Any, str]]:
     from ..model.spec import resolve_precision
 
     if engine == "local":
-        from .local import device_for, run_local
+        from .local import predictor_devices, run_local
 
-        device = device_for(config)   # --require-cuda: refused before anything is prepared
+        device = predictor_devices(config)[0].split(":")[0]   # --require-cuda: refused before anything is prepared
         yield run_local, f"{device} {resolve_precision(config.precision, device)}"
         return
     from . import ray_compat

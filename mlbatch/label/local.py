@@ -3,9 +3,10 @@
     units of work -> UnitLabeler [read rows -> fetch + decode (helper processes) -> predict] -> write + commit
 
 The same ``stages`` as Ray's fused layout, wired by the same ``stages.wiring``: the same rows, error
-rows, file names and markers, so ``commit.prepare`` resumes either engine's units and the summary,
+rows, file names and markers, so ``prepare`` resumes either engine's units and the summary,
 the lease and the table commit around it are the same. One labeler predicts on all of this
-machine's cores (or its GPU); while it labels a unit, a thread writes and commits the one before.
+machine's cores, or one per GPU (``predictor_devices``), each taking the next unit of work; while a
+labeler labels a unit, a writer thread writes and commits its one before.
 
 What Ray adds and this does not: other machines, and the no-progress limit (``--stall-seconds``).
 Here every fetch and every decode has its own deadline (``fetch``, ``decoder``), so a run cannot
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -37,53 +39,110 @@ def machine_cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def device_for(config: LabelConfig) -> str:
-    """Where this machine predicts: CUDA when it is usable and not declined (``--num-gpus 0``); with
-    ``--require-cuda``, CUDA or a ``JobError`` (checked before the run is prepared)."""
+def visible_gpus() -> int:
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` narrows them), 0 when CUDA is not usable."""
+    from ..model.loaded import cuda_problem
+
+    if cuda_problem():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def predictor_devices(config: LabelConfig) -> list[str]:
+    """One predictor per visible GPU (``--num-gpus F`` below 1: ``1/F`` predictors share each), or one on the
+    CPU when there is none or ``--num-gpus 0`` declines them. With ``--require-cuda``, GPUs or a ``JobError``
+    (checked before the run is prepared)."""
     from ..model.loaded import cuda_problem
 
     problem = cuda_problem()
     if config.require_cuda and problem:
         raise JobError(f"--require-cuda: {problem}")
-    if config.num_gpus == 0:
-        return "cpu"
-    return "cpu" if problem else "cuda"
+    if config.require_cuda and config.num_gpus == 0:
+        raise JobError("--require-cuda with --num-gpus 0: the predictors would ask for no GPU")
+    gpus = visible_gpus()
+    if config.num_gpus == 0 or gpus == 0:
+        return ["cpu"]
+    share = int(1 / config.num_gpus + 1e-9) if config.num_gpus else 1   # as Ray packs fractions
+    return [f"cuda:{d}" for d in range(gpus) for _ in range(share)]
 
 
 def run_local(run: Run) -> dict[str, Any]:
-    """Label the run's units one after another, each written and committed while the next is labeled."""
+    """Label the run's units with one labeler per device, each unit written and committed (on one writer
+    thread) while its labeler goes on to the next."""
     config, plan = run.config, run.plan
     wired = wiring(run)
-    device, threads = device_for(config), machine_cpus()
+    devices = predictor_devices(config)
+    helpers = max(1, machine_cpus() // len(devices))
     rows = sum(b - a for _, a, b in run.todo)
-    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, local engine, %d decode helpers, "
-             "device %s, %s decoding)", rows, len(run.todo), len(plan.files), run.output, plan.run_id, threads,
-             device, config.decode)
+    log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, local engine, %d labeler(s) "
+             "on %s, %d decode helpers each, %s decoding)", rows, len(run.todo), len(plan.files), run.output,
+             plan.run_id, len(devices), ", ".join(devices), helpers, config.decode)
     ignored = [flag for flag, given in (("--concurrency", config.concurrency is not None),
                                         ("--layout", config.layout != "auto")) if given]
     if ignored:
-        log.warning("%s: Ray's, not the local engine's (one labeler on this machine); pass --engine ray to use them",
-                    " and ".join(ignored))
-    labeler = UnitLabeler(**wired["predictor"], **wired["labeler"], threads=threads, device=device)
-    started = last = time.monotonic()
-    done = 0
+        log.warning("%s: Ray's, not the local engine's (one labeler per device of this machine); pass --engine ray "
+                    "to use them", " and ".join(ignored))
+    labelers: list[UnitLabeler] = []
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-write") as writer:
-            pending: Future | None = None
-            for file_index, start, stop in run.todo:
-                unit = pa.Table.from_pylist(unit_pointers([(file_index, start, stop)], plan))
-                labeled = pa.concat_tables(list(labeler(unit)))
-                if pending is not None:
-                    run.add_markers(pending.result())
-                pending = writer.submit(write_units, labeled, **wired["write"])
-                done += stop - start
-                if config.progress and time.monotonic() - last >= PROGRESS_SECONDS:
-                    last = time.monotonic()
-                    log.info("labeled %d of %d rows (%.0f rows/s)", done, rows, done / (last - started))
-            if pending is not None:
-                run.add_markers(pending.result())
+        for device in devices:
+            labelers.append(UnitLabeler(**wired["predictor"], **wired["labeler"], threads=helpers, device=device))
+        _label_units(run, wired, labelers, rows)
     finally:
-        labeler.close()
-    return {"engine": "local", "layout": "fused", "concurrency": 1, "num_gpus": 1.0 if device == "cuda" else 0.0,
-            "device": device, "precision": resolve_precision(config.precision, device), "decode": config.decode,
-            "decode_helpers": threads}
+        for labeler in labelers:
+            labeler.close()
+    device = devices[0].split(":")[0]
+    return {"engine": "local", "layout": "fused", "concurrency": len(devices), "devices": devices,
+            "num_gpus": 0.0 if device == "cpu" else (config.num_gpus or 1.0), "device": device,
+            "precision": resolve_precision(config.precision, device), "decode": config.decode,
+            "decode_helpers": helpers}
+
+
+def _label_units(run: Run, wired: dict[str, Any], labelers: list[UnitLabeler], rows: int) -> None:
+    """Each labeler takes the next unit of work until none is left; a failure in one stops the others after
+    their current unit, and is raised here."""
+    todo = iter(run.todo)
+    lock, failed = threading.Lock(), threading.Event()
+    progress = {"done": 0, "started": time.monotonic(), "last": time.monotonic()}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbatch-write") as writer, \
+            ThreadPoolExecutor(max_workers=len(labelers), thread_name_prefix="mlbatch-label") as pool:
+
+        def next_unit() -> tuple[int, int, int] | None:
+            with lock:
+                return None if failed.is_set() else next(todo, None)
+
+        def commit(future: Future) -> None:
+            markers = future.result()
+            with lock:
+                run.add_markers(markers)
+
+        def work(labeler: UnitLabeler) -> None:
+            pending: Future | None = None
+            try:
+                while (unit := next_unit()) is not None:
+                    unit_rows = pa.Table.from_pylist(unit_pointers([unit], run.plan))
+                    labeled = pa.concat_tables(list(labeler(unit_rows)))
+                    if pending is not None:
+                        commit(pending)
+                    pending = writer.submit(write_units, labeled, **wired["write"])
+                    _progress(run, progress, lock, unit[2] - unit[1], rows)
+                if pending is not None:
+                    commit(pending)
+            except BaseException:
+                failed.set()
+                raise
+
+        for future in [pool.submit(work, labeler) for labeler in labelers]:
+            future.result()
+
+
+def _progress(run: Run, progress: dict[str, float], lock: threading.Lock, n: int, rows: int) -> None:
+    """A progress line at most every ``PROGRESS_SECONDS``."""
+    with lock:
+        progress["done"] += n
+        now = time.monotonic()
+        if run.config.progress and now - progress["last"] >= PROGRESS_SECONDS:
+            progress["last"] = now
+            log.info("labeled %d of %d rows (%.0f rows/s)", progress["done"], rows,
+                     progress["done"] / (now - progress["started"]))
