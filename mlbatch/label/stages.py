@@ -146,6 +146,23 @@ def _with_pixels(batch: pa.Table, results: list[tuple[bytes | None, str | None]]
     return batch.append_column(ERROR, pa.array([r[1] for r in results], pa.string()))
 
 
+def stacked_pixels(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """The decoded rows of a pixels column as one uint8 (n_decoded, S, S, 3) array: a view of Arrow's own
+    buffer, where a binary column keeps its values back to back and a null (an error row) takes no bytes,
+    so the pixels are not copied on their way to the device."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    picture = size * size * 3
+    decoded = len(array) - array.null_count
+    if not decoded:
+        return np.zeros((0, size, size, 3), np.uint8)
+    offsets = np.frombuffer(array.buffers()[1], np.int64 if pa.types.is_large_binary(array.type) else np.int32)
+    first, last = int(offsets[array.offset]), int(offsets[array.offset + len(array)])
+    if last - first == decoded * picture:
+        return np.frombuffer(array.buffers()[2], np.uint8, last - first, first).reshape(decoded, size, size, 3)
+    rows = [np.frombuffer(p, np.uint8) for p in array.to_pylist() if p is not None]   # a null that holds bytes
+    return np.stack(rows).reshape(-1, size, size, 3)
+
+
 def decode_batch(batch: pa.Table, uri_column: str, size: int, threads: int = 16,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, fetch_only: bool = False,
                  max_bytes: int = fetch.DEFAULT_MAX_BYTES) -> pa.Table:
@@ -195,19 +212,17 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        raw = batch.column(PIXELS).to_pylist()
         errors = batch.column(ERROR).to_pylist()
         pixels: Any = None
         if self.decode == "torchvision":
             from .jpeg import decode_resize
 
-            pixels, errors = decode_resize(raw, errors, self.size, self.model.device, self.max_pixels)
+            pixels, errors = decode_resize(batch.column(PIXELS).to_pylist(), errors, self.size, self.model.device,
+                                           self.max_pixels)
             ok = np.asarray([e is None for e in errors], bool)
         else:
-            ok = np.asarray([p is not None for p in raw], bool)
-            if ok.any():
-                pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.size, self.size, 3)
-                                   for p in raw if p is not None])
+            ok = np.array(batch.column(PIXELS).is_valid().to_pylist(), bool)
+            pixels = stacked_pixels(batch.column(PIXELS), self.size)
         probs = np.full((n, len(self.labels)), np.nan, np.float32)
         if ok.any():
             probs[ok], lost = self._predict_fitting(pixels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +35,13 @@ class LoadedModel:
         self.spec = net.spec
         ab = calibration.coefficients(meta.get("calibration"), self.labels)
         self._calibration = None if ab is None else tuple(torch.from_numpy(v).to(device) for v in ab)
+        # made once, on the device: rebuilt per batch they were a host-to-device copy (and a sync) each time
+        self._mean_std = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                               for v in (self.spec.mean, self.spec.std))
+        self._pinned: torch.Tensor | None = None     # the reused page-locked buffer pixels cross to a GPU from
+        self._copied: Any = None                     # the CUDA event of its last copy
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True    # the fastest kernels for the batch shapes, chosen once each
 
     @property
     def labels(self) -> list[str]:
@@ -77,14 +85,29 @@ class LoadedModel:
         """Resized uint8 pixels (n, S, S, 3) -> probabilities float32 (n, n_labels).
 
         The pixels are normalised by ``to_input`` on the model's device: on a GPU the uint8 pixels are
-        what crosses (a quarter of float32's bytes), from pinned host memory without blocking (not
-        measured here: this machine has no GPU). A tensor is taken where it is (``jpeg`` decodes on the device).
+        what crosses (a quarter of float32's bytes), copied once into a reused page-locked buffer and
+        from there without blocking (not measured here: this machine has no GPU). A tensor is taken
+        where it is (``jpeg`` decodes on the device); a read-only array (a view of Arrow's buffer) is
+        read, never written.
         """
         if not isinstance(pixels, torch.Tensor):
-            pixels = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
-            if self.device.startswith("cuda"):
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        return self.predict_arrays(to_input(pixels.to(self.device), self.spec.mean, self.spec.std))
+            pixels = self._to_device(host_tensor(pixels))
+        return self.predict_arrays(to_input(pixels.to(self.device), *self._mean_std))
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Host pixels onto the model's device: on CUDA through the reused pinned buffer (one host copy)."""
+        if not self.device.startswith("cuda"):
+            return host
+        if self._pinned is None or len(self._pinned) < len(host) or self._pinned.shape[1:] != host.shape[1:]:
+            self._pinned = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+        elif self._copied is not None:
+            self._copied.synchronize()               # the last batch's copy has left the buffer
+        staged = self._pinned[:len(host)]
+        staged.copy_(host)
+        on_device = staged.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return on_device
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> probabilities float32 (n_images, n_labels), columns in ``labels`` order.
@@ -100,14 +123,25 @@ class LoadedModel:
         return self.predict_pixels(np.stack([images.resize(p, size) for p in rgb]))
 
 
-def to_input(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def host_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """A uint8 array as a CPU tensor without a copy, even when the array is read-only (a view of an Arrow
+    buffer): its readers (``to_input``, a copy to the device) never write to it."""
+    array = np.ascontiguousarray(pixels, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def to_input(pixels: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+             std: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """uint8 (n, S, S, 3) on any device -> float32 (n, 3, S, S): ``images.normalise`` in torch, on that device.
 
     The result keeps the pixels' channels-last memory, which the network runs in, so nothing is
     copied into torch's default layout and back (``benchmarks/NOTES.md``: 16.5 -> 4.5 ms a batch of 256).
+    ``mean``/``std`` already on the device, shaped (1, 3, 1, 1), are used as they are (no copy).
     """
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
     return (x - m) / s
 
