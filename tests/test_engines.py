@@ -325,6 +325,8 @@ def test_the_local_engine_places_one_predictor_per_visible_gpu_or_share_of_one(m
     with pytest.raises(JobError, match=r"--num-gpus 2: GPUs per predictor, from 0 \(none\) to 1; a predictor uses "
                                        r"one GPU, so to use more GPUs run more predictors"):
         check_choices(LabelConfig(**config, num_gpus=2))
+    with pytest.raises(JobError, match=r"--decode-batch-size 0: must be at least 1"):
+        check_choices(LabelConfig(**config, decode_batch_size=0))
 
 
 def test_the_local_engine_with_two_fake_devices_starts_two_predictors_and_labels_every_row_once(

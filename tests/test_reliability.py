@@ -244,7 +244,9 @@ def scene_from(data: bytes, size: int) -> Image.Image:
 def test_bad_input_becomes_error_rows_and_odd_images_are_labeled(ray_cluster, bucket, tmp_path, small_dataset,
                                                                  small_model, layout, decode):
     """Both layouts (fused: one actor fetches, decodes and predicts; split: decode tasks feed predictor
-    actors) turn the same bad inputs into the same error rows and give `predict`'s probabilities.
+    actors) turn the same bad inputs into the same error rows and give `predict`'s probabilities. The split
+    layout's decode tasks take 3 images and its predictors 8, so a prediction batch is cut from several
+    decoded blocks (its pixels a view of each Arrow buffer, at an offset).
 
     ``--decode torchvision`` (the predictor decodes JPEGs itself, on CPU here) gives the same error rows;
     what it hands to PIL (other formats, CMYK, EXIF-rotated) gets `predict`'s probabilities exactly,
@@ -255,8 +257,8 @@ def test_bad_input_becomes_error_rows_and_odd_images_are_labeled(ray_cluster, bu
     storage.write_parquet(pa.Table.from_pylist(rows, schema=good.schema), f"{bucket}/manifests/bad.parquet")
 
     summary = label(_config(manifests=[f"{bucket}/manifests/bad.parquet"], model=small_model, output=f"{bucket}/out",
-                            id_column="id", batch_size=8, max_error_rate=1.0, max_pixels=50_000, layout=layout,
-                            decode=decode))
+                            id_column="id", batch_size=8, decode_batch_size=3, max_error_rate=1.0,
+                            max_pixels=50_000, layout=layout, decode=decode))
     assert summary["predictor"]["layout"] == layout and summary["predictor"]["decode"] == decode
     out = _read_output(f"{bucket}/out")
     ids = out.column("id").to_pylist()

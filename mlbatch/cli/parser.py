@@ -88,7 +88,10 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
                    help="manifest column of unique ids that users join on; checked unique on the cluster "
                         "(rows are always known by position: source_manifest, source_row)")
     p.add_argument("--batch-size", type=int, default=default(LabelOptions, "batch_size"),
-                   help="images per prediction batch (default: %(default)s)")
+                   help="images per prediction batch; on a GPU larger batches keep it busy (default: %(default)s)")
+    p.add_argument("--decode-batch-size", type=int, default=default(LabelOptions, "decode_batch_size"), metavar="N",
+                   help="images per decode task in the split (GPU) layout, apart from --batch-size, so many small "
+                        "decode tasks feed one large prediction batch (default: %(default)s)")
     p.add_argument("--rows-per-file", type=int, default=default(LabelOptions, "rows_per_file"), metavar="N",
                    help="rows of one unit of work (a row range of one manifest): the unit is written, "
                         "committed and resumed whole (default: %(default)s)")

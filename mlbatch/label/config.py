@@ -38,7 +38,8 @@ class LabelOptions:
     engine: str = "auto"                               # auto | local | ray (``engine.choose_engine``)
     uri_column: str = manifest.URI_COLUMN
     id_column: str | None = None                       # checked unique (on the cluster); rows are identified by position
-    batch_size: int = 64
+    batch_size: int = 64                               # images per prediction batch (on a GPU, raise it: --batch-size)
+    decode_batch_size: int = 64                        # images per decode task (split layout): decoding apart from predicting
     rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor, 0..1; default 1 where there are GPUs
@@ -78,6 +79,9 @@ def check_choices(config: LabelOptions) -> None:
                                  ("--mode", getattr(config, "mode", "error"), MODES)):
         if value not in allowed:
             raise JobError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    for flag, value in (("--batch-size", config.batch_size), ("--decode-batch-size", config.decode_batch_size)):
+        if value < 1:
+            raise JobError(f"{flag} {value}: must be at least 1")
     if config.num_gpus is not None and not 0 <= config.num_gpus <= 1:
         raise JobError(f"--num-gpus {config.num_gpus:g}: GPUs per predictor, from 0 (none) to 1; a predictor uses "
                        "one GPU, so to use more GPUs run more predictors (--concurrency on Ray; the local engine "

@@ -159,11 +159,11 @@ def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
                             num_cpus=DECODE_CPUS, **TASK_RETRIES)
         # Blocks of a few batches: a unit is read as one block, so without this a single task would
         # fetch every image of it. Small blocks spread the fetching over the cluster.
-        ds = ds.repartition(target_num_rows_per_block=config.batch_size * 4)
+        ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size * 4)
         # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
         # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
         ds = ds.map_batches(decode_batch, fn_kwargs=wired["decode"], batch_format="pyarrow",
-                            batch_size=config.batch_size, num_cpus=DECODE_CPUS,
+                            batch_size=config.decode_batch_size, num_cpus=DECODE_CPUS,
                             **TASK_RETRIES)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs=wired["predictor"],
                             batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
