@@ -129,29 +129,58 @@ def test_a_jpeg_without_its_end_marker_is_pils_to_judge_whatever_the_device_deco
     assert int(pixels[0].sum()) == 0  # the padded one went to the (fake) device decoder
 
 
-def test_a_failed_resize_falls_back_to_pil_and_large_batches_decode_in_chunks(monkeypatch):
+def test_a_chunk_is_resized_in_one_call_and_a_failed_resize_falls_back_to_pil(monkeypatch):
+    """Large batches decode in chunks; a chunk's same-sized pictures are resized in one call (a batched
+    resize); a chunk whose resize fails (the device out of memory) is decoded by PIL instead."""
     frames = [render_frame(8, i, 320, 240) for i in range(6)]
     whole, _ = jpeg.decode_resize(frames, [None] * 6, 40, "cpu")
-    real_resize, real_decode, batches = jpeg._resize, jpeg.decode_jpeg, []
+    real_resize, real_decode, decodes, resizes = jpeg._resize, jpeg.decode_jpeg, [], []
 
-    def failing_resize(picture, size):
-        if len(batches) == 2:  # the second chunk's first image: as if the device ran out of memory
-            batches.append("failed")
+    def failing_resize(pictures, size):
+        resizes.append(len(pictures))
+        if len(resizes) == 2:  # the second chunk: as if the device ran out of memory
             raise RuntimeError("CUDA out of memory")
-        return real_resize(picture, size)
+        return real_resize(pictures, size)
 
     def counting_decode(data, **kw):
-        batches.append(len(data))
+        decodes.append(len(data))
         return real_decode(data, **kw)
 
     monkeypatch.setattr(jpeg, "CHUNK_PIXELS", 3 * 320 * 240)  # three frames at a time
     monkeypatch.setattr(jpeg, "_resize", failing_resize)
     monkeypatch.setattr(jpeg, "decode_jpeg", counting_decode)
     pixels, errors = jpeg.decode_resize(frames, [None] * 6, 40, "cpu")
-    assert errors == [None] * 6 and batches == [3, 3, "failed"]
-    np.testing.assert_array_equal(pixels[3].numpy(), _pil_path(frames[3], 40))  # PIL's pixels for that one
-    for k in (0, 1, 2, 4, 5):
+    assert errors == [None] * 6 and decodes == [3, 3] and resizes == [3, 3]
+    for k in (3, 4, 5):
+        np.testing.assert_array_equal(pixels[k].numpy(), _pil_path(frames[k], 40))  # PIL's pixels for those
+    for k in (0, 1, 2):
         np.testing.assert_array_equal(pixels[k].numpy(), whole[k].numpy())
+    mixed = [render_frame(8, 0, 320, 240), render_frame(8, 1, 160, 120), render_frame(8, 2, 320, 240)]
+    resizes.clear()
+    monkeypatch.setattr(jpeg, "_resize", lambda pictures, size: resizes.append(len(pictures)) or real_resize(
+        pictures, size))
+    jpeg.decode_resize(mixed, [None] * 3, 40, "cpu")
+    assert sorted(resizes) == [1, 2]   # one call per picture size
+
+
+def test_what_the_device_will_not_decode_is_decoded_by_pil_in_several_threads_at_once(monkeypatch):
+    """PNGs (and CMYK, rotated, truncated JPEGs) fall back to PIL in the predictor: a few at once, each waiting
+    here for another to start, and with PIL's pixels and PIL's reasons, in order."""
+    import threading
+
+    pngs = [_encode(Image.open(io.BytesIO(render_frame(8, i, 64, 48))), "PNG") for i in range(4)]
+    both, real = threading.Barrier(2, timeout=10), jpeg._pil
+
+    def waiting(data, size, max_pixels):
+        if data in pngs[:2]:
+            both.wait()   # breaks (raises) unless the second picture is decoded while the first waits
+        return real(data, size, max_pixels)
+
+    monkeypatch.setattr(jpeg, "_pil", waiting)
+    pixels, errors = jpeg.decode_resize(pngs + [b"not an image"], [None] * 5, 32, "cpu")
+    assert errors[:4] == [None] * 4 and errors[4] == _pil_error(b"not an image", 32)
+    for k in range(4):
+        np.testing.assert_array_equal(pixels[k].numpy(), _pil_path(pngs[k], 32))
 
 
 def test_an_unknown_decoder_is_refused_before_anything_is_touched(tmp_path):

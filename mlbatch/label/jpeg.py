@@ -2,8 +2,9 @@
 
 With this option the decode stage only fetches; the predictor decodes a batch's JPEGs with
 ``torchvision.io.decode_jpeg`` on its device (nvJPEG when it holds a GPU, libjpeg on CPU
-otherwise) and resizes them there, so a GPU node's CPUs stop decoding. Per image, anything it
-will not or cannot decode goes through ``images.decode`` on the CPU instead, the default path:
+otherwise) and resizes them there, in one call per picture size, so a GPU node's CPUs stop
+decoding. Per image, anything it will not or cannot decode goes through ``images.decode`` on the
+CPU instead (a few at once, in threads: PIL releases the GIL while it decodes), the default path:
 other formats, CMYK or EXIF-rotated JPEGs, pictures over ``max_pixels``, files without their
 end-of-image marker (truncated: PIL names them, and a GPU decoder may not), and any JPEG the
 device decoder or the resize fails on. What PIL cannot read either is an error row with PIL's
@@ -20,7 +21,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -37,6 +40,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 EXIF_ORIENTATION = 0x0112
 CHUNK_PIXELS = 64_000_000  # full-size pixels decoded at once (x3 bytes on the device), then resized and freed
+FALLBACK_THREADS = 4       # PIL decodes of what the device will not decode, at once
 
 
 def decode_resize(data: list[bytes | None], errors: list[str | None], size: int, device: str,
@@ -56,21 +60,27 @@ def decode_resize(data: list[bytes | None], errors: list[str | None], size: int,
             chunk.append(i)
             chunk_pixels += area
     _decode_chunk(data, chunk, pixels, size, device)
-    for i, d in enumerate(data):
-        if d is None or pixels[i] is not None:
-            continue
-        try:  # the default path, on the CPU: same pixels and same error messages as the PIL decode
-            pic = images.resize(images.decode(d, max_pixels=max_pixels, draft_size=size), size)
-        except images.ImageError as exc:
-            errors[i] = str(exc)
-            continue
-        except Exception as exc:  # never let one object kill the job; say what happened
-            errors[i] = f"unexpected {type(exc).__name__}: {exc}"
-            continue
-        pixels[i] = torch.from_numpy(pic.copy()).to(device)
+    fallback = [i for i, d in enumerate(data) if d is not None and pixels[i] is None]
+    if fallback:   # PIL releases the GIL while it decodes: a few threads, not one image after another
+        with ThreadPoolExecutor(max_workers=min(FALLBACK_THREADS, len(fallback))) as pool:
+            for i, (pic, error) in zip(fallback, pool.map(lambda i: _pil(data[i], size, max_pixels), fallback)):
+                if pic is None:
+                    errors[i] = error
+                else:
+                    pixels[i] = torch.from_numpy(pic).to(device)
     ok = [p for p in pixels if p is not None]
     stacked = torch.stack(ok) if ok else torch.zeros((0, size, size, 3), dtype=torch.uint8, device=device)
     return stacked, [None if p is not None else (e or "not decoded") for p, e in zip(pixels, errors)]
+
+
+def _pil(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """The default path, on the CPU: the same pixels and the same error messages as the PIL decode."""
+    try:
+        return images.resize(images.decode(data, max_pixels=max_pixels, draft_size=size), size).copy(), None
+    except images.ImageError as exc:
+        return None, str(exc)
+    except Exception as exc:  # never let one object kill the job; say what happened
+        return None, f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _device_can_decode(data: bytes, max_pixels: int) -> int:
@@ -104,19 +114,26 @@ def _decode_chunk(data: list[bytes | None], chunk: list[int], pixels: list[torch
                 decoded[k] = decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
             except Exception:
                 pass
-    for k, i in enumerate(chunk):
-        if decoded[k] is not None:
-            try:
-                pixels[i] = _resize(decoded[k], size)  # type: ignore[arg-type]
-            except Exception as exc:  # e.g. out of device memory: PIL on the CPU instead
-                log.debug("resizing image %d on %s failed (%s): decoding it with PIL", i, device, exc)
-        decoded[k] = None  # the full-size picture is freed as soon as it is resized
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, picture in enumerate(decoded):
+        if picture is not None:
+            by_shape.setdefault(tuple(picture.shape), []).append(k)
+    for same in by_shape.values():   # one resize per shape: a camera's frames are resized in one call
+        try:
+            resized = _resize(torch.stack([decoded[k] for k in same]), size)  # type: ignore[misc]
+        except Exception as exc:  # e.g. out of device memory: PIL on the CPU instead
+            log.debug("resizing %d images on %s failed (%s): decoding them with PIL", len(same), device, exc)
+            continue
+        finally:
+            for k in same:
+                decoded[k] = None   # the full-size pictures are freed as soon as they are resized
+        for k, picture in zip(same, resized):
+            pixels[chunk[k]] = picture
 
 
-def _resize(picture: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (size, size, 3) uint8, bilinear with antialiasing (as PIL's resize filters)."""
-    if tuple(picture.shape[1:]) != (size, size):
-        x = F.interpolate(picture[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)
-        picture = x[0].round_().clamp_(0, 255).to(torch.uint8)
-    return picture.permute(1, 2, 0).contiguous()
+def _resize(pictures: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, H, W) uint8 -> (n, size, size, 3) uint8, bilinear with antialiasing (as PIL's resize filters)."""
+    if tuple(pictures.shape[2:]) != (size, size):
+        x = F.interpolate(pictures.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        pictures = x.round_().clamp_(0, 255).to(torch.uint8)
+    return pictures.permute(0, 2, 3, 1).contiguous()
