@@ -22,10 +22,12 @@ import signal
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 OK, FAILED = 0, 1
 CHILD_SECONDS = 120
+PARALLEL_POINTS = 2
 
 
 def in_child(fn: Callable[[], Any], result: str | None = None) -> int:
@@ -132,23 +134,24 @@ class Flow:
 
         rows = pq.read_table(manifest)
         self.manifests = []
-        sizes = {"nightly": (6, 5, 4), "pause": (6,)}.get(name, (6, 5))
+        # rows per manifest, at 3 rows a unit: a manifest of two units and one of one is every case (a manifest
+        # part done, one not started, one whole); more units only repeat the same writes (CI minutes)
+        sizes = {"pause": (6,), "promotion": (6, 5), "rerun": (3, 2), "overwrite": (3, 2)}.get(name, (6, 2))
         for i, n in enumerate(sizes):
             path = os.path.join(self.inputs, f"m{i}.parquet")
             pq.write_table(rows.slice(3 * i, n), path)
             self.manifests.append(path)
         self.expect = {m: len(pq.read_table(m)) for m in self.manifests}
-        self.case = 0
         if name == "promotion":   # the candidate: the model as trained (the package's own name and version)
             meta = json.loads(open(os.path.join(model, "mlbatch-model.json")).read())
             self.candidate = (meta["name"], meta["version"])
 
-    def output(self) -> str:
+    def output(self, case: str) -> str:
         if self.name == "promotion":
-            return os.path.join(self.work, f"case{self.case}", "registry")
+            return os.path.join(self.work, case, "registry")
         if self.remote:
-            return f"{os.environ['MLBATCH_CRASH_BUCKET']}/{self.name}/case{self.case}"
-        return os.path.join(self.work, f"case{self.case}", "out")
+            return f"{os.environ['MLBATCH_CRASH_BUCKET']}/{self.name}/{case}"
+        return os.path.join(self.work, case, "out")
 
     def _label(self, out: str, **kw: Any) -> dict[str, Any]:
         from mlbatch.label import LabelConfig, label
@@ -235,7 +238,7 @@ class Flow:
         if self.name == "promotion":
             return self._check_promotion(out)
         if self.remote:   # read back into a local folder, as a reader of the bucket would see it
-            local = os.path.join(self.work, f"case{self.case}", "read")
+            local = os.path.join(self.work, out.rsplit("/", 1)[-1], "read")   # the case's own folder
             shutil.rmtree(local, ignore_errors=True)
             for e in storage.list_files(out, suffix=".parquet"):
                 path = os.path.join(local, e.uri[len(out) + 1:])
@@ -253,9 +256,8 @@ class Flow:
         if self.name == "overwrite" and any("/old-" in e.uri for e in storage.list_files(out, suffix=".parquet")):
             raise AssertionError("the replaced run's rows are still there")
 
-    def fresh_case(self) -> str:
-        self.case += 1
-        out = self.output()
+    def fresh_case(self, case: str) -> str:
+        out = self.output(case)
         if not self.remote:
             os.makedirs(os.path.dirname(out), exist_ok=True)
         if in_child(lambda: self.setup(out)) != OK:
@@ -278,7 +280,7 @@ def paused_past_the_lease(flow: Flow, k: int, holder: bool) -> tuple[bool, str |
     before, and nothing more: no other data file appears or goes (one paused before it took the lease is a
     later run when it wakes). One more ``--resume`` then leaves every row exactly once. Whether it was
     paused, and what failed."""
-    out = flow.fresh_case()
+    out = flow.fresh_case(f"pause{k}")
     pid = os.fork()
     if pid == 0:
         signal.alarm(CHILD_SECONDS)
@@ -317,44 +319,58 @@ def _preload() -> None:
         importlib.import_module(module)
 
 
-def main(name: str, work: str, manifest: str, model: str) -> dict[str, Any]:
+def _crash_point(flow: Flow, k: int) -> tuple[bool, str | None]:
+    """Ended at its k-th write, then recovered as a user would: whether it crashed there, and what failed."""
     from mlbatch.core.faults import CRASHED
 
+    out = flow.fresh_case(f"crash{k}")
+    status = in_child(_faulted(lambda: flow.start(out), crash_at=k))
+    if status not in (CRASHED, OK):
+        return False, f"crash point {k}: the run exited {status} before its crash point"
+    if in_child(lambda: (flow.recover(out) if status == CRASHED else None, flow.check(out))) != OK:
+        return status == CRASHED, f"crash point {k}: the recovery failed, or the invariant after it"
+    return status == CRASHED, None
+
+
+def _lost_answer(flow: Flow, j: int) -> str | None:
+    """The answer of its j-th conditional write lost after the write was applied: the run must not notice."""
+    out = flow.fresh_case(f"lost{j}")
+    if in_child(_faulted(lambda: flow.start(out), lose_reply_at=j)) != OK:
+        return f"lost answer {j}: the run failed"
+    if in_child(lambda: flow.check(out)) != OK:
+        return f"lost answer {j}: the invariant fails"
+    return None
+
+
+def main(name: str, work: str, manifest: str, model: str) -> dict[str, Any]:
     _preload()
     flow = Flow(name, work, manifest, model)
     outside = [os.path.dirname(os.path.abspath(model)), flow.inputs]
     before = {p: v for root in outside for p, v in _untouched(root).items()}
     counts = os.path.join(work, "counts.json")
-    out = flow.fresh_case()
+    out = flow.fresh_case("counted")
     if in_child(_counted(lambda: flow.start(out)), counts) != OK:
         raise SystemExit(f"{name}: the flow fails without any fault")
     with open(counts) as f:
         total = json.load(f)
-    failures, crashed = [], 0
-    for k in range(1, total["points"] + 1 if name != "pause" else 1):
-        out = flow.fresh_case()
-        status = in_child(_faulted(lambda: flow.start(out), crash_at=k))
-        crashed += status == CRASHED
-        if status not in (CRASHED, OK):
-            failures.append(f"crash point {k}: the run exited {status} before its crash point")
-        elif in_child(lambda: (flow.recover(out) if status == CRASHED else None, flow.check(out))) != OK:
-            failures.append(f"crash point {k}: the recovery failed, or the invariant after it")
-    for j in range(1, total["swaps"] + 1 if name != "pause" else 1):
-        out = flow.fresh_case()
-        if in_child(_faulted(lambda: flow.start(out), lose_reply_at=j)) != OK:
-            failures.append(f"lost answer {j}: the run failed")
-        elif in_child(lambda: flow.check(out)) != OK:
-            failures.append(f"lost answer {j}: the invariant fails")
-    paused = 0
-    if name == "pause":
-        for k in range(1, total["points"] + 1):
-            stopped, failure = paused_past_the_lease(flow, k, holder=k > total["lease_point"])
-            paused += stopped
-            failures += [failure] if failure else []
+    points = range(1, total["points"] + 1)
+    # Each point is its own case folder and children, so points run two at a time (each child mostly uses
+    # one core; CI minutes). The threads here only fork and wait: they hold no lock a child could inherit.
+    with ThreadPoolExecutor(max_workers=PARALLEL_POINTS) as pool:
+        if name == "pause":
+            crashes: list[tuple[bool, str | None]] = []
+            lost: list[str | None] = []
+            paused = list(pool.map(lambda k: paused_past_the_lease(flow, k, holder=k > total["lease_point"]), points))
+        else:
+            crashes = list(pool.map(lambda k: _crash_point(flow, k), points))
+            lost = list(pool.map(lambda j: _lost_answer(flow, j), range(1, total["swaps"] + 1)))
+            paused = []
+    failures = [f for _, f in crashes + paused if f] + [f for f in lost if f]
     after = {p: v for root in outside for p, v in _untouched(root).items()}
     touched = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
-    return {"flow": name, "crash_points": total["points"], "crashed": crashed, "lost_answers": total["swaps"],
-            "paused": paused, "failures": failures, "outside_touched": touched}
+    return {"flow": name, "crash_points": total["points"], "crashed": sum(c for c, _ in crashes),
+            "lost_answers": total["swaps"], "paused": sum(p for p, _ in paused), "failures": failures,
+            "outside_touched": touched}
 
 
 if __name__ == "__main__":
