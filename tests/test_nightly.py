@@ -117,8 +117,8 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     assert len([r for r in rows_now if r["run_id"] == old_a_run and r["source_manifest"] == b]) == 12
     assert s2["drift"]["compared_with"] == [D1] and s2["drift"]["status"] in ("ok", "drift")
 
-    # ---- night 3: a run killed part way (a long manifest: 240 units), resumed by the next attempt ----
-    long = [dict(r, id=f"{r['id']}-{k}") for k in range(40) for r in rows[46:70]]   # 960 rows, each image 40 times
+    # ---- night 3: a run killed part way (a long manifest: 100 units), resumed by the next attempt ----
+    long = [dict(r, id=f"{r['id']}-{k}") for k in range(20) for r in rows[46:66]]   # 400 rows, each image 20 times
     d = put("2025-03-03/cam-d", long)
     cmd = [sys.executable, "jobs/nightly.py", "--input", incoming, "--model", v1, "--output", out, "--date", D3,
            "--batch-size", "4", "--rows-per-file", "4", "--concurrency", "1"]
@@ -141,7 +141,7 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     s3 = nightly(_config(incoming, v1, out, D3))
     by = {x["manifest"]: x for x in s3["labeled"]}
     assert set(by) == {d, e} and s3["unchanged"] == 3
-    assert by[d]["resumed"] and by[d]["attempts"] == 2 and by[d]["rows"] == 960 and by[d]["errors"] == 0
+    assert by[d]["resumed"] and by[d]["attempts"] == 2 and by[d]["rows"] == 400 and by[d]["errors"] == 0
     assert not by[e]["resumed"]
 
     # drift history: the trailing nights pooled from the recorded runs; tonight from the partition itself
@@ -154,7 +154,7 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
                          f"avg(label_pedestrian::INT) AS pedestrian, avg(prob_car) AS p_car, avg(prob_bus) AS p_bus, "
                          f"avg(prob_pedestrian) AS p_pedestrian, count(*) AS n FROM labels "
                          f"WHERE dt = DATE '{D3}' AND status = 'ok'").to_pylist()[0]
-    assert tonight["n"] == s3["night"]["ok"] == 960 + 11
+    assert tonight["n"] == s3["night"]["ok"] == 400 + 11
     for x in LABELS:
         entry = drift["labels"][x]
         assert entry["positive_rate"]["tonight"] == pytest.approx(tonight[x], abs=1e-5)
