@@ -125,7 +125,11 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats",
+         # ports of its own, not Ray's fixed defaults: another Ray on the machine (a developer's, or a run
+         # that outlived its test) holding 52365 leaves this head's job agent without HTTP, and
+         # `ray job submit` then answers "No available agent to submit job"
+         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     gcs = f"127.0.0.1:{port}"
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ADDRESS": gcs}
