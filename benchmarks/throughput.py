@@ -13,7 +13,7 @@ On the same images and the same model package it measures images/s and peak memo
      and once more on a Ray instance already running (what `ray job submit` pays),
   e  the same labels from one separate binary model per label (what sharing the backbone saves),
 and prints one table with d/c, d/h and e/d, where h = 1/(1/a + 1/b) is the combined ceiling when
-decoding and the model share the same cores. Peak memory is the proportional set size (PSS)
+decoding and the model share the same cores (min(a, b) on a GPU node, ``--num-gpus``, where they do not). Peak memory is the proportional set size (PSS)
 summed over the whole process tree, Ray's workers included. Timings live here, never in tests.
 """
 
@@ -158,7 +158,7 @@ def make_package(uri: str, labels: list[str], image_size: int = 64) -> str:
 def bench_forward(model_uri: str, n: int, batch: int = 64) -> Result:
     """The model alone on resized pixels, as the predictor is fed (on CUDA when there is one and
     --num-gpus asked for it: then the pixels' copy to the device is included)."""
-    device = "cuda" if JOB_ARGS and torch.cuda.is_available() else "cpu"
+    device = DEVICE
     model = mlbatch.load_model(model_uri, device=device)
     size = model.spec.image_size
     pixels = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -203,7 +203,7 @@ def bench_hand_loop(manifest: str, model_uri: str, n: int, models: list | None =
     """
     with PeakPSS() as mem:
         start = time.perf_counter()
-        loaded = models or [mlbatch.load_model(model_uri)]
+        loaded = models or [mlbatch.load_model(model_uri, device=DEVICE)]
         uris = pq.read_table(manifest).column("image_uri").to_pylist()[:n]
         for i in range(0, len(uris), 64):
             batch = [Image.open(u) if lazy else Image.open(u).convert("RGB") for u in uris[i:i + 64]]
@@ -218,8 +218,8 @@ import sys
 import numpy as np, pyarrow as pa, pyarrow.parquet as pq
 from PIL import Image
 import mlbatch
-manifest, model_uri, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-model = mlbatch.load_model(model_uri)
+manifest, model_uri, n, out, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+model = mlbatch.load_model(model_uri, device=device)
 table = pq.read_table(manifest).slice(0, n)
 uris = table.column("image_uri").to_pylist()
 probs = np.concatenate([model.predict([Image.open(u) for u in uris[i:i + 64]]) for i in range(0, len(uris), 64)])
@@ -233,12 +233,19 @@ def bench_hand_loop_script(manifest: str, model_uri: str, n: int, out: str) -> R
     """c' as a user runs it: a fresh Python process (imports torch, loads the model) that writes its
     probabilities to Parquet, the same end-to-end terms as d, which is a fresh process too."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", HAND_LOOP_SCRIPT, manifest, model_uri, str(n), out], check=True)
+    subprocess.run([sys.executable, "-c", HAND_LOOP_SCRIPT, manifest, model_uri, str(n), out, DEVICE], check=True)
     return Result("c' as a script (new process, Parquet)", n, time.perf_counter() - start, float("nan"),
                   "1 process, wall time incl. start-up")
 
 
-JOB_ARGS: list[str] = []   # extra `mlbatch label` flags for every d run (--num-gpus F from the command line)
+JOB_ARGS: list[str] = []   # extra `mlbatch label` flags for every d run (--engine, --num-gpus F from the command line)
+DEVICE = "cpu"             # where a, c and e predict: CUDA when --num-gpus asks for a GPU and there is one
+
+
+def ceiling(a: float, b: float) -> float:
+    """h: what the machine can decode and compute at once. On a CPU both share the cores (1/(1/a + 1/b));
+    on a GPU node the GPU computes while the CPUs decode, so the slower of the two bounds it."""
+    return min(a, b) if DEVICE == "cuda" else 1 / (1 / a + 1 / b)
 
 
 def bench_job(manifest: str, model_uri: str, out: str, n: int, env: dict | None = None, name: str = "",
@@ -342,7 +349,7 @@ def _streaming(d: Result, d_small: Result) -> float | None:
 
 
 def _round_ratios(r: dict[str, Result]) -> dict[str, float | None]:
-    h = 1 / (1 / r["a"].rate + 1 / r["b"].rate)
+    h = ceiling(r["a"].rate, r["b"].rate)
     streaming = _streaming(r["d"], r["d_small"])
     out = {"h": round(h, 1), "d": round(r["d"].rate, 1), "d streaming": streaming and round(streaming, 1),
            "d/h": round(r["d"].rate / h, 3), "d streaming/h": streaming and round(streaming / h, 3)}
@@ -388,7 +395,8 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
     if not job_only:
         results["d_warm"] = bench_job_on_running_cluster(manifest, model3, os.path.join(workdir, "out-local"), n)
         results["d_split"] = bench_job(manifest, model3, os.path.join(workdir, "out-split"), n,
-                                       name="d  mlbatch label --layout split", args=("--layout", "split"))
+                                       name="d  mlbatch label --engine ray --layout split",
+                                       args=("--engine", "ray", "--layout", "split"))   # the layout is Ray's
         # the predictor decodes JPEGs itself: nvJPEG on a GPU node (--num-gpus), torchvision's libjpeg here
         results["d_torchvision"] = bench_job(manifest, model3, os.path.join(workdir, "out-torchvision"), n,
                                              name="d  mlbatch label --decode torchvision",
@@ -411,7 +419,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
     for k in () if job_only else label_counts:
         labels = [f"label{i}" for i in range(k)]
         shared = make_package(os.path.join(workdir, f"model-{k}"), labels)
-        singles = [mlbatch.load_model(make_package(os.path.join(workdir, f"single-{k}-{i}"), [x]))
+        singles = [mlbatch.load_model(make_package(os.path.join(workdir, f"single-{k}-{i}"), [x]), device=DEVICE)
                    for i, x in enumerate(labels)]
         e = bench_hand_loop(manifest, "", min(n, 2000), singles, f"e  {k} separate binary models")
         d_k = results["d"] if k == 3 else bench_job(manifest, shared, os.path.join(workdir, f"out-{k}"), n,
@@ -420,7 +428,7 @@ def run(n: int, width: int, height: int, workdir: str, with_s3: bool = True, lab
         if k != 3:
             results[f"d{k}"] = d_k
         shared_vs_separate[k] = e.rate / d_k.rate
-    h = 1 / (1 / results["a"].rate + 1 / results["b"].rate)
+    h = ceiling(results["a"].rate, results["b"].rate)
     d, d_small = results["d"], results["d_small"]
     streaming = _streaming(d, d_small)
     start_up = d.seconds - d.images / streaming if streaming else None
@@ -457,7 +465,8 @@ def table(report: dict) -> str:
     for r in report["results"].values():
         peak = "-" if r["peak_pss_mib"] is None else f"{r['peak_pss_mib']:.0f}"
         lines.append(f"{r['name']:<40}{r['images_per_second']:>10.1f}{r['seconds']:>10.1f}{peak:>14}  {r['note']}")
-    lines.append(f"{'h  combined ceiling 1/(1/a+1/b)':<40}{report['h_images_per_second']:>10.1f}")
+    rule = "min(a, b)" if DEVICE == "cuda" else "1/(1/a+1/b)"
+    lines.append(f"{'h  combined ceiling ' + rule:<40}{report['h_images_per_second']:>10.1f}")
     if report["d_streaming_images_per_second"]:
         lines.append(f"{'d  streaming rate (d minus d on 1/10)':<40}{report['d_streaming_images_per_second']:>10.1f}"
                      f"{report['d_start_up_seconds']:>10.1f}  start-up seconds")
@@ -484,15 +493,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the ceilings (a, b on up to 20,000 rows) and the job (d, its memory, d on a tenth): "
                         "for large --images, where the hand loops would take as long again")
     p.add_argument("--num-gpus", type=float, default=None, metavar="F",
-                   help="pass --num-gpus F to every job run, and run the forward pass (a) on CUDA when there is "
-                        "one: the same benchmark on a GPU node")
+                   help="pass --num-gpus F to every job run (on Ray unless --engine says otherwise), and run a, c "
+                        "and e on CUDA when there is one, with h = min(a, b): the same benchmark on a GPU node")
+    p.add_argument("--engine", choices=("auto", "local", "ray"), default=None,
+                   help="pass --engine to every job run (default: mlbatch's own choice, ray with --num-gpus)")
     p.add_argument("--rounds", type=int, default=1, metavar="K",
                    help="measure a, b, c' and d (and d on a tenth) K times in turn and report the median run and "
                         "each round's ratios: this VM's speed drifts between minutes (default: %(default)s)")
     args = p.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mlbatch-bench-")
+    global DEVICE
     if args.num_gpus is not None:
         JOB_ARGS.extend(["--num-gpus", str(args.num_gpus)])
+        DEVICE = "cuda" if args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    engine = args.engine or ("ray" if args.num_gpus is not None else None)
+    if engine:
+        JOB_ARGS.extend(["--engine", engine])
     report = run(args.images, args.width, args.height, workdir, with_s3=not args.no_s3, job_only=args.job_only,
                  rounds=args.rounds)
     print(table(report))
