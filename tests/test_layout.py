@@ -54,3 +54,32 @@ def test_output_column_names_are_spelled_in_the_table_contract_alone():
             if spelled in text:
                 offenders.append(f"{path.relative_to(ROOT)}: {spelled}")
     assert offenders == []
+
+
+def _modules() -> list[pathlib.Path]:
+    return sorted(p for p in (ROOT / "mlbatch").rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+
+
+def test_every_module_is_named_in_the_readmes_layout():
+    """The README's layout is a newcomer's map: a module it does not name is one they will not find."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Project layout", 1)[1].split("```", 2)[1]
+    lines = {line.split()[0]: line for line in block.strip().splitlines()}
+    unnamed = []
+    for path in _modules():
+        rel = str(path.relative_to(ROOT))
+        room = rel.rsplit("/", 1)[0] + "/"
+        if rel not in lines and not (room in lines and f" {path.name} " in f" {lines[room]} "):
+            unnamed.append(rel)
+    assert unnamed == []
+
+
+def test_every_module_of_the_labeling_room_has_its_layer_in_the_import_contract():
+    """A labeling module left out of the layers contract may import anything in its room, upwards too."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["name"] == "the labeling job reads top to bottom")
+    placed = {name.strip() for layer in layers for name in layer.split("|")}
+    label = {f"mlbatch.label.{p.stem}" for p in _modules() if p.parent.name == "label"}
+    assert label - placed == set()
