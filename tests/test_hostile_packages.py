@@ -62,7 +62,7 @@ def test_a_weights_file_name_that_is_a_path_is_refused(package, tmp_path, name):
     bad = _copy(package, tmp_path / "bad", weights__file=name)
     with pytest.raises(PackageError, match=r"weights\.file"):
         read_package(str(bad))
-    with pytest.raises(PackageError):
+    with pytest.raises(PackageError, match=r"weights\.file"):
         register(str(bad), str(tmp_path / "registry"))
     assert not (tmp_path / "registry").exists()
 

@@ -591,7 +591,7 @@ def test_misspelled_kuberay_fields_are_rejected(crd_dir: Path):
     container = bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     container["imagePulPolicy"] = container.pop("imagePullPolicy")  # deep inside the pod template
     assert any("imagePulPolicy" in e for e in kuberay_errors(bad, schema))
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(kubernetes_validate.ValidationError, match="imagePulPolicy"):
         validate_pod_template(bad["spec"]["headGroupSpec"]["template"])
 
     bad = copy.deepcopy(cluster)
@@ -607,7 +607,7 @@ def test_misspelled_kuberay_fields_are_rejected(crd_dir: Path):
 def test_misspelled_core_fields_are_rejected():
     cron = _docs("CronJob", "cronjob-submit.yaml")[0]
     cron["spec"]["concurencyPolicy"] = cron["spec"].pop("concurrencyPolicy")
-    with pytest.raises(kubernetes_validate.ValidationError):
+    with pytest.raises(kubernetes_validate.ValidationError, match="concurencyPolicy"):
         kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
 
 
