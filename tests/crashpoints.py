@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ def in_child(fn: Callable[[], Any], result: str | None = None) -> int:
     pid = os.fork()
     if pid == 0:
         signal.alarm(CHILD_SECONDS)   # a child that hangs ends, and the flow reports it, instead of CI waiting
+        _own_core()
         status = OK
         try:
             value = fn()
@@ -50,6 +52,15 @@ def in_child(fn: Callable[[], Any], result: str | None = None) -> int:
         os._exit(status)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _own_core() -> None:
+    """Keep a child to the core of the thread that forked it: points run side by side (``PARALLEL_POINTS``),
+    and a child that sees one core starts one decode helper and one torch thread, not two of each."""
+    cores = sorted(os.sched_getaffinity(0))
+    name = threading.current_thread().name
+    if len(cores) > 1 and name.rsplit("_", 1)[-1].isdigit():
+        os.sched_setaffinity(0, {cores[int(name.rsplit("_", 1)[-1]) % len(cores)]})
 
 
 def _fault(crash_at: int | None = None, lose_reply_at: int | None = None, pause_at: int | None = None) -> None:
