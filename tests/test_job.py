@@ -94,7 +94,13 @@ def test_label_on_s3_end_to_end(ray_cluster, bucket, small_model):
     written = json.loads(storage.read_text(f"{bucket}/labels/run1/_run.json"))
     assert written["rows_out"] == 40 and set(written["labels"]) == set(LABELS)
     assert 0 <= written["labels"]["car"]["positive_rate"] <= 1
-    assert not storage.exists(f"{bucket}/labels/run1/_checkpoints")
+    # the run's own record: its plan, and one commit marker per data file, naming that file
+    from mlbatch.label.commit import PLAN_FILE, markers_dir, read_markers
+
+    units = markers_dir(f"{bucket}/labels/run1", summary["run_id"])
+    assert storage.exists(storage.join(units, PLAN_FILE))
+    data = {e.uri for e in storage.list_files(f"{bucket}/labels/run1", suffix=".parquet")}
+    assert len(data) >= 1 and {storage.join(f"{bucket}/labels/run1", m["file"]) for m in read_markers(units)} == data
 
 
 def test_bad_rows_become_error_rows(ray_cluster, bucket, small_dataset, small_model):

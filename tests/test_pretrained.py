@@ -140,6 +140,7 @@ def test_library_pretrained_weights_load_or_fail_clearly():
     says what failed and what to do instead. Never random weights under a pretrained name."""
     torch.manual_seed(0)
     random = create_backbone("torchvision:resnet18")
+    torch.manual_seed(0)   # the same random state: a silent fallback to random weights would equal ``random``
     try:
         pretrained = create_backbone("torchvision:resnet18", pretrained=True)
     except ValueError as exc:

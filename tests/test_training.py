@@ -183,7 +183,13 @@ def test_make_dataset_train_evaluate_commands(tmp_path, capsys):
     assert "pedestrian" in out and "macro-F1" in out
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["rows"] == 120
-    assert report["macro_f1"] > 0.6  # 4 short epochs on 400 images already learn something
+    # learnt, not guessed. Saying yes to every label already scores F1 = 2p/(1+p) on a label present at rate p
+    # (0.69 on these rows; 4 short epochs at 48 px reach 0.72), so F1 proves little here. A model that ranks
+    # no better than chance has an average precision of p: the ranking must beat that
+    truth = pq.read_table(data / "test.parquet")
+    rates = [float(np.mean(truth.column(x).to_numpy(zero_copy_only=False))) for x in meta["labels"]]
+    assert report["macro_f1"] >= float(np.mean([2 * p / (1 + p) for p in rates]))
+    assert report["mean_average_precision"] > float(np.mean(rates)) + 0.08, (report, rates)
     assert (tmp_path / "report" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
