@@ -358,3 +358,16 @@ def test_the_local_engine_with_two_fake_devices_starts_two_predictors_and_labels
     assert summary["predictor"]["devices"] == ["cuda:0", "cuda:1"] and summary["predictor"]["concurrency"] == 2
     assert summary["rows_out"] == 60
     _assert_same_rows(_output(tmp_path / "one"), _output(tmp_path / "two"))
+
+
+@pytest.mark.parametrize("command", ["label", "nightly"])
+def test_help_puts_the_flags_only_rays_engine_reads_in_a_group_of_their_own(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    flags = []
+    for line in text.split("Ray's engine only:", 1)[1].splitlines()[1:]:
+        if line and not line.startswith(" "):   # the next group's title
+            break
+        flags += [line.split()[0]] if line.startswith("  --") else []
+    assert flags == ["--concurrency", "--layout", "--decode-batch-size", "--stall-seconds"]

@@ -78,65 +78,72 @@ def _add_table_arguments(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_job_tuning(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=ENGINES, default=default(LabelOptions, "engine"),
+    """How to label, in the groups ``--help`` shows; the Ray-only flags apart."""
+    g = p.add_argument_group('which engine')
+    g.add_argument("--engine", choices=ENGINES, default=default(LabelOptions, "engine"),
                    help="ray: Ray Data on the cluster; local: this machine alone, one process tree without Ray "
                         "(no ~12 s of Ray start-up; the same output, resume and lease); auto: ray when RAY_ADDRESS "
                         "is set (a cluster, `ray job submit`, KubeRay) or a Ray instance is running on this "
                         "machine (`ray start`: a warm start), else local (default: %(default)s)")
-    p.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="manifest column holding image URIs (default: %(default)s)")
-    p.add_argument("--id-column", default=None,
+    g = p.add_argument_group('reading the manifests')
+    g.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="manifest column holding image URIs (default: %(default)s)")
+    g.add_argument("--id-column", default=None,
                    help="manifest column of unique ids that users join on; checked unique on the cluster "
                         "(rows are always known by position: source_manifest, source_row)")
-    p.add_argument("--batch-size", type=int, default=default(LabelOptions, "batch_size"),
-                   help="images per prediction batch; on a GPU larger batches keep it busy (default: %(default)s)")
-    p.add_argument("--decode-batch-size", type=int, default=default(LabelOptions, "decode_batch_size"), metavar="N",
-                   help="images per decode task in the split (GPU) layout, apart from --batch-size, so many small "
-                        "decode tasks feed one large prediction batch (default: %(default)s)")
-    p.add_argument("--rows-per-file", type=int, default=default(LabelOptions, "rows_per_file"), metavar="N",
+    g.add_argument("--rows-per-file", type=int, default=default(LabelOptions, "rows_per_file"), metavar="N",
                    help="rows of one unit of work (a row range of one manifest): the unit is written, "
                         "committed and resumed whole (default: %(default)s)")
-    p.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
-                   help="predictor actors: a fixed count or an autoscaling range "
-                        "(default: one per GPU, or one per 2 CPUs without GPUs)")
-    p.add_argument("--num-gpus", type=float, default=None, metavar="F",
-                   help="GPUs per predictor, 0 to 1 (0.5: two predictors share each GPU). On Ray it is asked for "
-                        "whether or not the cluster has GPUs yet (an autoscaler adds GPU nodes; the run waits up "
-                        "to --stall-seconds for one); the local engine starts predictors on every visible GPU "
-                        "(CUDA_VISIBLE_DEVICES narrows them) (default: 1 where there are GPUs, else 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default=default(LabelOptions, "precision"),
+    g = p.add_argument_group('predicting')
+    g.add_argument("--batch-size", type=int, default=default(LabelOptions, "batch_size"),
+                   help="images per prediction batch; on a GPU larger batches keep it busy (default: %(default)s)")
+    g.add_argument("--threshold", dest="thresholds", type=_threshold, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="override one label's decision threshold from the model package; repeatable")
+    g.add_argument("--precision", choices=PRECISIONS, default=default(LabelOptions, "precision"),
                    help="what predictors compute in: auto is fp16 mixed precision on CUDA and fp32 on a CPU. Part "
                         "of a run's identity: a --resume on another device or precision is refused, so one "
                         "output never mixes them (default: %(default)s)")
-    p.add_argument("--require-cuda", action="store_true",
-                   help="a predictor that cannot use CUDA (no GPU, or a torch build the driver cannot serve) "
-                        "ends the run before any row is labeled, naming the torch build and the driver, "
-                        "instead of predicting on the CPU")
-    p.add_argument("--layout", choices=LAYOUTS, default=default(LabelOptions, "layout"),
-                   help="fused: each predictor actor reads, fetches, decodes and predicts its units (no pixels "
-                        "cross processes; best on CPU); split: decode tasks feed predictor actors (keeps GPUs "
-                        "fed); auto: split when predictors hold GPUs, else fused (default: %(default)s)")
-    p.add_argument("--decode", choices=DECODERS, default=default(LabelOptions, "decode"),
+    g.add_argument("--decode", choices=DECODERS, default=default(LabelOptions, "decode"),
                    help="pil: decode on CPU (JPEGs at reduced scale), the pixels training and `predict` use; "
                         "torchvision: the predictor decodes JPEGs on its own device (nvJPEG on a GPU: for GPU "
                         "nodes whose CPUs cannot keep up; PIL for anything else), probabilities move slightly "
                         "(default: %(default)s)")
-    p.add_argument("--threshold", dest="thresholds", type=_threshold, action="append", default=[],
-                   metavar="NAME=VALUE",
-                   help="override one label's decision threshold from the model package; repeatable")
-    p.add_argument("--max-pixels", type=int, default=default(LabelOptions, "max_pixels"), metavar="N",
+    g.add_argument("--num-gpus", type=float, default=None, metavar="F",
+                   help="GPUs per predictor, 0 to 1 (0.5: two predictors share each GPU). On Ray it is asked for "
+                        "whether or not the cluster has GPUs yet (an autoscaler adds GPU nodes; the run waits up "
+                        "to --stall-seconds for one); the local engine starts predictors on every visible GPU "
+                        "(CUDA_VISIBLE_DEVICES narrows them) (default: 1 where there are GPUs, else 0)")
+    g.add_argument("--require-cuda", action="store_true",
+                   help="a predictor that cannot use CUDA (no GPU, or a torch build the driver cannot serve) "
+                        "ends the run before any row is labeled, naming the torch build and the driver, "
+                        "instead of predicting on the CPU")
+    g = p.add_argument_group('bad input and one writer')
+    g.add_argument("--max-pixels", type=int, default=default(LabelOptions, "max_pixels"), metavar="N",
                    help="refuse images larger than this many pixels as decompression bombs (default: %(default)s)")
-    p.add_argument("--max-bytes", type=int, default=default(LabelOptions, "max_bytes"), metavar="N", help="an image "
+    g.add_argument("--max-bytes", type=int, default=default(LabelOptions, "max_bytes"), metavar="N", help="an image "
                    "object over N bytes is an error row, read no further (default: %(default)s)")
-    p.add_argument("--max-error-rate", type=_fraction, default=default(LabelOptions, "max_error_rate"), metavar="F",
+    g.add_argument("--max-error-rate", type=_fraction, default=default(LabelOptions, "max_error_rate"), metavar="F",
                    help="fail the run when more than this share of rows are errors (default: %(default)s)")
-    p.add_argument("--lease-seconds", type=float, default=default(LabelOptions, "lease_seconds"), metavar="S",
+    g.add_argument("--lease-seconds", type=float, default=default(LabelOptions, "lease_seconds"), metavar="S",
                    help="one run writes an output at a time: it holds the output's lease (OUT/_lease.json) and "
                         "renews it every S/3 seconds; a second run exits 4, touching nothing, until the lease is "
                         "released or, if its holder died, S seconds after its last renewal (default: %(default)s)")
-    p.add_argument("--stall-seconds", type=float, default=default(LabelOptions, "stall_seconds"), metavar="S",
+    g = p.add_argument_group("Ray's engine only", 'the local engine has one labeler per device, and a deadline on every fetch and decode')
+    g.add_argument("--concurrency", type=_concurrency, default=None, metavar="N|MIN,MAX",
+                   help="predictor actors: a fixed count or an autoscaling range "
+                        "(default: one per GPU, or one per 2 CPUs without GPUs)")
+    g.add_argument("--layout", choices=LAYOUTS, default=default(LabelOptions, "layout"),
+                   help="fused: each predictor actor reads, fetches, decodes and predicts its units (no pixels "
+                        "cross processes; best on CPU); split: decode tasks feed predictor actors (keeps GPUs "
+                        "fed); auto: split when predictors hold GPUs, else fused (default: %(default)s)")
+    g.add_argument("--decode-batch-size", type=int, default=default(LabelOptions, "decode_batch_size"), metavar="N",
+                   help="images per decode task in the split (GPU) layout, apart from --batch-size, so many small "
+                        "decode tasks feed one large prediction batch (default: %(default)s)")
+    g.add_argument("--stall-seconds", type=float, default=default(LabelOptions, "stall_seconds"), metavar="S",
                    help="end the run, naming what it waits for, when it makes no progress (no rows committed, "
                         "nothing moving through Ray Data) for S seconds; a --resume can follow. Any value is "
-                        "honoured, Ray Data's own 1800 s limit included (0: wait forever; default: %(default)s)")
+                        "honoured, Ray Data's own 1800 s limit included (0: wait forever; default: %(default)s). "
+                        "Ray's engine only: the local engine gives each fetch and decode its own deadline")
 
 
 def add_nightly_arguments(p: argparse.ArgumentParser) -> None:
