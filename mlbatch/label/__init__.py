@@ -1,4 +1,5 @@
-"""The labeling job on Ray Data: plan -> prepare -> pipeline -> commit -> summary (``job.label``)."""
+"""The labeling job, on Ray Data or on this machine alone (``engine``): plan -> prepare -> pipeline -> commit ->
+summary (``job.label``)."""
 
 from ..core.lazy import exports
 

@@ -1,6 +1,7 @@
 """The stages of labeling, as functions and callable classes that know no engine or layout: read a unit,
 fetch and decode, predict, write and commit. ``pipeline`` wires them into Ray Data one way or another,
-``local`` into one process tree; ``wiring`` gives both the same arguments. No Ray here.
+``local`` into one process tree; ``wiring`` gives both the same arguments. Ray only where a predictor
+asks it which GPUs it holds.
 
 Every input row leaves as exactly one output row: a row whose image cannot be fetched or decoded
 becomes an *error row* (``status = 'error'`` and the reason) instead of stopping the job.

@@ -8,7 +8,7 @@ How a night goes:
   *fingerprint* is its size and ETag (S3, from the listing; for a multipart upload the ETag is
   not an MD5 but still changes with the content) or, locally, its size and the MD5 of its
   bytes (so touching a file is not a change).
-* All the manifests a night labels go through **one** ``mlbatch.job.label`` run into
+* All the manifests a night labels go through **one** ``mlbatch.label.label`` run into
   ``OUT/dt=DATE`` (one per schema, should their columns differ), so a night of 1,000 small
   manifests pays one pipeline start-up, not 1,000. Its run id is ``night-<date>-<digest of the
   manifests' URIs and fingerprints and the model version>``. A manifest that cannot be labeled

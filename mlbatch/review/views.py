@@ -135,11 +135,6 @@ class Output:
         return pa.Table.from_pylist(rows, schema=THRESHOLDS_SCHEMA)
 
 
-def open_output(uri: str) -> pads.Dataset:
-    """Every Parquet file under ``uri`` as one dataset; ``dt`` (DATE) from the ``dt=`` partitions."""
-    return Output(uri).dataset()
-
-
 def output_of(uri: str, table: str | None = None, catalog: str = iceberg.DEFAULT_CATALOG,
               snapshot_id: int | None = None) -> Output:
     """The output at ``uri``: every file there, or with ``table`` the files of that Iceberg table's snapshot."""
