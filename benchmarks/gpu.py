@@ -5,6 +5,9 @@
 
 1. **Model only**: images/s of the forward pass from uint8 pixels already on the device, by backbone,
    input size, batch, precision and ``cudnn.benchmark`` (random weights: speed does not read them).
+   ``torch.compile`` too, for the two backbones at 224 px, batch 256, fp16: kept behind no flag until
+   this says it helps (on this 2-core CPU it made cnn-small's forward 8% faster after a 23 s compile,
+   which a labeler pays per batch shape; NOTES).
 2. **Decisions flipped**: the same frames through one package in fp32 and in fp16 (bf16 on a CPU),
    how many label decisions differ and the largest probability gap (``--model`` for a trained package).
 3. **End to end**: ``mlbatch label`` on N frames, local and Ray engines, PIL and torchvision decoding
@@ -39,18 +42,23 @@ from benchmarks.throughput import make_frames, make_package
 
 LABELS = ["car", "bus", "pedestrian"]
 GRID = {"backbones": ["cnn-small", "timm:tf_efficientnet_lite0"], "sizes": [64, 224], "batches": [64, 256],
-        "precisions": ["fp32", "fp16"], "cudnn": [False, True], "frames": 20_000}
+        "precisions": ["fp32", "fp16"], "cudnn": [False, True], "frames": 20_000,
+        # torch.compile's settings to measure against the same eager ones (its compile time reported apart)
+        "compiled": [("cnn-small", 224, 256, "fp16"), ("timm:tf_efficientnet_lite0", 224, 256, "fp16")]}
 DRY = {"backbones": ["cnn-small"], "sizes": [32], "batches": [8], "precisions": ["fp32", "bf16"], "cudnn": [False],
-       "frames": 64}
+       "frames": 64, "compiled": []}   # compiling takes ~25 s on this CPU: not in the dry run
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def model_only(device: str, backbone: str, size: int, batch: int, precision: str, cudnn: bool,
-               seconds: float) -> dict:
-    """Images/s of the network alone, from uint8 pixels already on the device (normalisation included)."""
+               seconds: float, compiled: bool = False) -> dict:
+    """Images/s of the network alone, from uint8 pixels already on the device (normalisation included);
+    ``compiled``: through ``torch.compile``, its first call (the compile) timed apart."""
     torch.backends.cudnn.benchmark = cudnn
     torch.manual_seed(0)
     net = MultiLabelNet(ModelSpec(labels=LABELS, backbone=backbone, image_size=size)).to(device).eval()
+    if compiled:
+        net = torch.compile(net)
     pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     spec = net.spec
 
@@ -61,13 +69,16 @@ def model_only(device: str, backbone: str, size: int, batch: int, precision: str
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(3):   # warm up (cudnn.benchmark picks its kernels here)
+    started = time.perf_counter()
+    for _ in range(3):   # warm up (cudnn.benchmark picks its kernels here, torch.compile compiles)
         step()
+    warm_up = time.perf_counter() - started
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         step()
         done += batch
     return {"backbone": backbone, "size": size, "batch": batch, "precision": precision, "cudnn_benchmark": cudnn,
+            "compiled": compiled, "warm_up_seconds": round(warm_up, 1),
             "images_per_second": round(done / (time.perf_counter() - start), 1)}
 
 
@@ -154,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     for cudnn in grid["cudnn"]:
                         report["model_only"].append(model_only(device, backbone, size, batch, precision, cudnn,
                                                                0.5 if args.cpu else 2.0))
+    report["model_only"] += [model_only(device, backbone, size, batch, precision, True, 2.0, compiled=True)
+                             for backbone, size, batch, precision in grid["compiled"]]
     report["flipped"] = flipped(device, package, manifest, grid["precisions"][-1], min(frames, 2000))
     runs = [("local", "pil", []), ("local", "torchvision", []), ("ray", "pil", [])] + ([] if args.cpu else [
         ("ray", "torchvision", []), ("ray", "pil", ["--batch-size", "256"]),
