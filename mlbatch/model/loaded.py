@@ -106,7 +106,7 @@ class LoadedModel:
         staged.copy_(host)
         on_device = staged.to(self.device, non_blocking=True)
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))   # this device's stream ("cuda:1" too)
         return on_device
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
