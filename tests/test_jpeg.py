@@ -190,3 +190,16 @@ def test_an_unknown_decoder_is_refused_before_anything_is_touched(tmp_path):
         label(LabelConfig(manifests=[str(tmp_path / "none.parquet")], model=str(tmp_path / "model"),
                           output=str(tmp_path / "out"), decode="nvjpeg"))
     assert (tmp_path / "out" / "keep.parquet").read_bytes() == b"a previous run's file"
+
+
+def test_a_resize_holds_a_bounded_number_of_pixels_in_float(monkeypatch):
+    """Same-sized pictures are resized together, but never more than ``RESIZE_PIXELS`` at once: the resize
+    works in float32, so a whole chunk at once would hold four times its bytes on the device."""
+    frames = [render_frame(8, i, 320, 240) for i in range(5)]
+    whole, _ = jpeg.decode_resize(frames, [None] * 5, 40, "cpu")
+    real, resizes = jpeg._resize, []
+    monkeypatch.setattr(jpeg, "RESIZE_PIXELS", 2 * 320 * 240)
+    monkeypatch.setattr(jpeg, "_resize", lambda pictures, size: resizes.append(len(pictures)) or real(pictures, size))
+    pixels, errors = jpeg.decode_resize(frames, [None] * 5, 40, "cpu")
+    assert errors == [None] * 5 and resizes == [2, 2, 1]
+    np.testing.assert_array_equal(pixels.numpy(), whole.numpy())

@@ -40,6 +40,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 EXIF_ORIENTATION = 0x0112
 CHUNK_PIXELS = 64_000_000  # full-size pixels decoded at once (x3 bytes on the device), then resized and freed
+RESIZE_PIXELS = 16_000_000  # full-size pixels resized in one call (x12 bytes as float32)
 FALLBACK_THREADS = 4       # PIL decodes of what the device will not decode, at once
 
 
@@ -118,17 +119,28 @@ def _decode_chunk(data: list[bytes | None], chunk: list[int], pixels: list[torch
     for k, picture in enumerate(decoded):
         if picture is not None:
             by_shape.setdefault(tuple(picture.shape), []).append(k)
-    for same in by_shape.values():   # one resize per shape: a camera's frames are resized in one call
+    for same in _resize_groups(by_shape, decoded):   # a camera's frames are resized in one call, or a few
+        stacked = torch.stack([decoded[k] for k in same])  # type: ignore[misc]
+        for k in same:
+            decoded[k] = None   # the full-size pictures are freed as soon as they are stacked
         try:
-            resized = _resize(torch.stack([decoded[k] for k in same]), size)  # type: ignore[misc]
+            resized = _resize(stacked, size)
         except Exception as exc:  # e.g. out of device memory: PIL on the CPU instead
             log.debug("resizing %d images on %s failed (%s): decoding them with PIL", len(same), device, exc)
             continue
-        finally:
-            for k in same:
-                decoded[k] = None   # the full-size pictures are freed as soon as they are resized
         for k, picture in zip(same, resized):
             pixels[chunk[k]] = picture
+
+
+def _resize_groups(by_shape: dict[tuple[int, ...], list[int]], decoded: list[torch.Tensor | None]) -> list[list[int]]:
+    """Same-sized pictures in groups of at most ``RESIZE_PIXELS``: the resize works in float32, four bytes a
+    channel, so a whole chunk at once would hold four times the chunk's own memory on the device."""
+    groups: list[list[int]] = []
+    for same in by_shape.values():
+        area = decoded[same[0]].shape[1] * decoded[same[0]].shape[2]  # type: ignore[union-attr]
+        step = max(1, RESIZE_PIXELS // area)
+        groups += [same[i:i + step] for i in range(0, len(same), step)]
+    return groups
 
 
 def _resize(pictures: torch.Tensor, size: int) -> torch.Tensor:
