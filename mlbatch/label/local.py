@@ -40,11 +40,7 @@ def machine_cpus() -> int:
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` narrows them), 0 when CUDA is not usable."""
-    from ..model.loaded import cuda_problem
-
-    if cuda_problem():
-        return 0
+    """CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` narrows them); ask only where CUDA is usable."""
     import torch
 
     return torch.cuda.device_count()
@@ -61,7 +57,7 @@ def predictor_devices(config: LabelConfig) -> list[str]:
         raise JobError(f"--require-cuda: {problem}")
     if config.require_cuda and config.num_gpus == 0:
         raise JobError("--require-cuda with --num-gpus 0: the predictors would ask for no GPU")
-    gpus = visible_gpus()
+    gpus = 0 if problem else visible_gpus()
     if config.num_gpus == 0 or gpus == 0:
         return ["cpu"]
     share = int(1 / config.num_gpus + 1e-9) if config.num_gpus else 1   # as Ray packs fractions

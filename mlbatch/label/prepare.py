@@ -34,9 +34,9 @@ def plan_record(config: LabelConfig, plan: Plan, predictor: str) -> dict[str, An
             "uri_column": config.uri_column}
 
 
-_FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "rows_per_unit": "--rows-per-file", "decode": "--decode", "model_version": "the model version",
-          "thresholds": "the thresholds", "max_pixels": "--max-pixels",
-          "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
+_FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "rows_per_unit": "--rows-per-file",
+          "decode": "--decode", "model_version": "the model version", "thresholds": "the thresholds",
+          "max_pixels": "--max-pixels", "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
 
 
 def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -139,8 +139,8 @@ def prepare(config: LabelConfig, plan: Plan, fence: Fence, predictor: str) -> Ru
         storage.delete(storage.join(state, name))
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
-    run = Run(config, plan, output, state, markers, fence, {}, [Stats() for _ in plan.files], Stats(), [])
-    run.predictor = predictor
+    run = Run(config, plan, output, state, markers, fence, {}, [Stats() for _ in plan.files], Stats(), [],
+              predictor=predictor)
     attempts = 1
     if config.resume and (files or storage.exists(plan_uri)):
         attempts = _resume(run, files, plan_record(config, plan, predictor))
