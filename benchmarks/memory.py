@@ -38,7 +38,7 @@ def _units_done(output: str) -> int:
 def measure(manifest: str, model: str, output: str, n: int, engine: str, env: dict[str, str],
             rows_per_unit: int) -> dict:
     command = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", manifest, "--model", model,
-               "--output", output, "--engine", engine, "--rows-per-file", str(rows_per_unit)]
+               "--output", output, "--engine", engine, "--rows-per-unit", str(rows_per_unit)]
     full_env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", **env}
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -6,7 +6,7 @@
 
 plan     the driver's planning (``job._plan``: footers, units, package) over manifests of N rows in
          100 files, in a fresh process: its wall time and the peak PSS of that process alone.
-         ``--rows-per-file 100`` at 10M rows plans 100,000 units: as many as 1 billion rows at 10,000.
+         ``--rows-per-unit 100`` at 10M rows plans 100,000 units: as many as 1 billion rows at 10,000.
 run      ``mlbatch label`` end to end on N rows of tiny images (32x24 JPEG frames, cycled, a 16-pixel
          model: the driver is what is measured, not the images), on a Ray instance already running:
          the wall time and the peak PSS of the driver process alone, overall and up to each tenth of
@@ -53,11 +53,11 @@ from mlbatch.label.config import LabelConfig
 from mlbatch.label.plan import make_plan as _plan
 start = time.perf_counter()
 plan = _plan(LabelConfig(manifests=[sys.argv[1]], model=sys.argv[2], output=sys.argv[3], id_column="id",
-                         rows_per_file=int(sys.argv[4])))
+                         rows_per_unit=int(sys.argv[4])))
 seconds = time.perf_counter() - start
 stop.set()
 peak[0] = max(peak[0], _pss_kib(os.getpid()))
-print(json.dumps({"rows": plan.rows_in, "files": len(plan.files), "units": len(plan.units),
+print(json.dumps({"rows": plan.rows_in, "files": len(plan.manifests), "units": len(plan.units),
                   "plan_seconds": round(seconds, 3), "peak_pss_mib": round(peak[0] / 1024, 1),
                   "pss_at_start_mib": round(before / 1024, 1)}))
 """
@@ -79,10 +79,10 @@ def make_manifests(root: str, rows: int, files: int = 100) -> str:
     return folder
 
 
-def bench_plan(work: str, rows: int, model: str, rows_per_file: int = 10_000) -> dict:
+def bench_plan(work: str, rows: int, model: str, rows_per_unit: int = 10_000) -> dict:
     folder = make_manifests(work, rows)
     out = subprocess.run([sys.executable, "-c", PLAN_CHILD, folder, model, os.path.join(work, "out"),
-                          str(rows_per_file)],
+                          str(rows_per_unit)],
                          capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     return {"measure": "plan", **json.loads(out.stdout.strip().splitlines()[-1])}
 
@@ -178,14 +178,14 @@ def main() -> None:
     parser.add_argument("--manifests", type=int, default=200)
     parser.add_argument("--rows-each", type=int, default=50)
     parser.add_argument("--single", type=int, default=10_000)
-    parser.add_argument("--rows-per-file", type=int, default=10_000, help="plan: the unit size")
+    parser.add_argument("--rows-per-unit", type=int, default=10_000, help="plan: the unit size")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mlbatch-scale"))
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     model = make_package(os.path.join(args.workdir, "model"), ["car", "bus", "pedestrian"])
     if args.what == "plan":
         for rows in args.rows or [1_000_000, 10_000_000]:
-            print(json.dumps(bench_plan(args.workdir, rows, model, args.rows_per_file)), flush=True)
+            print(json.dumps(bench_plan(args.workdir, rows, model, args.rows_per_unit)), flush=True)
         return
     with RayHead() as address:
         if args.what == "run":

@@ -167,7 +167,7 @@ class Flow:
     def _label(self, out: str, **kw: Any) -> dict[str, Any]:
         from mlbatch.label import LabelConfig, label
 
-        config = dict(manifests=self.manifests, model=self.model, output=out, run_id="r", rows_per_file=3,
+        config = dict(manifests=self.manifests, model=self.model, output=out, run_id="r", rows_per_unit=3,
                       batch_size=8, engine="local", progress=False)
         return label(LabelConfig(**{**config, **kw}))
 
@@ -175,7 +175,7 @@ class Flow:
         from mlbatch.nightly import NightlyConfig, nightly
 
         return nightly(NightlyConfig(input=self.inputs, model=self.model, output=out, date="2026-01-01",
-                                     table="ns.t", rows_per_file=3, batch_size=8, engine="local", progress=False))
+                                     table="ns.t", rows_per_unit=3, batch_size=8, engine="local", progress=False))
 
     def _promote(self, registry: str) -> Any:
         from mlbatch import registry as reg

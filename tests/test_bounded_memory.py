@@ -51,7 +51,7 @@ def test_units_cut_from_one_row_group_read_it_once_and_keep_their_rows(tmp_path,
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", counting)
     monkeypatch.setattr(heap, "release_freed_memory", lambda: released.append(1) or True)
     label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), engine="local",
-                      rows_per_file=20, progress=False))
+                      rows_per_unit=20, progress=False))
 
     # 3 units of 20 rows: one row group of 60 read once; groups of 25 each read once per unit that needs them
     assert len(read_groups) == reads, read_groups
@@ -107,7 +107,7 @@ from mlbatch.label.plan import make_plan
 
 manifests, model, out = json.loads(sys.argv[1])
 ids.ID_CHECK_MEMORY = "64MB"
-plan = make_plan(LabelConfig(manifests=manifests, model=model, output=out, id_column="id", rows_per_file=10_000))
+plan = make_plan(LabelConfig(manifests=manifests, model=model, output=out, id_column="id", rows_per_unit=10_000))
 with open("/proc/self/status") as f:
     before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 try:

@@ -101,7 +101,7 @@ def test_a_killed_local_run_resumes_every_row_once_on_either_engine(ray_cluster,
     data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=400, seed=21))
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", data["test"], "--model", small_model,
-            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-file", "16"]
+            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-unit", "16"]
     kill_when(args + ["--engine", "local"], _env(), lambda: len(list(out.glob("*.parquet"))) >= 3)
     partial = _output(out).num_rows
     assert 0 < partial < 400 and not (out / "_SUCCESS").exists()
@@ -273,7 +273,7 @@ def test_a_sticky_device_error_ends_the_run_for_a_resume_instead_of_failing_ever
 
     monkeypatch.setattr(LoadedModel, "predict_pixels", lost_device)
     common = dict(manifests=[small_dataset["test"]], model=small_model, output=str(tmp_path / "out"), run_id="r",
-                  batch_size=16, rows_per_file=16, engine="local", progress=False)
+                  batch_size=16, rows_per_unit=16, engine="local", progress=False)
     with pytest.raises(JobError, match="the device is in an unusable state after: CUDA error: an illegal memory"):
         label(LabelConfig(**common))
     assert len(calls) == 3                      # ended at the first sticky error, not tried batch after batch
@@ -288,7 +288,7 @@ def test_precision_is_part_of_a_runs_identity(tmp_path, small_dataset, small_mod
     from mlbatch.core.table import read_file_metadata
 
     out = str(tmp_path / "out")
-    common = dict(manifests=[small_dataset["test"]], model=small_model, output=out, run_id="r", rows_per_file=16,
+    common = dict(manifests=[small_dataset["test"]], model=small_model, output=out, run_id="r", rows_per_unit=16,
                   engine="local", progress=False)
     first = label(LabelConfig(**common, precision="bf16"))        # CPU autocast: what this machine can show
     assert (first["predictor"]["device"], first["predictor"]["precision"]) == ("cpu", "bf16")
@@ -347,7 +347,7 @@ def test_the_local_engine_with_two_fake_devices_starts_two_predictors_and_labels
             units[self.fake] = units.get(self.fake, 0) + 1
             yield from super().__call__(unit)
 
-    common = dict(manifests=[small_dataset["test"]], model=small_model, run_id="r", rows_per_file=8, batch_size=8,
+    common = dict(manifests=[small_dataset["test"]], model=small_model, run_id="r", rows_per_unit=8, batch_size=8,
                   engine="local", progress=False, precision="fp32")
     label(LabelConfig(**common, output=str(tmp_path / "one")))
     monkeypatch.setattr("mlbatch.model.loaded.cuda_problem", lambda: None)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from mlbatch.label.config import OutputBusy
 from mlbatch.nightly import NightlyConfig, NightlyError, nightly
 from mlbatch.nightly.state import load_state, state_uri
 from mlbatch.review.views import query
-from runs import TUNING
+from runs import TUNING, killed_before_its_last_unit
 
 
 
@@ -47,33 +48,53 @@ def _count(output: str) -> list[tuple]:
 
 # ---- the lease ------------------------------------------------------------------------------
 
+def _lease_folder(where: str, tmp_path, request) -> str:
+    return str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('bucket')}/lease-out"
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_the_lease_is_one_writers_and_an_expired_one_is_taken_over(where, tmp_path, request, caplog):
-    folder = str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('bucket')}/lease-out"
-    first = Lease(folder, "run-a", ttl=30).acquire()
-    with pytest.raises(LeaseHeld, match=r"being written by run 'run-a' \(owner .*host .*pid \d+; last heartbeat"):
-        Lease(folder, "run-b", ttl=30).acquire()
-    before = json.loads(versioned.read_versioned(lease_uri(folder))[0])
-    time.sleep(0.05)
-    first.renew()
-    assert json.loads(versioned.read_versioned(lease_uri(folder))[0])["heartbeat_at"] > before["heartbeat_at"]
-    first.release()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mlbatch.core.lease"):
-        second = Lease(folder, "run-b", ttl=0.5).acquire()    # released: free at once, and nothing to warn of
+def test_a_held_lease_refuses_another_run_naming_its_holder_and_a_renewal_extends_it(where, tmp_path, request):
+    folder = _lease_folder(where, tmp_path, request)
+    with Lease(folder, "run-a", ttl=30) as first:
+        with pytest.raises(LeaseHeld, match=r"being written by run 'run-a' \(owner .*host .*pid \d+; last heartbeat"):
+            Lease(folder, "run-b", ttl=30).acquire()
+        before = json.loads(versioned.read_versioned(lease_uri(folder))[0])
+        time.sleep(0.05)
+        first.renew()
+        after = json.loads(versioned.read_versioned(lease_uri(folder))[0])
+    assert after["heartbeat_at"] > before["heartbeat_at"] and after["expires_at"] > before["expires_at"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_released_lease_is_free_at_once_and_nothing_to_warn_of(where, tmp_path, request, caplog):
+    folder = _lease_folder(where, tmp_path, request)
+    Lease(folder, "run-a", ttl=30).acquire().release()
+    with caplog.at_level(logging.INFO, logger="mlbatch.core.lease"), Lease(folder, "run-b", ttl=30):
         assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["INFO"], caplog.text
         assert "run 'run-a' released it" in caplog.text
-        second._stop.set()                                   # its holder dies: no more renewals
-        time.sleep(0.8)
-        caplog.clear()
-        third = Lease(folder, "run-c", ttl=30).acquire()     # expired: taken over, which is worth a warning
-        assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["WARNING"]
-        assert "took over the expired lease of run 'run-b'" in caplog.text
-    assert json.loads(versioned.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
-    second.renew()                                        # the dead holder wakes up: it has lost the lease
-    with pytest.raises(LeaseLost, match="taken over by run 'run-c'"):
-        second.check()
-    third.release()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_expired_lease_is_taken_over_with_a_warning_and_its_holder_on_waking_has_lost_it(where, tmp_path, request,
+                                                                                           caplog):
+    """The holder's renewals stopped long ago (its record rewritten as expired, as after a pause past its
+    time to live: no sleeping against a clock); the next run takes over and says so; the holder, waking,
+    finds it has lost the output."""
+    folder = _lease_folder(where, tmp_path, request)
+    holder = Lease(folder, "run-b", ttl=30).acquire()    # its next renewal is ttl/3 = 10 s away
+    try:
+        record, token = versioned.read_versioned(lease_uri(folder))
+        expired = {**json.loads(record), "expires_at": time.time() - 1}
+        assert versioned.swap(lease_uri(folder), json.dumps(expired).encode(), token) is not None
+        with caplog.at_level(logging.INFO, logger="mlbatch.core.lease"), Lease(folder, "run-c", ttl=30):
+            assert [r.levelname for r in caplog.records if r.name == "mlbatch.core.lease"] == ["WARNING"]
+            assert "took over the expired lease of run 'run-b'" in caplog.text
+            assert json.loads(versioned.read_versioned(lease_uri(folder))[0])["run"] == "run-c"
+            holder.renew()                                   # the holder wakes up: it has lost the lease
+            with pytest.raises(LeaseLost, match="taken over by run 'run-c'"):
+                holder.check()
+    finally:
+        holder.release()
 
 
 def test_a_dead_holder_is_taken_over_at_once_only_from_its_own_process_table(tmp_path):
@@ -108,17 +129,22 @@ def test_a_second_label_run_on_a_held_output_exits_4_touching_nothing(ray_cluste
     assert sorted(os.listdir(out)) == ["_lease.json", "_lease.json.lock"]   # no probe, no plan, no rows
 
 
-def test_two_label_runs_started_seconds_apart_one_labels_the_other_exits_4(ray_cluster, tmp_path, small_dataset,
-                                                                          small_model):
+def test_two_label_runs_started_seconds_apart_one_labels_the_other_exits_4(tmp_path, small_dataset, small_model):
+    """The first run is paused (SIGSTOP) once it holds the output's lease, so the second surely meets a live
+    holder, however fast the first would have finished; then the first goes on and labels every row once."""
     out = tmp_path / "out"
-    env = {**os.environ, **ray_cluster.env}
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", small_dataset["train"], "--model",
-            small_model, "--output", str(out), "--batch-size", "8", "--rows-per-file", "32"]
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not (out / "_lease.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+            small_model, "--output", str(out), "--batch-size", "8", "--rows-per-unit", "32", "--engine", "local"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "_lease.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lease"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stdout.read().decode()[-3000:]
     assert second.returncode == 4, second.stderr[-3000:]
     assert "is being written by run 'run-" in second.stderr and "this run touched nothing" in second.stderr
@@ -128,7 +154,7 @@ def test_two_label_runs_started_seconds_apart_one_labels_the_other_exits_4(ray_c
 
 # ---- reruns and resumes ----------------------------------------------------------------------
 
-def test_a_rerun_after_the_manifest_grew_is_refused_or_replaces_never_doubles(ray_cluster, tmp_path, small_dataset,
+def test_a_rerun_after_the_manifest_grew_is_refused_or_replaces_never_doubles(tmp_path, small_dataset,
                                                                              small_model):
     manifest = _rows(small_dataset["test"], 40, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
@@ -146,7 +172,7 @@ def test_a_rerun_after_the_manifest_grew_is_refused_or_replaces_never_doubles(ra
         commit.markers_dir(out, first["run_id"]))
 
 
-def test_a_champion_promoted_between_two_runs_does_not_double_the_output(ray_cluster, tmp_path, small_dataset,
+def test_a_champion_promoted_between_two_runs_does_not_double_the_output(tmp_path, small_dataset,
                                                                         small_model):
     from test_nightly import _new_version
 
@@ -161,7 +187,7 @@ def test_a_champion_promoted_between_two_runs_does_not_double_the_output(ray_clu
     assert [v["n"] for v in versions] == [24, 24] and both["model"]["version"] in [v["model_version"] for v in versions]
 
 
-def test_run_ids_match_exactly_not_as_a_prefix(ray_cluster, tmp_path, small_dataset, small_model):
+def test_run_ids_match_exactly_not_as_a_prefix(tmp_path, small_dataset, small_model):
     manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
     label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="eval-august", **TUNING))
@@ -171,11 +197,11 @@ def test_run_ids_match_exactly_not_as_a_prefix(ray_cluster, tmp_path, small_data
     assert len(commit.run_files(out, "eval-august")) == 1            # a fresh 'eval' left 'eval-august' alone
 
 
-def test_a_resume_with_a_changed_threshold_or_a_rewritten_manifest_is_refused(ray_cluster, tmp_path, small_dataset,
+def test_a_resume_with_a_changed_threshold_or_a_rewritten_manifest_is_refused(tmp_path, small_dataset,
                                                                              small_model):
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**common))
     storage.delete(storage.join(out, commit.SUCCESS_FILE))           # as if killed before the end
     with pytest.raises(JobError, match=r"cannot resume run r: the thresholds changed \(\{.*\} -> \{.*'car': 0\.9"):
@@ -192,7 +218,7 @@ def test_a_cut_summary_or_lease_is_named_and_redone_and_a_cut_plan_record_refuse
         tmp_path, small_dataset, small_model, caplog):
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**common))
     summary, lease = storage.join(out, commit.SUMMARY_FILE), lease_uri(out)
     for uri in (summary, lease):
@@ -237,7 +263,7 @@ def test_a_manifest_rewritten_after_the_plan_fails_the_run_naming_it(engine, id_
         return check_writable(output)
 
     monkeypatch.setattr(commit, "check_writable", rewritten_after_the_plan)
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16,
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16,
                   id_column=id_column, **{**TUNING, "engine": engine})
     with caplog.at_level(logging.INFO), pytest.raises(
             ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run read it')}"):
@@ -269,7 +295,7 @@ def test_a_lease_read_short_once_is_read_again_not_taken_from_its_live_holder(tm
     holder.release()
 
 
-def test_a_completed_resume_sweeps_a_file_no_marker_names(ray_cluster, tmp_path, small_dataset, small_model):
+def test_a_completed_resume_sweeps_a_file_no_marker_names(tmp_path, small_dataset, small_model):
     manifest = _rows(small_dataset["test"], 16, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
     done = label(LabelConfig(manifests=[manifest], model=small_model, output=out, run_id="r", **TUNING))
@@ -284,7 +310,7 @@ def test_a_marker_read_short_is_read_again_and_a_cut_or_foreign_one_is_refused_b
                                                                                         small_model, monkeypatch):
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**common))
     first = storage.list_files(commit.markers_dir(out, "r"), suffix=".json")[0].uri
     text = storage.read_text(first)
@@ -319,14 +345,10 @@ def test_a_unit_a_killed_runs_worker_commits_after_the_resume_began_is_in_the_ou
     listed the commits, so the resume labels that unit too. The late copy must not double its rows."""
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**config))
-    # as if the first attempt was killed before it committed its last unit...
-    name = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]
-    files = [storage.join(out, name), commit.marker_uri(commit.markers_dir(out, "r"), name)]
-    saved = {uri: storage.read_bytes(uri) for uri in files}
-    for uri in [*files, storage.join(out, commit.SUCCESS_FILE), storage.join(out, commit.SUMMARY_FILE)]:
-        storage.delete(uri)
+    _, saved = killed_before_its_last_unit(out, "r")   # as if the first attempt was killed before it...
+    files = list(saved)
     job_module = sys.modules["mlbatch.label.job"]
     prepare = job_module.prepare
 
@@ -350,7 +372,7 @@ def test_a_killed_runs_worker_that_commits_after_the_resume_has_finished_writes_
     finishes after a resume (whole, with _SUCCESS) does not come back as a second copy of its rows."""
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     calls = []
     write = local.write_units
 
@@ -361,10 +383,7 @@ def test_a_killed_runs_worker_that_commits_after_the_resume_has_finished_writes_
     monkeypatch.setattr(local, "write_units", recording)
     label(LabelConfig(**config))
     monkeypatch.setattr(local, "write_units", write)
-    last = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]   # as if killed before it
-    for uri in [storage.join(out, last), commit.marker_uri(commit.markers_dir(out, "r"), last),
-                storage.join(out, commit.SUCCESS_FILE), storage.join(out, commit.SUMMARY_FILE)]:
-        storage.delete(uri)
+    killed_before_its_last_unit(out, "r")
     assert label(LabelConfig(**config, resume=True))["attempts"] == 2
     batch, kwargs = next((b, k) for b, k in calls if b.num_rows and pc.max(b.column(SOURCE_ROW)).as_py() >= 16)
     assert kwargs["fence"].epoch == 1
@@ -436,7 +455,7 @@ def test_a_kill_between_removing_data_and_markers_strands_nothing(ray_cluster, t
     os.makedirs(tmp_path / "in")
     manifest = str(tmp_path / "in" / "a.parquet")
     _rows(small_dataset["test"], 32, manifest)
-    nightly(_night(tmp_path, small_model, "2025-04-01", rows_per_file=16))
+    nightly(_night(tmp_path, small_model, "2025-04-01", rows_per_unit=16))
     _rows(small_dataset["test"], 24, manifest)                       # the manifest changed
     real_delete = storage.delete
     calls = {"n": 0}
@@ -449,10 +468,10 @@ def test_a_kill_between_removing_data_and_markers_strands_nothing(ray_cluster, t
 
     monkeypatch.setattr(storage, "delete", dying_delete)
     with pytest.raises(NightlyError, match="killed"):
-        nightly(_night(tmp_path, small_model, "2025-04-02", rows_per_file=16))
+        nightly(_night(tmp_path, small_model, "2025-04-02", rows_per_unit=16))
     monkeypatch.setattr(storage, "delete", real_delete)
     assert calls["n"] == 1
-    nightly(_night(tmp_path, small_model, "2025-04-03", rows_per_file=16))
+    nightly(_night(tmp_path, small_model, "2025-04-03", rows_per_unit=16))
     counts = _count(str(tmp_path / "out"))
     assert len(counts) == 24 and all(n == 1 for *_, n in counts)
     data = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs
@@ -504,20 +523,22 @@ def test_a_conditional_write_that_landed_but_whose_answer_was_lost_is_known_to_h
 
 def test_a_marker_that_names_a_path_outside_its_own_data_file_is_refused_and_nothing_is_deleted(
         tmp_path, small_dataset, small_model):
-    """Issue 38, item 5: a marker's ``file`` is joined onto the output and deleted by a resume's sweep or a
+    """Issue 38, item 5: a marker's ``data_file`` is joined onto the output and deleted by a resume's sweep or a
     relabel; one written by someone else naming ``../victim`` must not steer a delete outside the output."""
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out, victim = str(tmp_path / "out"), tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("not mlbatch's")
-    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    common = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**common))
     first = storage.list_files(commit.markers_dir(out, "r"), suffix=".json")[0].uri
     marker = json.loads(storage.read_text(first))
-    for hostile in ("../victim", "r-a000-f000000-r000000000000-r000000000000.parquet/../../victim",
-                    "other-a000-f000000-r000000000016-r000000000016.parquet"):   # another run's name
+    hostiles = ("../victim", "r-a000-f000000-r000000000000-r000000000000.parquet/../../victim",
+                "other-a000-f000000-r000000000016-r000000000016.parquet")   # another run's name
+    for key, hostile in itertools.product(("data_file", "file"), hostiles):   # "file": an older mlbatch's name
         storage.delete(storage.join(out, commit.SUCCESS_FILE))
-        storage.write_bytes(first, json.dumps({**marker, "file": hostile}).encode())
+        storage.write_bytes(first, json.dumps({**{k: v for k, v in marker.items() if k != "data_file"},
+                                               key: hostile}).encode())
         with pytest.raises(JobError, match=re.escape(f"commit marker {first} names the data file {hostile!r}")
                            + ".*nothing was deleted"):
             label(LabelConfig(**common, resume=True))
@@ -564,7 +585,7 @@ def test_a_removal_cut_at_any_point_is_never_resumed_as_complete(tmp_path, small
 
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     pristine = str(tmp_path / "pristine")
-    config = dict(manifests=[manifest], model=small_model, run_id="r", rows_per_file=8, **TUNING)
+    config = dict(manifests=[manifest], model=small_model, run_id="r", rows_per_unit=8, **TUNING)
     label(LabelConfig(**config, output=pristine))
     real_delete, deletes = storage.delete, []
 
@@ -606,18 +627,17 @@ def test_a_unit_landed_late_beside_a_complete_run_is_found_by_the_next_resume(tm
     vouches: the next resume finds the unit committed twice and labels it once again."""
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_file=16, **TUNING)
+    config = dict(manifests=[manifest], model=small_model, output=out, run_id="r", rows_per_unit=16, **TUNING)
     label(LabelConfig(**config))
     markers = commit.markers_dir(out, "r")
-    first = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]   # as if killed before it
-    for uri in [storage.join(out, first), commit.marker_uri(markers, first), storage.join(out, commit.SUCCESS_FILE)]:
-        storage.delete(uri)
+    first, _ = killed_before_its_last_unit(out, "r")
     label(LabelConfig(**config, resume=True))              # the attempt that took over labels it and finishes
     name = sorted(u.rsplit("/", 1)[-1] for u in commit.run_files(out, "r"))[-1]
     late = first                                           # the earlier attempt's copy lands after all
     storage.write_bytes(storage.join(out, late), storage.read_bytes(storage.join(out, name)))
     marker = json.loads(storage.read_bytes(commit.marker_uri(markers, name)))
-    storage.write_bytes(commit.marker_uri(markers, late), json.dumps({**marker, "file": late, "attempt": 0}).encode())
+    storage.write_bytes(commit.marker_uri(markers, late),
+                        json.dumps({**marker, "data_file": late, "attempt": 0}).encode())
     assert sum(n for *_, n in _count(out)) == 48          # what a reader of the folder sees until then
     again = label(LabelConfig(**config, resume=True))
     assert again["rows_out"] == 32 and _count(out) == [(os.path.abspath(manifest), r, 1) for r in range(32)]
@@ -638,9 +658,9 @@ def test_a_fresh_reruns_fence_stops_the_earlier_attempts_workers(tmp_path, small
         return write(batch, **kwargs)
 
     monkeypatch.setattr(local, "write_units", recording)
-    label(LabelConfig(**common, rows_per_file=32))
+    label(LabelConfig(**common, rows_per_unit=32))
     monkeypatch.setattr(local, "write_units", write)
-    label(LabelConfig(**common, rows_per_file=8))           # the same run id again, from the start
+    label(LabelConfig(**common, rows_per_unit=8))           # the same run id again, from the start
     batch, kwargs = calls[0]
     assert write(batch, **kwargs).num_rows == 0             # the first attempt's worker, late
     assert _count(out) == [(os.path.abspath(manifest), r, 1) for r in range(32)]
@@ -719,7 +739,7 @@ def test_a_nightly_state_naming_paths_outside_its_output_is_refused_and_nothing_
     uri = state_uri(str(tmp_path / "out"))
     for run_id, day in (("../../../victim", "2025-04-01"), ("x", "2025-04-01/../../../victim")):
         state = json.loads(storage.read_bytes(uri))
-        state["pending"] = {run_id: {"dt": day, "model_version": "gone", "rows_per_file": 8, "manifests": {}}}
+        state["pending"] = {run_id: {"dt": day, "model_version": "gone", "rows_per_unit": 8, "manifests": {}}}
         storage.write_bytes(uri, json.dumps(state).encode())
         with pytest.raises(JobError, match="run id|partition's --date"):
             nightly(_night(tmp_path, small_model, "2025-04-02"))
@@ -758,4 +778,4 @@ def test_a_manifest_edited_in_place_keeping_its_footer_fails_the_run_naming_it(t
     monkeypatch.setattr(local.UnitLabeler, "__call__", edited_after_the_first_unit)
     with pytest.raises(ManifestError, match=f"^{re.escape(f'manifest {manifest} changed while this run read it')}"):
         label(LabelConfig(manifests=[manifest], model=small_model, output=str(tmp_path / "out"), run_id="r",
-                          rows_per_file=16, **TUNING))
+                          rows_per_unit=16, **TUNING))

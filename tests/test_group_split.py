@@ -13,7 +13,7 @@ import pytest
 from mlbatch.cli import main
 from mlbatch.model.package import META_FILE
 from mlbatch.train.config import TrainConfig
-from mlbatch.train.loop import group_split
+from mlbatch.train.data import group_split
 
 
 def _many_small_groups(seed: int = 7, n_groups: int = 300, largest: int = 20) -> list[str]:

@@ -28,11 +28,11 @@ def _table(output: str):
     return iceberg.catalog(iceberg.DEFAULT_CATALOG, output).load_table(TABLE)
 
 
-def test_a_run_is_one_snapshot_that_pyiceberg_and_duckdb_read_alike(ray_cluster, tmp_path, small_dataset,
+def test_a_run_is_one_snapshot_that_pyiceberg_and_duckdb_read_alike(tmp_path, small_dataset,
                                                                      small_model, capsys):
     manifest = _manifest(small_dataset["test"], 40, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
-    summary = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, rows_per_file=16,
+    summary = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, rows_per_unit=16,
                                 **TUNING))
     table = _table(out)
     (snap,) = table.snapshots()
@@ -48,12 +48,12 @@ def test_a_run_is_one_snapshot_that_pyiceberg_and_duckdb_read_alike(ray_cluster,
     assert main(["query", out, "SELECT count(*) AS n FROM labels", "--table", TABLE, "--format", "json"]) == 0
     assert capsys.readouterr().out.strip() == '{"n": 40}'
     # resumed again (complete): the table is not given the run twice
-    again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, rows_per_file=16,
+    again = label(LabelConfig(manifests=[manifest], model=small_model, output=out, table=TABLE, rows_per_unit=16,
                               resume=True, **TUNING))
     assert again["table"]["snapshot_id"] == snap.snapshot_id and len(_table(out).snapshots()) == 1
 
 
-def test_a_replacing_run_changes_the_table_by_exactly_its_difference_in_one_commit(ray_cluster, tmp_path,
+def test_a_replacing_run_changes_the_table_by_exactly_its_difference_in_one_commit(tmp_path,
                                                                                   small_dataset, small_model):
     manifest = _manifest(small_dataset["test"], 32, str(tmp_path / "m.parquet"))
     out = str(tmp_path / "out")
@@ -72,7 +72,7 @@ def test_a_replacing_run_changes_the_table_by_exactly_its_difference_in_one_comm
     assert query(out, "SELECT count(*) AS n FROM labels").column("n").to_pylist() == [37]
 
 
-def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_was(ray_cluster, tmp_path,
+def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_was(tmp_path,
                                                                                   small_dataset, small_model,
                                                                                   monkeypatch):
     manifest = _manifest(small_dataset["test"], 24, str(tmp_path / "m.parquet"))
@@ -100,7 +100,7 @@ def test_a_run_killed_before_its_table_commit_leaves_the_tables_snapshot_as_it_w
     assert done["table"]["snapshot_id"] != before and _table(out).scan().to_arrow().num_rows == 48
 
 
-def test_a_model_with_a_new_label_widens_the_table_and_older_rows_read_null(ray_cluster, tmp_path, small_dataset,
+def test_a_model_with_a_new_label_widens_the_table_and_older_rows_read_null(tmp_path, small_dataset,
                                                                            small_model):
     from mlbatch.model.loaded import load_model
     from mlbatch.model.net import MultiLabelNet, save_package

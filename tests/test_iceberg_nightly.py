@@ -40,7 +40,7 @@ def _current(table) -> tuple[int, int]:
 
 
 def test_nights_on_s3_are_one_snapshot_each_and_a_changed_manifest_moves_the_count_by_its_difference(
-        ray_cluster, bucket, small_model, tmp_path, monkeypatch, capsys):
+        bucket, small_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__TYPE", "sql")
     monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__URI", f"sqlite:///{tmp_path}/catalog.db")
     monkeypatch.setenv("PYICEBERG_CATALOG__LAKE__WAREHOUSE", f"{bucket}/warehouse")
@@ -80,7 +80,7 @@ def test_nights_on_s3_are_one_snapshot_each_and_a_changed_manifest_moves_the_cou
 
 
 def test_a_night_killed_mid_way_leaves_the_previous_nights_snapshot_and_the_next_night_commits_it(
-        ray_cluster, tmp_path, small_dataset, small_model, monkeypatch):
+        tmp_path, small_dataset, small_model, monkeypatch):
     rows, schema = _rows(small_dataset["test"]), storage.read_parquet_schema(small_dataset["test"])
     wide = schema.append(pa.field("site_note", pa.string()))
     incoming, out = str(tmp_path / "in"), str(tmp_path / "out")

@@ -48,7 +48,8 @@ def _read_output(uri: str) -> pa.Table:
 
 
 def _config(**kw) -> LabelConfig:
-    return LabelConfig(progress=False, **kw)
+    """A run on the Ray engine (the session's cluster), unless the test names another."""
+    return LabelConfig(**{"engine": "ray", "progress": False, **kw})
 
 
 # ---- end to end on S3 ----------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_label_on_s3_end_to_end(ray_cluster, bucket, small_model):
     units = markers_dir(f"{bucket}/labels/run1", summary["run_id"])
     assert storage.exists(storage.join(units, PLAN_FILE))
     data = {e.uri for e in storage.list_files(f"{bucket}/labels/run1", suffix=".parquet")}
-    assert len(data) >= 1 and {storage.join(f"{bucket}/labels/run1", m["file"]) for m in read_markers(units)} == data
+    assert len(data) >= 1 and {storage.join(f"{bucket}/labels/run1", m["data_file"]) for m in read_markers(units)} == data
 
 
 def test_bad_rows_become_error_rows(ray_cluster, bucket, small_dataset, small_model):
@@ -156,7 +157,7 @@ def test_a_labels_truth_column_is_kept_as_input_labels(ray_cluster, tmp_path, sm
 
 def test_repeating_a_run_replaces_its_files(ray_cluster, tmp_path, small_dataset, small_model):
     config = _config(manifests=[small_dataset["val"]], model=small_model, output=str(tmp_path / "out"),
-                     rows_per_file=30)
+                     rows_per_unit=30)
     first = label(config)
     second = label(config)
     assert first["run_id"] == second["run_id"]
@@ -199,7 +200,7 @@ def test_a_repeated_id_across_files_names_both_rows(ray_cluster, tmp_path, small
     with pytest.raises(ManifestError, match=r"b.parquet: row 1: id 'id-123' already appears at .*a.parquet row 123; "
                                             "ids must be unique"):
         label(_config(manifests=[str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], model=small_model,
-                      output=str(tmp_path / "out"), id_column="id", rows_per_file=100))
+                      output=str(tmp_path / "out"), id_column="id", rows_per_unit=100))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
@@ -257,7 +258,7 @@ def test_killed_run_resumes_with_every_row_exactly_once(ray_cluster, tmp_path, s
     data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=400, seed=21))
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", data["test"], "--model", small_model,
-            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-file", "16"]
+            "--output", str(out), "--id-column", "id", "--batch-size", "8", "--rows-per-unit", "16"]
     proc = subprocess.Popen(args, env=_cli_env(ray_cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -272,7 +273,7 @@ def test_killed_run_resumes_with_every_row_exactly_once(ray_cluster, tmp_path, s
     # its committed units were decoded by PIL: a resume that would decode the rest otherwise is refused, keeping them
     other = subprocess.run(args + ["--resume", "--decode", "torchvision"], env=_cli_env(ray_cluster),
                            capture_output=True, text=True, timeout=300)
-    assert other.returncode == 1 and "--rows-per-file or --decode are not those it started with" in other.stderr
+    assert other.returncode == 1 and "--rows-per-unit or --decode are not those it started with" in other.stderr
     assert _read_output(str(out)).num_rows == partial
 
     resumed = subprocess.run(args + ["--resume"], env=_cli_env(ray_cluster), capture_output=True, text=True,
@@ -307,7 +308,7 @@ def test_repeated_uris_without_ids_killed_and_resumed_every_row_once(ray_cluster
     pq.write_table(twice.slice(120), tmp_path / "in" / "b.parquet")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", str(tmp_path / "in"), "--model", small_model,
-            "--output", str(out), "--batch-size", "8", "--rows-per-file", "16", "--concurrency", "1"]
+            "--output", str(out), "--batch-size", "8", "--rows-per-unit", "16", "--concurrency", "1"]
     kill_when(args, _cli_env(ray_cluster), lambda: len(list(out.glob("*.parquet"))) >= 3)
     assert 0 < _read_output(str(out)).num_rows < 200 and not (out / "_SUCCESS").exists()
 
@@ -396,7 +397,7 @@ def test_the_driver_keeps_no_per_block_statistics(ray_cluster, tmp_path, small_d
     monkeypatch.setattr(pipeline, "_stream", counting)
     # 2-row batches make 8-row blocks: each stage outputs 30 blocks, 5 per unit of 40 rows
     summary = label(LabelConfig(manifests=[small_dataset["train"]], model=small_model, output=str(tmp_path / "out"),
-                                batch_size=2, rows_per_file=40, progress=False))
+                                batch_size=2, rows_per_unit=40, progress=False))
     assert summary["units"] == 6 and len(alive) >= 3   # one count per block of commits the write stage returns
     # kept, the count grows with every unit (to 3-4 stages x 30 blocks); dropped, it does not
     assert alive[-1] <= alive[1] and alive[-1] < 30, alive

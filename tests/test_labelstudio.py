@@ -51,7 +51,7 @@ def test_tasks_and_config_import_with_predictions_visible(studio, tmp_path):
         {"a0": LABELS, "a1": ["bus"], "b1": ["car"]}
 
 
-def test_the_loop_through_label_studio(ray_cluster, studio, small_dataset, tmp_path, capsys):
+def test_the_loop_through_label_studio(studio, small_dataset, tmp_path, capsys):
     """Label on the champion, review the unsure rows in Label Studio, import, retrain, promote; refuse a damaged one."""
     reg = str(tmp_path / "registry")
     # The champion to beat: a first model trained for one epoch, its thresholds so high that it finds almost
@@ -66,7 +66,7 @@ def test_the_loop_through_label_studio(ray_cluster, studio, small_dataset, tmp_p
     champion = f"{reg}/{NAME}@champion"
     out = str(tmp_path / "labels")
     label(LabelConfig(manifests=[small_dataset["val"]], model=champion, output=out, id_column="id", batch_size=16,
-                      concurrency=1, progress=False))
+                      engine="local", progress=False))
     exported = review.export_review(review.ExportConfig(output=out, to=str(tmp_path / "review"), most_uncertain=30,
                                                         id_column="id"))
     assert exported.tasks == 30
@@ -104,6 +104,9 @@ def test_the_loop_through_label_studio(ray_cluster, studio, small_dataset, tmp_p
     meta = train(TrainConfig(manifests=[small_dataset["train"], reviewed], val_manifests=[small_dataset["val"]],
                              output=candidate, backbone_weights=champion, epochs=6, image_size=32, progress=False))
     assert meta["training"]["initial_weights"]["weights"] == first              # the champion, resolved
+    trained_on = meta["training"]["data"]
+    assert trained_on["train"] == [small_dataset["train"], reviewed]            # the reviewed rows were trained on
+    assert trained_on["train_rows"] == pq.read_metadata(small_dataset["train"]).num_rows + 29
     new = registry.register(candidate, reg)["version"]
     decision = registry.promote(registry.PromoteConfig(f"{NAME}@{new}", reg, [small_dataset["test"]]))
     assert decision.promoted and decision.champion == first and decision.gain > 0, decision.reason

@@ -19,6 +19,7 @@ from typing import Callable
 import pyarrow as pa
 import pytest
 import ray
+from ray.exceptions import RayError
 
 from mlbatch.core import storage
 from mlbatch.label import JobError, LabelConfig, label
@@ -179,12 +180,20 @@ def _same(got: pa.Table, want: pa.Table) -> None:
             assert got.column(name).equals(want.column(name)), name
 
 
+def _wait_for_a_commit(markers: str, limit: float = 120) -> None:
+    """Until a run has committed a unit: a commit marker in its folder (not the plan record, ``_plan.json``)."""
+    deadline = time.monotonic() + limit
+    while not (os.path.isdir(markers) and [f for f in os.listdir(markers) if not f.startswith("_")]):
+        assert time.monotonic() < deadline, f"no unit committed in {limit} s"
+        time.sleep(0.1)
+
+
 def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_most_one_resume(
         three_nodes, tmp_path, small_model):
     from ray.util.state import list_actors, list_tasks
 
     data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=ROWS, seed=31))["test"]
-    common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_file=16, concurrency=2,
+    common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_unit=16, concurrency=2,
                   run_id="nodes", progress=False)
 
     # a clean run: Ray's own state says where units were fetched, decoded and predicted (the fused
@@ -199,13 +208,13 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
                      if "UnitLabeler" in a.class_name and a.node_id}
     assert len(set(calls)) == 2 and len(labeler_nodes) == 2, (set(calls), labeler_nodes)
 
-    # worker-2 is lost 5 s into a run: Ray absorbs it, or one --resume finishes the run
+    # a worker is lost once the run has committed a unit: Ray absorbs it, or one --resume finishes the run
     out = str(tmp_path / "lost")
     killed = threading.Event()
 
     def lose_worker() -> None:
-        # 5 s in, the worker node that runs a predictor actor (worker-2 if neither does) goes, all its processes
-        time.sleep(5)
+        # mid-run, the worker node that runs a predictor actor (worker-2 if neither does) goes, all its processes
+        _wait_for_a_commit(os.path.join(out, "_units", "nodes"))
         pids = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
                 if "UnitLabeler" in a.class_name}
         name = next((n for n in ("worker-1", "worker-2")
@@ -218,7 +227,7 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
     try:
         summary = label(LabelConfig(output=out, stall_seconds=60, **common))
         resumed = False
-    except Exception as exc:  # a JobError (stall) or a Ray error: the run says so and a --resume follows
+    except (JobError, RayError) as exc:  # a stall, or Ray's word for the lost node: a --resume follows
         print(f"the run after the node loss ended: {type(exc).__name__}: {str(exc)[:500]}")
         summary = label(LabelConfig(output=out, resume=True, stall_seconds=60, **common))
         resumed = True
@@ -241,7 +250,7 @@ def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_fini
     finishes the run: every row exactly once, identical to a clean run."""
     data = make_dataset(str(tmp_path / "data"), SynthConfig(train=0, val=0, test=ROWS, seed=31))["test"]
     # the split layout: it needs the most room (a predictor actor, a repartition task and a decode task)
-    common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_file=16, concurrency=2,
+    common = dict(manifests=[data], model=small_model, batch_size=8, rows_per_unit=16, concurrency=2,
                   run_id="needed", progress=False, layout="split")
     clean = str(tmp_path / "clean")
     label(LabelConfig(output=clean, **common))
@@ -253,10 +262,7 @@ def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_fini
     markers = os.path.join(out, "_units", "needed")
 
     def lose_worker_after_first_commit() -> None:
-        deadline = time.monotonic() + 120
-        while not (os.path.isdir(markers) and [f for f in os.listdir(markers) if not f.startswith("_")]) \
-                and time.monotonic() < deadline:   # a commit marker (not the plan, _plan.json)
-            time.sleep(0.2)
+        _wait_for_a_commit(markers)
         _kill_node(three_nodes.nodes[worker])
 
     threading.Thread(target=lose_worker_after_first_commit, daemon=True).start()

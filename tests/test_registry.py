@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
@@ -144,20 +145,16 @@ def test_bad_input_changes_nothing(versions, small_dataset, tmp_path, capsys):
 def test_write_if_is_a_compare_and_swap(where, tmp_path, request):
     root = request.getfixturevalue("bucket") if where == "s3" else str(tmp_path)
     uri = storage.join(root, "alias.json")
-    wins = []
     barrier = threading.Barrier(6)
 
-    def create(i: int) -> None:
-        barrier.wait()
-        if versioned.write_if(uri, f"writer {i}".encode(), None):
-            wins.append(i)
+    def create(i: int) -> bool:
+        barrier.wait(timeout=60)
+        return versioned.write_if(uri, f"writer {i}".encode(), None)
 
-    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wins) == 1
+    with ThreadPoolExecutor(6) as pool:   # a writer that raised fails the test here, not silently
+        won = list(pool.map(create, range(6)))
+    assert sorted(won) == [False] * 5 + [True]    # every loser was told so, none raised
+    wins = [i for i, w in enumerate(won) if w]
     data, token = versioned.read_versioned(uri)
     assert data == f"writer {wins[0]}".encode()
     assert versioned.write_if(uri, b"next", token) is True
@@ -183,16 +180,11 @@ def test_two_promotions_at_once_leave_one_champion(where, versions, small_datase
         return result
 
     monkeypatch.setattr(promotion, "read_alias", racing_read)
-    decisions: dict[str, registry.Decision] = {}
+    def run(which: str) -> registry.Decision:
+        return registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
 
-    def run(which: str) -> None:
-        decisions[which] = registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in ("good", "nudged")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(2) as pool:   # a promotion that raised fails the test here
+        decisions = dict(zip(("good", "nudged"), pool.map(run, ("good", "nudged"))))
     monkeypatch.undo()
     alias = _alias(reg)
     # Exactly one promotion won the swap against the broken champion. The other lost it, compared itself with
@@ -286,16 +278,11 @@ def test_a_race_of_promoters_leaves_one_decision_per_generation(where, versions,
         return result
 
     monkeypatch.setattr(promotion, "read_alias", racing_read)
-    results: dict[str, registry.Decision] = {}
+    def run(which: str) -> registry.Decision:
+        return registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
 
-    def run(which: str) -> None:
-        results[which] = registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in v]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(3) as pool:   # a promotion that raised fails the test here
+        results = dict(zip(v, pool.map(run, v)))
     monkeypatch.undo()
     alias = _alias(reg)
     decisions = _decisions(reg)

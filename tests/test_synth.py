@@ -258,7 +258,7 @@ def test_make_dataset_command_kinds(tmp_path, capsys):
     assert main(["make-dataset", str(tmp_path / "g"), "--kind", "glyphs", "--train", "3", "--val", "0",
                  "--test", "0"]) == 0
     assert pq.read_table(tmp_path / "g" / "train.parquet").num_rows == 3
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         main(["make-dataset", str(tmp_path / "x"), "--kind", "faces"])
     assert "invalid choice: 'faces'" in capsys.readouterr().err
 

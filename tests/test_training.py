@@ -300,7 +300,7 @@ def _asymmetric_batch(n: int = 16):  # -> torch.Tensor (torch is imported inside
 
 def test_augmentations_do_what_they_are_named_and_nothing_else():
     import torch
-    from mlbatch.train.loop import augment
+    from mlbatch.train.augment import augment
     x = _asymmetric_batch()
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(augment(x, gen, ()), x.float())
@@ -319,7 +319,7 @@ def test_augmentations_do_what_they_are_named_and_nothing_else():
 
 def test_zoom_shrinks_half_the_pictures_whole_and_balance_moves_red_against_blue():
     import torch
-    from mlbatch.train.loop import augment
+    from mlbatch.train.augment import augment
     x = torch.full((64, 3, 32, 32), 100, dtype=torch.uint8)
     x[:, :, 8:24, 8:24] = 250                                   # a bright square, well inside the frame
     zoomed = augment(x, torch.Generator().manual_seed(0), ("zoom",))
@@ -339,7 +339,7 @@ def test_zoom_shrinks_half_the_pictures_whole_and_balance_moves_red_against_blue
 def test_blur_softens_the_edges_of_half_the_pictures_and_keeps_their_light():
     import torch
     from PIL import Image, ImageFilter
-    from mlbatch.train.loop import _blur, augment
+    from mlbatch.train.augment import _blur, augment
     x = torch.full((64, 3, 32, 32), 20, dtype=torch.uint8)
     x[:, :, 10:22, 10:22] = 230
     blurred = augment(x, torch.Generator().manual_seed(0), ("blur",))

@@ -9,11 +9,12 @@ import json
 import logging
 import sys
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
-from ..label.config import LabelOptions
 from ..train.config import TrainConfig
 from .parser import build_parser
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..label.config import LabelConfig
@@ -44,23 +45,26 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_of(cls: type[T], args: argparse.Namespace, **parsed: Any) -> T:
+    """A configuration dataclass from a command's flags: each field from the flag of its name, then ``parsed``
+    (flags named otherwise, or parsed further). The flags' defaults are the fields' (``parser``), so a flag
+    left unset leaves the library's default."""
+    given = vars(args)
+    return cls(**{**{f.name: given[f.name] for f in fields(cls) if f.name in given}, **parsed})
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of ``mlbatch train``'s flags."""
+    augment = () if args.augment.strip() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
+    return config_of(TrainConfig, args, manifests=args.manifest, val_manifests=args.val_manifest, augment=augment,
+                     labels=[x.strip() for x in args.labels.split(",")] if args.labels else None,
+                     backbone_kwargs=dict(args.backbone_kwargs), progress=not args.no_progress)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ..train.loop import train
 
-    augment = () if args.augment.strip() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
-    config = TrainConfig(
-        manifests=args.manifest, val_manifests=args.val_manifest, val_fraction=args.val_fraction, output=args.output,
-        val_group_column=args.val_group_column,
-        labels=[x.strip() for x in args.labels.split(",")] if args.labels else None, backbone=args.backbone,
-        backbone_kwargs=dict(args.backbone_kwargs),
-        backbone_weights=args.backbone_weights, pretrained=args.pretrained, freeze_backbone=args.freeze_backbone,
-        augment=augment, epochs=args.epochs, patience=args.patience, time_budget=args.time_budget,
-        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, backbone_lr_scale=args.backbone_lr_scale,
-        image_size=args.image_size,
-        pos_weight=args.pos_weight, threshold_policy=args.threshold_policy, calibration=args.calibration,
-        name=args.name, seed=args.seed,
-        progress=not args.no_progress)
-    meta = train(config)
+    meta = train(train_config(args))
     training = meta["training"]
     val = training["validation"]
     print(f"model {meta['name']} version {meta['version']} -> {args.output}")
@@ -98,16 +102,7 @@ def label_config(args: argparse.Namespace) -> "LabelConfig":
     """The library's LabelConfig from parsed ``label`` flags (also used by jobs/label_images.py)."""
     from ..label.config import LabelConfig
 
-    return LabelConfig(**label_options(args), manifests=args.manifest, model=args.model, output=args.output,
-                       run_id=args.run_id, resume=args.resume, mode=args.mode, table=args.table,
-                       catalog=args.catalog)
-
-
-def label_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``LabelOptions`` fields that ``label`` and ``nightly`` flags set (same names), thresholds as a dict."""
-    given = vars(args)
-    options = {f.name: given[f.name] for f in fields(LabelOptions) if f.name in given}
-    return {**options, "thresholds": dict(options.get("thresholds", []))}
+    return config_of(LabelConfig, args, manifests=args.manifest, thresholds=dict(args.thresholds))
 
 
 def _label(args: argparse.Namespace) -> int:
@@ -160,12 +155,8 @@ def _nightly(args: argparse.Namespace) -> int:
     from ..nightly.night import nightly
     from ..nightly.report import nightly_table
 
-    config = NightlyConfig(
-        **label_options(args), input=args.input, model=args.model, output=args.output, date=args.date,
-        relabel=args.relabel, drift_window=args.drift_window, drift_bound=args.drift_bound,
-        fail_on_drift=args.fail_on_drift, table=args.table, catalog=args.catalog)
     try:
-        summary = nightly(config)
+        summary = nightly(config_of(NightlyConfig, args, thresholds=dict(args.thresholds)))
     except NightlyError as exc:  # DriftError included: the night's report first, then the error
         print(nightly_table(exc.summary))
         print(f"mlbatch nightly: error: {exc}", file=sys.stderr)
@@ -181,11 +172,7 @@ def _review(args: argparse.Namespace) -> int:
     from ..review import export, ingest
 
     if args.review_command == "export":
-        result = export.export_review(export.ExportConfig(
-            output=args.output, to=args.to, near_threshold=args.near_threshold, most_uncertain=args.most_uncertain,
-            labels=args.labels, where=args.where, format=args.format, uri_column=args.uri_column,
-            id_column=args.id_column, s3_images=args.s3_images, expires=args.expires, table=args.table,
-            catalog=args.catalog, snapshot_id=args.snapshot))
+        result = export.export_review(config_of(export.ExportConfig, args, snapshot_id=args.snapshot))
         print(f"{result.tasks} of {result.rows_considered} rows ({result.selection}; labels "
               f"{', '.join(result.labels)})")
         for what, uri in result.files.items():
@@ -217,9 +204,7 @@ def _models(args: argparse.Namespace) -> int:
         print(f"{uri}  {meta['name']} {meta['version']}")
         return 0
     try:
-        decision = promotion.promote(promotion.PromoteConfig(
-            candidate=args.candidate, registry=args.registry, manifests=args.eval, metric=args.metric,
-            min_gain=args.min_gain, max_label_drop=args.max_label_drop))
+        decision = promotion.promote(config_of(promotion.PromoteConfig, args, manifests=args.eval))
     except promotion.PromotionRaceError as exc:   # lost every swap of the alias: nothing changed; run it again
         print(f"mlbatch {args.command} {args.models_command}: error: {exc}", file=sys.stderr)
         return 5

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from ..label.config import DECODERS, ENGINES, LAYOUTS, MODES, PRECISIONS, LabelConfig, LabelOptions, default
 from ..nightly.config import NightlyConfig
-from ..review.export import ExportConfig
+from ..registry.config import METRICS, PromoteConfig
+from ..review.export import FORMATS, S3_IMAGES, ExportConfig
 
 from .help import EPILOG, MODEL_HELP
 from .training_parsers import add_training_parsers
@@ -48,6 +50,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _Renamed(argparse.Action):
+    """A flag's old name, still accepted (hidden from ``--help``): sets the new flag and says it was renamed."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"mlbatch: warning: {option_string} is now {self.new}; the old name will be removed",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_label_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``mlbatch label`` (shared with ``jobs/label_images.py``)."""
     p.add_argument("--manifest", action="append", required=True, metavar="URI",
@@ -61,7 +76,7 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the units a killed run committed and label only the rest (refused when anything "
                         "that changes a row differs from the first try: manifests, model version, thresholds, "
-                        "--decode, --max-pixels, --uri-column, --rows-per-file)")
+                        "--decode, --max-pixels, --uri-column, --rows-per-unit)")
     _add_table_arguments(p, "also commit each run to this Apache Iceberg table, in one snapshot (its files as "
                             "they are: add_files); readers of the table see whole runs only (docs/querying.md)")
     p.add_argument("--mode", choices=MODES, default=default(LabelConfig, "mode"),
@@ -90,9 +105,10 @@ def _add_job_tuning(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", default=None,
                    help="manifest column of unique ids that users join on; checked unique on the cluster "
                         "(rows are always known by position: source_manifest, source_row)")
-    g.add_argument("--rows-per-file", type=int, default=default(LabelOptions, "rows_per_file"), metavar="N",
+    g.add_argument("--rows-per-unit", type=int, default=default(LabelOptions, "rows_per_unit"), metavar="N",
                    help="rows of one unit of work (a row range of one manifest): the unit is written, "
                         "committed and resumed whole (default: %(default)s)")
+    g.add_argument("--rows-per-file", dest="rows_per_unit", type=int, action=_Renamed, new="--rows-per-unit")
     g = p.add_argument_group('predicting')
     g.add_argument("--batch-size", type=int, default=default(LabelOptions, "batch_size"),
                    help="images per prediction batch; on a GPU larger batches keep it busy (default: %(default)s)")
@@ -257,15 +273,16 @@ def _add_review_parsers(sub) -> None:
                    help="labels to review (default: all of the output's); the others stay unknown on import")
     p.add_argument("--where", default=None, metavar="SQL",
                    help="a condition on the 'labels' view, e.g. \"dt = DATE '2026-11-24' AND camera = 'cam-1'\"")
-    p.add_argument("--format", choices=["labelstudio", "csv", "parquet"], default="labelstudio",
+    p.add_argument("--format", choices=FORMATS, default=default(ExportConfig, "format"),
                    help="labelstudio: tasks.json; csv/parquet: one row per image with an empty column per label to "
                         "fill with 0/1 (default: %(default)s)")
     p.add_argument("--id-column", default=None, help="a manifest column to carry into each task (e.g. id)")
-    p.add_argument("--uri-column", default=default(LabelOptions, "uri_column"), help="column holding image URIs (default: %(default)s)")
-    p.add_argument("--s3-images", choices=["presign", "s3"], default="presign",
+    p.add_argument("--uri-column", default=default(ExportConfig, "uri_column"),
+                   help="column holding image URIs (default: %(default)s)")
+    p.add_argument("--s3-images", choices=S3_IMAGES, default=default(ExportConfig, "s3_images"),
                    help="S3 images as presigned HTTPS URLs, or as s3:// URIs for a tool that reads the bucket itself "
                         "(default: %(default)s)")
-    p.add_argument("--expires", type=int, default=ExportConfig.expires, metavar="SECONDS",
+    p.add_argument("--expires", type=int, default=default(ExportConfig, "expires"), metavar="SECONDS",
                    help="how long presigned URLs stay valid (default: %(default)s, 7 days, the most S3 allows)")
     _add_table_arguments(p, "pick from the files of this Iceberg table's snapshot instead of every file under "
                             "OUT_URI (whole runs only)")
@@ -313,12 +330,11 @@ def _add_models_parsers(sub) -> None:
     p.add_argument("--registry", required=True, metavar="URI", help="registry root (local or s3://)")
     p.add_argument("--eval", action="append", required=True, metavar="MANIFEST",
                    help="labeled evaluation manifest with every label's truth; repeatable")
-    p.add_argument("--metric", default="macro_f1",
-                   choices=["macro_f1", "micro_f1", "mean_average_precision", "subset_accuracy"],
+    p.add_argument("--metric", default=default(PromoteConfig, "metric"), choices=METRICS,
                    help="what the candidate must improve (default: %(default)s)")
-    p.add_argument("--min-gain", type=float, default=0.0, metavar="G",
+    p.add_argument("--min-gain", type=float, default=default(PromoteConfig, "min_gain"), metavar="G",
                    help="the least improvement that promotes; the gain must also be above 0 (default: %(default)s)")
-    p.add_argument("--max-label-drop", type=float, default=0.05, metavar="D",
+    p.add_argument("--max-label-drop", type=float, default=default(PromoteConfig, "max_label_drop"), metavar="D",
                    help="refuse if any label's F1 falls by more than this (default: %(default)s)")
 
     p = msub.add_parser("resolve", help="print the package a model URI or registry reference names", epilog=EPILOG,

@@ -1,9 +1,9 @@
-"""The commit protocol of a run: unit file names, commit markers, their listing and removal. The one owner.
+"""The commit protocol of a run: data file names, commit markers, their listing and removal. The one owner.
 
-    OUTPUT/<run_id>-a<epoch>-f<file>-r<unit start>-r<first row>.parquet     one unit's rows (a data file)
-    STATE/_units/<run_id>/<the same name>.json                               its commit marker: the file's statistics
-    STATE/_units/<run_id>/_plan.json                                         what a resume must share with the units it keeps
-    STATE/_run.json, STATE/_SUCCESS                                          written last, by ``summary``
+    OUTPUT/<run_id>-a<epoch>-f<manifest index>-r<unit start>-r<first row>.parquet   a unit's rows: a data file
+    STATE/_units/<run_id>/<the same name>.json       its commit marker: the data file's statistics
+    STATE/_units/<run_id>/_plan.json                 what a resume must share with the units it keeps
+    STATE/_run.json, STATE/_SUCCESS                  written last, by ``summary``
 
 A marker is written only after its data file is whole (``storage.write_atomic``), so it *is* the commit; a unit
 is done when its committed rows are exactly its rows (``stats.whole``). The names are fixed by the unit and its
@@ -40,12 +40,13 @@ SUCCESS_FILE = "_SUCCESS"
 UNITS_DIR = "_units"          # STATE/_units/<run_id>/: the commit markers and the plan of a run
 PLAN_FILE = "_plan.json"
 _UNIT = r"f\d{6}-r\d{12}"
-_MARKER_IDS = ("file", "unit", "file_index", "attempt")   # a marker: these, then the unit's Stats
+_MARKER_IDS = ("data_file", "unit", "manifest_index", "attempt")   # a marker: these, then the unit's Stats
+_MARKER_IDS_BEFORE = {"file": "data_file", "file_index": "manifest_index"}   # an older mlbatch's names, still read
 
 
-def unit_id(file_index: int, start: int) -> str:
-    """The name of a unit of work: its manifest's place in the run's sorted file list and first row."""
-    return f"f{file_index:06d}-r{start:012d}"
+def unit_id(manifest_index: int, start: int) -> str:
+    """The name of a unit of work: its manifest index (``f``) and first row."""
+    return f"f{manifest_index:06d}-r{start:012d}"
 
 
 def data_file_name(run_id: str, attempt: int, unit: str, first_row: int) -> str:
@@ -105,22 +106,25 @@ def _read_marker(uri: str) -> dict[str, Any]:
     redo = "Delete it and rerun with --resume: its unit is labeled again"
     if marker is None:
         raise JobError(f"commit marker {uri} is not a marker ({len(raw)} bytes, not a JSON object of a data file's "
-                       "name, unit, file index, attempt and statistics): mlbatch writes markers whole, so it was "
+                       "name, unit, manifest index, attempt and statistics): mlbatch writes markers whole, so it was "
                        f"cut or made by something else. {redo}")
     folder, _, name = uri.rpartition("/")
-    if marker["file"] != (own := name[: -len(".json")] + ".parquet") or not _parse(own, folder.rsplit("/", 1)[-1]):
-        raise JobError(f"commit marker {uri} names the data file {str(marker['file'])[:200]!r}, not its own "
+    if marker["data_file"] != (own := name[: -len(".json")] + ".parquet") or not _parse(own, folder.rsplit("/", 1)[-1]):
+        raise JobError(f"commit marker {uri} names the data file {str(marker['data_file'])[:200]!r}, not its own "
                        f"({own!r}): made by something else; nothing was deleted. {redo}")
     return marker
 
 
-def marker_text(data_file: str, unit: str, file_index: int, attempt: int, stats: Stats) -> str:
+def marker_text(data_file: str, unit: str, manifest_index: int, attempt: int, stats: Stats) -> str:
     """The commit marker of a data file (given by name): what it is, and its rows' statistics."""
-    return json.dumps({**dict(zip(_MARKER_IDS, (data_file, unit, file_index, attempt))), **stats.to_dict()})
+    return json.dumps({**dict(zip(_MARKER_IDS, (data_file, unit, manifest_index, attempt))), **stats.to_dict()})
 
 
 def _marker(raw: bytes) -> dict[str, Any] | None:
     marker = storage.json_object(raw)
+    for old, new in _MARKER_IDS_BEFORE.items():   # a run an older mlbatch started, resumed
+        if isinstance(marker, dict) and old in marker and new not in marker:
+            marker[new] = marker.pop(old)
     try:
         return marker if all(k in marker for k in _MARKER_IDS) and Stats.from_dict(marker) else None
     except (KeyError, TypeError):   # not an object (None), or not a marker's fields
@@ -147,17 +151,17 @@ def remove_run(output: str, state: str, run_id: str) -> int:
     return len(files)
 
 
-def unit_files(output: str, state: str, run_id: str, file_index: int) -> list[str]:
-    """The data files of one manifest (by its ``file_index``) of a run, found by their markers."""
-    return [storage.join(output, m["file"]) for m in read_markers(markers_dir(state, run_id))
-            if m["file_index"] == file_index]
+def manifest_data_files(output: str, state: str, run_id: str, manifest_index: int) -> list[str]:
+    """The data files of one manifest (by its ``manifest_index``) of a run, found by their markers."""
+    return [storage.join(output, m["data_file"]) for m in read_markers(markers_dir(state, run_id))
+            if m["manifest_index"] == manifest_index]
 
 
-def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> int:
+def remove_manifest_units(output: str, state: str, run_id: str, manifest_index: int) -> int:
     """Delete the data files (and markers) of one manifest of a completed run, found by their markers; the count.
     Only for a run that will not be resumed: its markers no longer vouch for rows once its data go."""
     markers = markers_dir(state, run_id)
-    mine = unit_files(output, state, run_id, file_index)
+    mine = manifest_data_files(output, state, run_id, manifest_index)
     for uri in mine:   # the data first: a crash in between leaves a marker of a gone file, which a redo removes
         storage.delete(uri)
     for uri in mine:
@@ -167,7 +171,7 @@ def remove_file_units(output: str, state: str, run_id: str, file_index: int) -> 
 
 def sweep_unmarked(output: str, state: str, run_id: str) -> int:
     """Delete the data files of a run that no commit marker names (a crash between writing the two)."""
-    marked = {m["file"] for m in read_markers(markers_dir(state, run_id))}
+    marked = {m["data_file"] for m in read_markers(markers_dir(state, run_id))}
     stale = [u for u in run_files(output, run_id) if u.rsplit("/", 1)[-1] not in marked]
     for uri in stale:
         storage.delete(uri)
@@ -186,13 +190,13 @@ def drop_late_commits(run: "Run") -> int:
         return 0
     redone = {unit_id(f, a) for f, a, _ in run.todo}
     late = [m for m in read_markers(run.markers)
-            if m["unit"] in redone and attempt_of(m["file"], run.plan.run_id) < run.attempt]
+            if m["unit"] in redone and attempt_of(m["data_file"], run.plan.run_id) < run.attempt]
     for m in late:
-        storage.delete(marker_uri(run.markers, m["file"]))
-        storage.delete(storage.join(run.output, m["file"]))
+        storage.delete(marker_uri(run.markers, m["data_file"]))
+        storage.delete(storage.join(run.output, m["data_file"]))
     if late:
         log.warning("removed %d commits of units this attempt labeled itself, made by an earlier attempt's workers "
-                    "after this one began (a killed run's actors finishing late): %s", len(late), late[0]["file"])
+                    "after this one began (a killed run's actors finishing late): %s", len(late), late[0]["data_file"])
     return len(late)
 
 
@@ -217,7 +221,7 @@ class Run:
     markers: str
     fence: Fence                            # the lease this attempt took; its epoch is in its data files' names
     done: dict[str, Stats]                  # unit -> what is committed of it, earlier attempts and this one
-    file_stats: list[Stats]                 # per manifest file
+    manifest_stats: list[Stats]             # per manifest
     total: Stats                            # the whole run
     todo: list[tuple[int, int, int]]
     files_written: int = 0
@@ -230,47 +234,57 @@ class Run:
         return self.fence.epoch
 
     def add_markers(self, markers: pa.Table) -> None:
-        """Count the commit markers the write stage returned (``unit``, ``file_index``, ``marker``) into the run."""
-        for unit, file_index, text in zip(*(markers.column(c).to_pylist() for c in ("unit", "file_index", "marker"))):
+        """Count the commit markers the write stage returned (``unit``, ``manifest_index``, ``marker``) into the run."""
+        for unit, manifest_index, text in zip(*(markers.column(c).to_pylist() for c in ("unit", "manifest_index", "marker"))):
             stats = Stats.from_dict(json.loads(text))
             self.done.setdefault(unit, Stats()).add(stats, keep=0)
-            self.file_stats[file_index].add(stats)
+            self.manifest_stats[manifest_index].add(stats)
             self.total.add(stats)
             self.files_written += 1
 
 
-def _others(output: str, run_id: str) -> Iterator[tuple[str, str]]:
-    """(uri, who wrote it) of the data files directly under ``output`` that are not this run's."""
+@dataclass(frozen=True)
+class Foreign:
+    """A data file directly under the output that is not this run's, and the run that wrote it."""
+
+    uri: str
+    run_id: str | None      # None: no run's data file name fits it
+
+    @property
+    def writer(self) -> str:
+        """Who wrote it, in words: ``run <id>``, or ``file <name>``."""
+        return f"run {self.run_id}" if self.run_id else f"file {self.uri.rsplit('/', 1)[-1]}"
+
+
+def foreign_files(output: str, run_id: str) -> list[Foreign]:
+    """The data files directly under ``output`` that are not this run's (what ``--mode overwrite`` replaces)."""
     if not storage.exists(output):
-        return
+        return []
     base = output.rstrip("/") + "/"
+    out = []
     for e in storage.list_files(output, suffix=".parquet"):
         name = e.uri[len(base):] if e.uri.startswith(base) else e.uri
         if "/" in name or _parse(name, run_id):
             continue
         m = re.fullmatch(rf"(.+)-a\d+-{_UNIT}-r\d{{12}}\.parquet", name)
-        yield e.uri, f"run {m.group(1)}" if m else f"file {name}"
+        out.append(Foreign(e.uri, m.group(1) if m else None))
+    return out
 
 
 def other_runs(output: str, run_id: str) -> dict[str, int]:
-    """Data files directly under ``output`` that are not this run's, by the run that wrote them (or the file)."""
-    return dict(collections.Counter(who for _, who in _others(output, run_id)))
-
-
-def other_files(output: str, run_id: str) -> list[str]:
-    """The data files directly under ``output`` that are not this run's (what ``--mode overwrite`` replaces)."""
-    return [uri for uri, _ in _others(output, run_id)]
+    """How many data files under ``output`` each other run (or stray file) holds, by who wrote them in words."""
+    return dict(collections.Counter(f.writer for f in foreign_files(output, run_id)))
 
 
 def remove_other_runs(output: str, state: str, run_id: str) -> int:
     """Delete every data file under ``output`` that is not this run's (``--mode overwrite``), and their markers."""
+    foreign = foreign_files(output, run_id)
     removed = 0
-    for who in other_runs(output, run_id):
-        kind, _, name = who.partition(" ")
-        if kind == "run":
-            removed += remove_run(output, state, name)
-        else:
-            storage.delete(storage.join(output, name))
+    for other in sorted({f.run_id for f in foreign if f.run_id}):
+        removed += remove_run(output, state, other)
+    for f in foreign:
+        if f.run_id is None:
+            storage.delete(f.uri)
             removed += 1
     return removed
 

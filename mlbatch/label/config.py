@@ -40,7 +40,7 @@ class LabelOptions:
     id_column: str | None = None                       # checked unique (on the cluster); rows are identified by position
     batch_size: int = 64                               # images per prediction batch (on a GPU, raise it: --batch-size)
     decode_batch_size: int = 64                        # images per decode task (split layout): decoding apart from predicting
-    rows_per_file: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
+    rows_per_unit: int = 10_000                        # rows of one unit of work (a manifest's row range): the resume unit
     concurrency: int | tuple[int, int] | None = None   # predictor actors; default from the cluster
     num_gpus: float | None = None                      # per predictor, 0..1; default 1 where there are GPUs
     require_cuda: bool = False                         # a predictor that cannot use CUDA is an error, not a CPU fallback

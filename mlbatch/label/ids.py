@@ -45,22 +45,22 @@ def _remote(fn: Any) -> Any:
 def _check_null_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """Only a file whose footer counts nulls (or has no statistics) is read, by a task on the cluster."""
     first_null = _remote(_first_null) if on_ray else _first_null
-    for i in plan.null_id_files:
-        uri = plan.files[i]
-        row = first_null(uri, column, plan.fingerprints[i])
+    for i in plan.null_id_manifests:
+        uri = plan.manifests[i]
+        row = first_null(uri, column, plan.stamps[i])
         if row is not None:
             raise manifest.ManifestError(f"manifest {uri}: row {row}: id column {column!r} is null; "
                                          "ids must be unique and non-null")
 
 
-def _first_null(uri: str, column: str, fingerprint: str) -> int | None:
-    for batch in _file_ids(0, uri, column, fingerprint):
+def _first_null(uri: str, column: str, stamp: str) -> int | None:
+    for batch in _file_ids(0, uri, column, stamp):
         if batch.column(0).null_count:
             return int(batch.column(1)[pc.index(pc.is_null(batch.column(0)), True).as_py()].as_py())
     return None
 
 
-def _file_ids(file_index: int, uri: str, column: str, fingerprint: str) -> Iterator[pa.RecordBatch]:
+def _file_ids(manifest_index: int, uri: str, column: str, stamp: str) -> Iterator[pa.RecordBatch]:
     """A manifest's id column in batches, each row's position packed in one int64 (file << 40 | row).
 
     Streamed: one row group's column chunk at a time, whatever the file's size (a slice of a whole row
@@ -68,18 +68,18 @@ def _file_ids(file_index: int, uri: str, column: str, fingerprint: str) -> Itera
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
-        refuse_if_changed(uri, pf, fingerprint)
+        refuse_if_changed(uri, pf, stamp)
         row = 0
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
-            pos = (np.int64(file_index) << 40) + np.arange(row, row + batch.num_rows, dtype=np.int64)
+            pos = (np.int64(manifest_index) << 40) + np.arange(row, row + batch.num_rows, dtype=np.int64)
             yield pa.record_batch([batch.column(0), pa.array(pos)], names=["id", "pos"])
             row += batch.num_rows
 
 
 def _ids_of_files(batch: pa.Table, column: str) -> Iterator[pa.Table]:
-    """Ray Data's map over manifests (rows of ``file, uri, fingerprint``): their ids, batch by batch."""
-    for file_index, uri, fingerprint in zip(*(batch.column(c).to_pylist() for c in ("file", "uri", "fingerprint"))):
-        for ids in _file_ids(file_index, uri, column, fingerprint):
+    """Ray Data's map over manifests (rows of ``manifest, uri, stamp``): their ids, batch by batch."""
+    for manifest_index, uri, stamp in zip(*(batch.column(c).to_pylist() for c in ("manifest", "uri", "stamp"))):
+        for ids in _file_ids(manifest_index, uri, column, stamp):
             yield pa.Table.from_batches([ids])
 
 
@@ -93,9 +93,9 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
     """
     id_type = plan.schema.field(column).type
     if not on_ray:
-        dup = _duplicate_id(plan.files, plan.fingerprints, column, id_type, plan.rows_in)
+        dup = _duplicate_id(plan.manifests, plan.stamps, column, id_type, plan.rows_in)
     elif plan.rows_in <= ONE_TASK_ID_CHECK_ROWS:
-        dup = _remote(_duplicate_id)(plan.files, plan.fingerprints, column, id_type, plan.rows_in)
+        dup = _remote(_duplicate_id)(plan.manifests, plan.stamps, column, id_type, plan.rows_in)
     else:
         import ray
         from ray.data.aggregate import Count, Max, Min
@@ -103,8 +103,8 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
 
         from .pipeline import DECODE_CPUS
 
-        files = [{"file": i, "uri": uri, "fingerprint": fp} for i, (uri, fp) in enumerate(zip(plan.files,
-                                                                                                plan.fingerprints))]
+        files = [{"manifest": i, "uri": uri, "stamp": fp} for i, (uri, fp) in enumerate(zip(plan.manifests,
+                                                                                                plan.stamps))]
         ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 1000))).map_batches(
             _ids_of_files, fn_kwargs={"column": column}, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS)
         groups = ds.groupby("id").aggregate(Count(alias_name="n"), Min("pos", alias_name="first"),
@@ -113,12 +113,12 @@ def _check_unique_ids(plan: Plan, column: str, on_ray: bool) -> None:
     if dup:
         first, second = int(dup["first"]), int(dup["last"])
         mask = (1 << 40) - 1
-        raise manifest.ManifestError(f"manifest {plan.files[second >> 40]}: row {second & mask}: id {dup['id']!r} "
-                                     f"already appears at {plan.files[first >> 40]} row {first & mask}; "
+        raise manifest.ManifestError(f"manifest {plan.manifests[second >> 40]}: row {second & mask}: id {dup['id']!r} "
+                                     f"already appears at {plan.manifests[first >> 40]} row {first & mask}; "
                                      "ids must be unique")
 
 
-def _duplicate_id(files: list[str], fingerprints: list[str], column: str, id_type: pa.DataType,
+def _duplicate_id(files: list[str], stamps: list[str], column: str, id_type: pa.DataType,
                   rows: int) -> dict[str, Any] | None:
     """The first repeated id of the manifests (its first and last position), or None.
 
@@ -132,8 +132,8 @@ def _duplicate_id(files: list[str], fingerprints: list[str], column: str, id_typ
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
-            for i, (uri, fingerprint) in enumerate(zip(files, fingerprints)):
-                yield from _file_ids(i, uri, column, fingerprint)
+            for i, (uri, stamp) in enumerate(zip(files, stamps)):
+                yield from _file_ids(i, uri, column, stamp)
         except Exception as exc:   # DuckDB would report it as its own error, a traceback in its text
             failed.append(exc)
             raise

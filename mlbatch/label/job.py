@@ -26,12 +26,9 @@ from .engine import choose_engine, connect_ray
 from .ids import check_ids
 from .plan import make_plan
 from .prepare import completed, prepare
-from .summary import finish
+from .summary import EngineReport, finish
 
 log = logging.getLogger(__name__)
-
-NOTHING_TO_RUN = {"layout": None, "concurrency": None, "num_gpus": None, "device": None, "decode": None}
-
 
 def label(config: LabelConfig) -> dict[str, Any]:
     """Run one labeling job and return its summary (also written to ``STATE/_run.json``)."""
@@ -54,17 +51,17 @@ def label(config: LabelConfig) -> dict[str, Any]:
             if config.id_column:
                 check_ids(plan, config.id_column, on_ray=engine == "ray")
             run = prepare(config, plan, lease.fence, predictor)
-            predictor = run_units(run) if run.todo else NOTHING_TO_RUN
+            report = run_units(run, why) if run.todo else EngineReport(engine, why)
         lease.check()
         commit.drop_late_commits(run)   # a killed attempt's workers may have committed a unit this one redid
-        summary = finish(run, started, {**predictor, "engine": engine, "engine_reason": why})
+        summary = finish(run, started, report)
         return publish(config, summary, lease) if config.table else summary
 
 
 @contextlib.contextmanager
 def _engine(engine: str, config: LabelConfig) -> Iterator[tuple[Any, str]]:
-    """The engine's function from a prepared run to its predictor's set-up, and where its predictors compute
-    (``"cuda fp16"``: part of the run's identity); Ray connected (or started) for ray."""
+    """The engine's function from a prepared run (and why this engine) to its ``EngineReport``, and where its
+    predictors compute (``"cuda fp16"``: part of the run's identity); Ray connected (or started) for ray."""
     from ..model.spec import resolve_precision
 
     if engine == "local":
@@ -105,7 +102,7 @@ def publish(config: LabelConfig, summary: dict[str, Any], lease: Lease) -> dict[
     output, state = commit.output_dirs(config)
     run_id = summary["run_id"]
     key = f"{run_id}@{summary['lease_epoch']}" if "lease_epoch" in summary else run_id
-    replaced = commit.other_files(output, run_id) if config.mode == "overwrite" else []
+    replaced = [f.uri for f in commit.foreign_files(output, run_id)] if config.mode == "overwrite" else []
     lease.check()
     try:
         snapshot = iceberg.commit_files(config.table, config.catalog, output, key, commit.run_files(output, run_id),

@@ -20,14 +20,14 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import pyarrow as pa
 
 from ..model.spec import resolve_precision
 from .commit import Run
 from .config import JobError, LabelConfig
-from .stages import UnitLabeler, unit_pointers, wiring, write_units
+from .stages import UnitLabeler, Wiring, unit_pointers, wiring, write_units
+from .summary import EngineReport
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,16 @@ def predictor_devices(config: LabelConfig) -> list[str]:
     return [f"cuda:{d}" for d in range(gpus) for _ in range(share)]
 
 
-def run_local(run: Run) -> dict[str, Any]:
+def run_local(run: Run, why: str) -> EngineReport:
     """Label the run's units with one labeler per device, each unit written and committed (on one writer
-    thread) while its labeler goes on to the next."""
+    thread) while its labeler goes on to the next; ``why`` this engine goes into its report."""
     config, plan = run.config, run.plan
     wired = wiring(run)
     devices = predictor_devices(config)
     helpers = max(1, machine_cpus() // len(devices))
     rows = sum(b - a for _, a, b in run.todo)
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, local engine, %d labeler(s) "
-             "on %s, %d decode helpers each, %s decoding)", rows, len(run.todo), len(plan.files), run.output,
+             "on %s, %d decode helpers each, %s decoding)", rows, len(run.todo), len(plan.manifests), run.output,
              plan.run_id, len(devices), ", ".join(devices), helpers, config.decode)
     ignored = [flag for flag, given in (("--concurrency", config.concurrency is not None),
                                         ("--layout", config.layout != "auto")) if given]
@@ -83,19 +83,19 @@ def run_local(run: Run) -> dict[str, Any]:
     labelers: list[UnitLabeler] = []
     try:
         for device in devices:
-            labelers.append(UnitLabeler(**wired["predictor"], **wired["labeler"], threads=helpers, device=device))
+            labelers.append(UnitLabeler(**wired.predictor, **wired.labeler, threads=helpers, device=device))
         _label_units(run, wired, labelers, rows)
     finally:
         for labeler in labelers:
             labeler.close()
     device = devices[0].split(":")[0]
-    return {"engine": "local", "layout": "fused", "concurrency": len(devices), "devices": devices,
-            "num_gpus": 0.0 if device == "cpu" else (config.num_gpus or 1.0), "device": device,
-            "precision": resolve_precision(config.precision, device), "decode": config.decode,
-            "decode_helpers": helpers}
+    return EngineReport("local", why, layout="fused", concurrency=len(devices), devices=tuple(devices),
+                        num_gpus=0.0 if device == "cpu" else (config.num_gpus or 1.0), device=device,
+                        precision=resolve_precision(config.precision, device), decode=config.decode,
+                        decode_helpers=helpers)
 
 
-def _label_units(run: Run, wired: dict[str, Any], labelers: list[UnitLabeler], rows: int) -> None:
+def _label_units(run: Run, wired: Wiring, labelers: list[UnitLabeler], rows: int) -> None:
     """Each labeler takes the next unit of work until none is left; a failure in one stops the others after
     their current unit, and is raised here."""
     todo = iter(run.todo)
@@ -121,7 +121,7 @@ def _label_units(run: Run, wired: dict[str, Any], labelers: list[UnitLabeler], r
                     labeled = pa.concat_tables(list(labeler(unit_rows)))
                     if pending is not None:
                         commit(pending)
-                    pending = writer.submit(write_units, labeled, **wired["write"])
+                    pending = writer.submit(write_units, labeled, **wired.write)
                     _progress(run, progress, lock, unit[2] - unit[1], rows)
                 if pending is not None:
                     commit(pending)

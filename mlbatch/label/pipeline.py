@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, NoReturn
+from typing import Iterator, NoReturn
 
 import pyarrow as pa
 import ray
@@ -34,9 +34,10 @@ from ..core.manifest import ManifestError
 from ..model.spec import resolve_precision
 from . import ray_compat
 from .commit import Run
-from .config import LAYOUTS, JobError, LabelConfig
+from .config import JobError, LabelConfig
 from .plan import Plan
 from .stages import Predictor, UnitLabeler, decode_batch, read_units, unit_pointers, wiring, write_units
+from .summary import EngineReport
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +119,14 @@ def choose_layout(requested: str, num_gpus: float) -> str:
     task -> predictor) and lets Ray read units ahead of decoding; one actor per unit with its own
     decode helpers does neither, and measured 1.18x and 1.00x split's speed on 2 cores (benchmarks/NOTES.md).
     """
-    if requested not in LAYOUTS:
-        raise JobError(f"--layout {requested!r}: choose one of {', '.join(LAYOUTS)}")
-    if requested != "auto":
+    if requested != "auto":   # fused or split: ``config.check_choices`` refused anything else
         return requested
     return "split" if num_gpus > 0 else "fused"
 
 
-def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
-    """units -> [read -> fetch + decode -> predict] -> write + commit, streaming; returns the predictor's set-up.
+def run_pipeline(run: Run, why: str, predictors: Predictors) -> EngineReport:
+    """units -> [read -> fetch + decode -> predict] -> write + commit, streaming; returns how it ran (``why``
+    this engine included).
 
     ``split``: read, fetch + decode (CPU tasks) and predict (actors, GPUs) are stages of their own;
     ``fused``: one actor does all three per unit of work (the CPU layout, ``UnitLabeler``).
@@ -142,41 +142,41 @@ def run_pipeline(run: Run, predictors: Predictors) -> dict[str, Any]:
     else:
         concurrency = max(1, int(cpus // 2))
     wired = wiring(run)
-    if wired["renames"]:
-        log.info("manifest columns kept under new names (the output uses their names): %s", wired["renames"])
+    if wired.renames:
+        log.info("manifest columns kept under new names (the output uses their names): %s", wired.renames)
     pool = concurrency if isinstance(concurrency, tuple) else (concurrency, concurrency)
     log.info("labeling %d rows (%d units of work) of %d manifests into %s (run %s, ray engine, %s layout, %s "
              "predictor actors, device %s, %s decoding)", sum(b - a for _, a, b in run.todo), len(run.todo),
-             len(plan.files), run.output, plan.run_id, layout, concurrency, device, config.decode)
+             len(plan.manifests), run.output, plan.run_id, layout, concurrency, device, config.decode)
     ds = units_dataset(run.todo, plan)
     if layout == "fused":
-        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={**wired["predictor"], **wired["labeler"]},
+        ds = ds.map_batches(UnitLabeler, fn_constructor_kwargs={**wired.predictor, **wired.labeler},
                             batch_size=1, batch_format="pyarrow", num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
                             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     else:
-        ds = ds.map_batches(read_units, fn_kwargs={"renames": wired["renames"]}, batch_size=1, batch_format="pyarrow",
+        ds = ds.map_batches(read_units, fn_kwargs={"renames": wired.renames}, batch_size=1, batch_format="pyarrow",
                             num_cpus=DECODE_CPUS, **TASK_RETRIES)
         # Blocks of a few batches: a unit is read as one block, so without this a single task would
         # fetch every image of it. Small blocks spread the fetching over the cluster.
         ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size * 4)
         # Fetching is half waiting on storage, so a decode task asks for half a CPU. That also keeps
         # Ray from fusing decode into the predictor actors (it fuses stages with equal resources).
-        ds = ds.map_batches(decode_batch, fn_kwargs=wired["decode"], batch_format="pyarrow",
+        ds = ds.map_batches(decode_batch, fn_kwargs=wired.decode, batch_format="pyarrow",
                             batch_size=config.decode_batch_size, num_cpus=DECODE_CPUS,
                             **TASK_RETRIES)
-        ds = ds.map_batches(Predictor, fn_constructor_kwargs=wired["predictor"],
+        ds = ds.map_batches(Predictor, fn_constructor_kwargs=wired.predictor,
                             batch_format="pyarrow", batch_size=config.batch_size, num_gpus=num_gpus or None,
                             num_cpus=1 if not num_gpus else None,
                             compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]), **ACTOR_RETRIES)
     # Writing is mostly waiting on storage too: half a CPU lets files land as the job goes, so a
     # 2-CPU node (predictor + decode) keeps memory flat and a killed run keeps what it finished.
-    ds = ds.map_batches(write_units, fn_kwargs=wired["write"], batch_format="pyarrow",
-                        batch_size=config.rows_per_file, num_cpus=WRITE_CPUS, **TASK_RETRIES)
+    ds = ds.map_batches(write_units, fn_kwargs=wired.write, batch_format="pyarrow",
+                        batch_size=config.rows_per_unit, num_cpus=WRITE_CPUS, **TASK_RETRIES)
     for batch in _stream(ds, run):
         run.add_markers(batch)
-    return {"engine": "ray", "layout": layout, "concurrency": concurrency, "num_gpus": num_gpus, "device": device,
-            "precision": predictors.precision, "decode": config.decode}
+    return EngineReport("ray", why, layout=layout, concurrency=concurrency, num_gpus=num_gpus, device=device,
+                        precision=predictors.precision, decode=config.decode)
 
 
 def _stream(ds: ray.data.Dataset, run: Run) -> Iterator[pa.Table]:

@@ -1,8 +1,8 @@
 """Planning a run from the manifests' Parquet footers alone: no rows are read, nothing grows with rows.
 
-A *unit of work* is a row range of one manifest file (``--rows-per-file`` rows), named by its
-file's place in the run's sorted file list and its first row (``commit.unit_id``). The plan
-holds per-file and per-unit records only; the model reference is resolved once here, so every
+A *unit of work* is a row range of one manifest (``--rows-per-unit`` rows), named by its
+manifest's place in the run's sorted list (its *manifest index*) and its first row
+(``commit.unit_id``). The plan holds per-manifest and per-unit records only; the model reference is resolved once here, so every
 actor loads the same package.
 """
 
@@ -27,16 +27,16 @@ from .config import JobError, LabelConfig
 
 @dataclass
 class Plan:
-    files: list[str]
-    rows: list[int]                 # per file
+    manifests: list[str]            # the run's manifest files, sorted: a unit names one by its place here
+    rows: list[int]                 # per manifest
     schema: pa.Schema
-    units: list[tuple[int, int, int]]   # (file index, start, stop)
+    units: list[tuple[int, int, int]]   # (manifest index, start, stop)
     meta: dict[str, Any]
     model_uri: str                  # the package itself: a registry reference resolved once, for every actor
     thresholds: dict[str, float]
     run_id: str
-    null_id_files: list[int]        # files whose footers do not rule out a null id
-    fingerprints: list[str]         # per file: its footer's digest, then "@" and its version (ETag, or mtime)
+    null_id_manifests: list[int]    # manifests whose footers do not rule out a null id
+    stamps: list[str]               # per manifest: its footer digest, "@", its version (ETag, or mtime)
 
     @property
     def rows_in(self) -> int:
@@ -45,13 +45,13 @@ class Plan:
 
 def make_plan(config: LabelConfig) -> Plan:
     """Check everything that can be checked before compute, from the manifests' footers: no rows are read."""
-    if config.rows_per_file < 1:
-        raise JobError(f"--rows-per-file {config.rows_per_file}: must be at least 1")
+    if config.rows_per_unit < 1:
+        raise JobError(f"--rows-per-unit {config.rows_per_unit}: must be at least 1")
     files = manifest.expand(config.manifests)
     schema = None
     rows: list[int] = []
-    fingerprints: list[str] = []
-    null_id_files: list[int] = []
+    stamps: list[str] = []
+    null_id_manifests: list[int] = []
     pool = ThreadPoolExecutor(max_workers=min(32, len(files)))
     try:
         footers = pool.map(_versioned_footer, files)   # a few KiB each, in order, none kept
@@ -63,22 +63,23 @@ def make_plan(config: LabelConfig) -> Plan:
                 raise manifest.ManifestError(f"manifest {uri}: its columns differ from {files[0]}'s "
                                              f"({_schema_diff(schema, s)}); manifests of one run must share a schema")
             rows.append(footer.num_rows)
-            fingerprints.append(f"{footer_digest(footer)}@{version}")
+            stamps.append(f"{footer_digest(footer)}@{version}")
             if config.id_column and may_hold_nulls(footer, config.id_column):
-                null_id_files.append(i)
+                null_id_manifests.append(i)
     finally:
         pool.shutdown(cancel_futures=True)
     assert schema is not None
-    step = config.rows_per_file
+    step = config.rows_per_unit
     units = [(i, start, min(start + step, n)) for i, n in enumerate(rows) for start in range(0, n, step)]
     model_uri, meta, thresholds = resolve_model(config.model, config.thresholds)
     settings = {"thresholds": thresholds, "decode": config.decode, "max_pixels": config.max_pixels,
-                "max_bytes": config.max_bytes, "rows_per_file": config.rows_per_file, "uri_column": config.uri_column}
+                "max_bytes": config.max_bytes, "uri_column": config.uri_column,
+                "rows_per_file": config.rows_per_unit}   # the unit size's old name, kept: it digests into run ids
     run_id = config.run_id or default_run_id(files, meta["version"], absolute(config.output), settings)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", run_id):
         raise JobError(f"run id {run_id!r}: use letters, digits, '_' and '-' (at most 64), nothing that could "
                        "make a path")
-    return Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_files, fingerprints)
+    return Plan(files, rows, schema, units, meta, model_uri, thresholds, run_id, null_id_manifests, stamps)
 
 
 def _versioned_footer(uri: str) -> tuple[str, pq.FileMetaData]:

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 def plan_record(config: LabelConfig, plan: Plan, predictor: str) -> dict[str, Any]:
     """What a resumed run must share with the units it keeps: everything that changes a row's value, the
     device and precision its predictors compute in included (GPU and CPU rows differ near a threshold)."""
-    return {"predictor": predictor, "files": [[u, n, fp] for u, n, fp in zip(plan.files, plan.rows, plan.fingerprints)],
-            "rows_per_unit": config.rows_per_file, "decode": config.decode, "model_version": plan.meta["version"],
+    return {"predictor": predictor, "manifests": [[u, n, s] for u, n, s in zip(plan.manifests, plan.rows, plan.stamps)],
+            "rows_per_unit": config.rows_per_unit, "decode": config.decode, "model_version": plan.meta["version"],
             "thresholds": plan.thresholds, "max_pixels": config.max_pixels, "max_bytes": config.max_bytes,
             "uri_column": config.uri_column}
 
 
-_FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "rows_per_unit": "--rows-per-file",
+_FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "rows_per_unit": "--rows-per-unit",
           "decode": "--decode", "model_version": "the model version", "thresholds": "the thresholds",
           "max_pixels": "--max-pixels", "max_bytes": "--max-bytes", "uri_column": "--uri-column"}
 
@@ -42,8 +42,8 @@ _FLAGS = {"predictor": "the device and precision (--precision, --num-gpus)", "ro
 def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between a run's first plan record and this try's, in words."""
     out = []
-    old_files = {f[0]: f[1:] for f in before.get("files", [])}
-    new_files = {f[0]: f[1:] for f in now["files"]}
+    old_files = {f[0]: f[1:] for f in before.get("manifests", before.get("files", []))}   # "files": an older mlbatch's
+    new_files = {f[0]: f[1:] for f in now["manifests"]}
     for uri in sorted(set(old_files) | set(new_files)):
         if uri not in new_files:
             out.append(f"manifest {uri} is no longer in the run")
@@ -105,7 +105,7 @@ def completed(config: LabelConfig, plan: Plan) -> dict[str, Any] | None:
     whole_units = _whole_units(plan, committed)
     files = {u.rsplit("/", 1)[-1] for u in run_files(output, plan.run_id)}
     missing = [unit_id(f, a) for f, a, _ in plan.units if unit_id(f, a) not in whole_units]
-    gone = [m["file"] for u in whole_units for m in committed[u] if m["file"] not in files]
+    gone = [m["data_file"] for u in whole_units for m in committed[u] if m["data_file"] not in files]
     if missing or gone or not storage.exists(storage.join(markers, PLAN_FILE)):
         log.warning("run %s has its _SUCCESS but not all it vouches for (plan record, %d units without a whole "
                     "commit, %d committed files gone): a removal was cut part way; resuming it", plan.run_id,
@@ -118,19 +118,8 @@ def prepare(config: LabelConfig, plan: Plan, fence: Fence, predictor: str) -> Ru
     """Start a run afresh, or (``--resume``) keep its whole committed units and clear away the rest."""
     output, state = output_dirs(config)
     markers = markers_dir(state, plan.run_id)
-    others = other_runs(output, plan.run_id) if config.mode == "error" else {}
-    if others and config.resume and not run_files(output, plan.run_id) and not storage.exists(
-            storage.join(markers, PLAN_FILE)):
-        held = ", ".join(sorted(others)[:5])
-        raise JobError(f"cannot resume run {plan.run_id}: output {output} holds {held}, not this run. Its manifests, "
-                       "--rows-per-file or --decode are not those it started with, or the model version, "
-                       "thresholds, --max-pixels, --max-bytes or --uri-column changed (the default run id covers "
-                       "them all): resume with the same settings, or pass the run's --run-id")
-    if others:   # before anything is removed
-        held = ", ".join(f"{who} ({n} files)" for who, n in sorted(others.items())[:5])
-        raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
-                       "again would double them: pass --mode overwrite to replace them once this run has "
-                       "committed, or --mode append to add this run beside them")
+    if config.mode == "error":   # before anything is removed
+        _refuse_other_runs(config, plan, output, markers)
     fence.check()
     swept = sum(storage.sweep_temporaries(d) for d in {output, state, markers})   # writers killed mid-write
     if swept:
@@ -139,18 +128,34 @@ def prepare(config: LabelConfig, plan: Plan, fence: Fence, predictor: str) -> Ru
         storage.delete(storage.join(state, name))
     plan_uri = storage.join(markers, PLAN_FILE)
     files = run_files(output, plan.run_id)
-    run = Run(config, plan, output, state, markers, fence, {}, [Stats() for _ in plan.files], Stats(), [],
+    run = Run(config, plan, output, state, markers, fence, {}, [Stats() for _ in plan.manifests], Stats(), [],
               predictor=predictor)
-    attempts = 1
     if config.resume and (files or storage.exists(plan_uri)):
-        attempts = _resume(run, files, plan_record(config, plan, predictor))
+        run.attempts = _resume(run, files, plan_record(config, plan, predictor))
     else:  # a repeated run replaces its own files
         remove_run(output, state, plan.run_id)
-    run.attempts = attempts
-    storage.write_atomic(plan_uri, json.dumps({**plan_record(config, plan, predictor), "attempts": attempts,
+    storage.write_atomic(plan_uri, json.dumps({**plan_record(config, plan, predictor), "attempts": run.attempts,
                                                "epoch": fence.epoch}).encode())
     run.todo = [u for u in plan.units if unit_id(u[0], u[1]) not in run.done]
     return run
+
+
+def _refuse_other_runs(config: LabelConfig, plan: Plan, output: str, markers: str) -> None:
+    """``--mode error``: an output holding rows this run did not write is refused, naming who wrote them;
+    a ``--resume`` that finds only other runs' rows is told why its own are not there."""
+    others = other_runs(output, plan.run_id)
+    if not others:
+        return
+    if config.resume and not run_files(output, plan.run_id) and not storage.exists(storage.join(markers, PLAN_FILE)):
+        held = ", ".join(sorted(others)[:5])
+        raise JobError(f"cannot resume run {plan.run_id}: output {output} holds {held}, not this run. Its manifests, "
+                       "--rows-per-unit or --decode are not those it started with, or the model version, "
+                       "thresholds, --max-pixels, --max-bytes or --uri-column changed (the default run id covers "
+                       "them all): resume with the same settings, or pass the run's --run-id")
+    held = ", ".join(f"{who} ({n} files)" for who, n in sorted(others.items())[:5])
+    raise JobError(f"output {output} already holds rows this run did not write: {held}. Labeling into it "
+                   "again would double them: pass --mode overwrite to replace them once this run has "
+                   "committed, or --mode append to add this run beside them")
 
 
 def _resume(run: Run, files: list[str], record: dict[str, Any]) -> int:
@@ -165,19 +170,19 @@ def _resume(run: Run, files: list[str], record: dict[str, Any]) -> int:
                _changes(before, record))
     if changes:
         raise JobError(f"cannot resume run {plan.run_id}: {'; '.join(changes[:5])} ({plan_uri}): its "
-                       "manifests, --rows-per-file or --decode are not those it started with, or the model "
+                       "manifests, --rows-per-unit or --decode are not those it started with, or the model "
                        "version, thresholds, --max-pixels, --max-bytes or --uri-column changed; run again without "
                        "--resume")
     committed = _committed(run.markers)
     run.done = _whole_units(plan, committed)
     for unit, stats in run.done.items():
-        run.file_stats[committed[unit][0]["file_index"]].add(stats)
+        run.manifest_stats[committed[unit][0]["manifest_index"]].add(stats)
         run.total.add(stats)
-    keep = {m["file"] for u in run.done for m in committed[u]}
+    keep = {m["data_file"] for u in run.done for m in committed[u]}
     for unit, ms in committed.items():       # a part of a unit is no commit: markers first, then the data
         if unit not in run.done:
             for m in ms:
-                storage.delete(marker_uri(run.markers, m["file"]))
+                storage.delete(marker_uri(run.markers, m["data_file"]))
     stale = [u for u in files if u.rsplit("/", 1)[-1] not in keep]
     for uri in stale:
         storage.delete(uri)

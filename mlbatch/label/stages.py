@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -29,7 +30,7 @@ from .decoder import decode_uris
 from .plan import Plan, footer_digest
 from .stats import Stats
 
-PIXELS, ERROR, FILE_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_file"
+PIXELS, ERROR, MANIFEST_INDEX = "__mlbatch_pixels", "__mlbatch_error", "__mlbatch_manifest"
 log = logging.getLogger(__name__)
 
 STICKY_ERRORS = ("CUDA error", "cuDNN error", "CUBLAS_STATUS", "device-side assert")   # the device is lost
@@ -38,9 +39,19 @@ OUT_OF_MEMORY = "out of device memory for this picture alone (the model does not
 FUSED_THREADS = 2             # cores a fused labeler uses (it claims 1 CPU, so a write task fits beside it)
 
 
-def wiring(run: Run) -> dict[str, Any]:
-    """The stages' arguments for a run, the same for every engine and layout: ``predictor`` (Predictor's),
-    ``labeler`` (UnitLabeler's beyond those), ``decode`` (decode_batch's) and ``write`` (write_units')."""
+@dataclass(frozen=True)
+class Wiring:
+    """The stages' keyword arguments for a run, the same for every engine and layout."""
+
+    renames: dict[str, str]            # manifest columns that collide with output columns -> their new names
+    predictor: dict[str, Any]          # ``Predictor``'s
+    labeler: dict[str, Any]            # ``UnitLabeler``'s beyond the predictor's
+    decode: dict[str, Any]             # ``decode_batch``'s
+    write: dict[str, Any]              # ``write_units``'
+
+
+def wiring(run: Run) -> Wiring:
+    """How a run's stages are set up: what each needs from its configuration and plan."""
     config, plan = run.config, run.plan
     labels = plan.meta["labels"]
     renames = renamed_inputs(plan.schema.names, labels)
@@ -48,18 +59,18 @@ def wiring(run: Run) -> dict[str, Any]:
                              run.predictor)
     columns = [renames.get(n, n) for n in plan.schema.names] + [name for name, _ in output_columns(labels)]
     uri_column = renames.get(config.uri_column, config.uri_column)
-    return {
-        "renames": renames,
-        "predictor": {"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
-                      "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels,
-                      "require_cuda": config.require_cuda, "precision": config.precision},
-        "labeler": {"renames": renames, "uri_column": uri_column, "batch_size": config.batch_size,
-                    "max_bytes": config.max_bytes},
-        "decode": {"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
-                   "max_bytes": config.max_bytes, "fetch_only": config.decode != "pil"},
-        "write": {"output": run.output, "markers": run.markers, "run_id": plan.run_id, "fence": run.fence,
-                  "rows_per_unit": config.rows_per_file, "columns": columns, "labels": labels, "metadata": metadata},
-    }
+    return Wiring(
+        renames=renames,
+        predictor={"model_uri": plan.model_uri, "thresholds": plan.thresholds, "run_id": plan.run_id,
+                   "schema_metadata": metadata, "decode": config.decode, "max_pixels": config.max_pixels,
+                   "require_cuda": config.require_cuda, "precision": config.precision},
+        labeler={"renames": renames, "uri_column": uri_column, "batch_size": config.batch_size,
+                 "max_bytes": config.max_bytes},
+        decode={"uri_column": uri_column, "size": plan.meta["input"]["size"], "max_pixels": config.max_pixels,
+                "max_bytes": config.max_bytes, "fetch_only": config.decode != "pil"},
+        write={"output": run.output, "markers": run.markers, "run_id": plan.run_id, "fence": run.fence,
+               "rows_per_unit": config.rows_per_unit, "columns": columns, "labels": labels, "metadata": metadata},
+    )
 
 
 def _groups(pf: pq.ParquetFile, start: int, stop: int) -> tuple[tuple[int, ...], int]:
@@ -75,18 +86,18 @@ def _groups(pf: pq.ParquetFile, start: int, stop: int) -> tuple[tuple[int, ...],
 
 
 def unit_pointers(units: list[tuple[int, int, int]], plan: Plan) -> list[dict[str, Any]]:
-    """Units of work as rows of ``file, uri, fingerprint, start, stop``: what a reader reads, and the footer
+    """Units of work as rows of ``manifest, uri, stamp, start, stop``: what a reader reads, and the footer
     it must find there (the one the run was planned from)."""
-    return [{"file": f, "uri": plan.files[f], "fingerprint": plan.fingerprints[f], "start": a, "stop": b}
+    return [{"manifest": f, "uri": plan.manifests[f], "stamp": plan.stamps[f], "start": a, "stop": b}
             for f, a, b in units]
 
 
-def refuse_if_changed(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> None:
+def refuse_if_changed(uri: str, pf: pq.ParquetFile, stamp: str | None) -> None:
     """Refuse a manifest rewritten since the run was planned: its row numbers would name other rows. Its footer
     and its version (ETag, or size and mtime) must both be the planned ones: an edit in place that keeps the
     values' lengths and each column's min and max keeps the footer, not the version."""
-    digest, _, version = (fingerprint or "").partition("@")
-    if fingerprint is not None and (footer_digest(pf.metadata) != digest
+    digest, _, version = (stamp or "").partition("@")
+    if stamp is not None and (footer_digest(pf.metadata) != digest
                                     or (version and storage.version(uri) != version)):
         raise manifest.ManifestError(f"manifest {uri} changed while this run read it (its footer or its version is not the one "
                                      "the run was planned from): its rows now are not the rows the run counted. "
@@ -94,12 +105,12 @@ def refuse_if_changed(uri: str, pf: pq.ParquetFile, fingerprint: str | None) -> 
 
 
 def read_range(uri: str, start: int, stop: int, columns: list[str] | None = None,
-               fingerprint: str | None = None) -> pa.Table:
+               stamp: str | None = None) -> pa.Table:
     """Rows ``[start, stop)`` of a Parquet file, reading only the row groups that hold them."""
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
-        refuse_if_changed(uri, pf, fingerprint)
+        refuse_if_changed(uri, pf, stamp)
         groups, first = _groups(pf, start, stop)
         table = pf.read_row_groups(groups, columns=columns)
     return table.slice(start - first, stop - start)
@@ -115,11 +126,11 @@ class RowGroupReader:
         self._table: pa.Table | None = None
         self._first = 0
 
-    def __call__(self, uri: str, start: int, stop: int, fingerprint: str | None = None) -> pa.Table:
+    def __call__(self, uri: str, start: int, stop: int, stamp: str | None = None) -> pa.Table:
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            refuse_if_changed(uri, pf, fingerprint)
+            refuse_if_changed(uri, pf, stamp)
             groups, first = _groups(pf, start, stop)
             if self._key != (uri, groups):
                 self._key, self._table = None, None   # the old groups go before the new ones come
@@ -131,14 +142,14 @@ class RowGroupReader:
 def read_units(batch: pa.Table, renames: dict[str, str], read: Any = read_range) -> pa.Table:
     """Read units of work (rows of ``unit_pointers``): their rows, identity columns appended."""
     tables = []
-    for file_index, uri, fingerprint, start, stop in zip(*(batch.column(c).to_pylist() for c in (
-            "file", "uri", "fingerprint", "start", "stop"))):
-        t = read(uri, start, stop, fingerprint=fingerprint).replace_schema_metadata(None)
+    for manifest_index, uri, stamp, start, stop in zip(*(batch.column(c).to_pylist() for c in (
+            "manifest", "uri", "stamp", "start", "stop"))):
+        t = read(uri, start, stop, stamp=stamp).replace_schema_metadata(None)
         t = t.rename_columns([renames.get(n, n) for n in t.column_names])
         n = t.num_rows
         t = t.append_column(SOURCE_MANIFEST, pa.array([uri] * n, pa.string()))
         t = t.append_column(SOURCE_ROW, pa.array(np.arange(start, start + n, dtype=np.int64)))
-        tables.append(t.append_column(FILE_INDEX, pa.array(np.full(n, file_index, np.int32))))
+        tables.append(t.append_column(MANIFEST_INDEX, pa.array(np.full(n, manifest_index, np.int32))))
     return pa.concat_tables(tables)
 
 
@@ -368,7 +379,7 @@ def write_units(batch: pa.Table, output: str, markers: str, run_id: str, fence: 
     its time to live ahead (``Fence.lost``), so a worker whose attempt was superseded, or whose holder
     stopped renewing, stops here; what the next attempt does with a unit that lands anyway is in ``prepare``.
     """
-    files = batch.column(FILE_INDEX).to_numpy()
+    files = batch.column(MANIFEST_INDEX).to_numpy()
     starts = batch.column(SOURCE_ROW).to_numpy() // rows_per_unit * rows_per_unit
     keys = np.stack([files, starts], axis=1)
     lost = fence.lost()
@@ -384,6 +395,6 @@ def write_units(batch: pa.Table, output: str, markers: str, run_id: str, fence: 
         storage.write_atomic(storage.join(output, name), piece)
         text = marker_text(name, unit, int(f), fence.epoch, Stats.of_table(piece, labels))
         storage.write_atomic(marker_uri(markers, name), text.encode())
-        out.append({"unit": unit, "file_index": int(f), "marker": text})
-    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("file_index", pa.int64()),
+        out.append({"unit": unit, "manifest_index": int(f), "marker": text})
+    return pa.Table.from_pylist(out, schema=pa.schema([("unit", pa.string()), ("manifest_index", pa.int64()),
                                                        ("marker", pa.string())]))

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ..core.table import SOURCE_ROW, STATUS_OK, label_column, prob_column
 
-TOP_ERRORS_KEPT = 20          # distinct error messages kept per file's marker (and 5x that per run)
+TOP_ERRORS_KEPT = 20          # distinct error messages kept per commit marker (and 5x that per run)
 SQUARES_MODULUS = 2 ** 64     # row_square_sum wraps, as numpy's uint64 sums do
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,7 +22,31 @@ from .stats import whole
 log = logging.getLogger(__name__)
 
 
-def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EngineReport:
+    """How an engine ran a run's predictors: the summary's ``predictor`` record (``as_record``)."""
+
+    engine: str                       # local | ray
+    engine_reason: str                # why that engine (``engine.choose_engine``)
+    layout: str | None = None         # fused | split; None when nothing was left to label
+    concurrency: int | tuple[int, int] | None = None   # predictors (or Ray's autoscaling pool)
+    num_gpus: float | None = None     # per predictor
+    device: str | None = None         # cpu | cuda
+    precision: str | None = None
+    decode: str | None = None
+    devices: tuple[str, ...] | None = None   # the local engine's: one per predictor
+    decode_helpers: int | None = None        # the local engine's: decode processes per predictor
+
+    def as_record(self) -> dict[str, Any]:
+        """The record in ``_run.json``: the local engine's own fields only when it ran."""
+        record = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        for name in ("devices", "decode_helpers"):
+            if record[name] is None:
+                del record[name]
+        return record
+
+
+def finish(run: Run, started: float, predictor: EngineReport) -> dict[str, Any]:
     """Add up the units' statistics, check every unit is whole, write ``_run.json`` then ``_SUCCESS``."""
     config, plan = run.config, run.plan
     total = run.total
@@ -35,7 +59,7 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         "run_id": plan.run_id,
         "status": "complete",
         "output": run.output,
-        "manifests": plan.files,
+        "manifests": plan.manifests,
         "rows_in": plan.rows_in,
         "rows_out": rows_out,
         "ok": total.ok,
@@ -44,7 +68,7 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         "top_errors": total.top_errors(),
         "labels": total.per_label(plan.thresholds),
         "per_manifest": [{"manifest": uri, "rows": s.rows, "ok": s.ok, "errors": s.errors,
-                          "labels": s.per_label(plan.thresholds)} for uri, s in zip(plan.files, run.file_stats)],
+                          "labels": s.per_label(plan.thresholds)} for uri, s in zip(plan.manifests, run.manifest_stats)],
         "model": {"uri": config.model, "resolved_uri": plan.model_uri, "name": plan.meta["name"],
                   "version": plan.meta["version"]},
         "renamed_columns": renamed_inputs(plan.schema.names, plan.meta["labels"]),
@@ -52,7 +76,7 @@ def finish(run: Run, started: float, predictor: dict[str, Any]) -> dict[str, Any
         "files": len(read_markers(run.markers)) if run.attempts > 1 else run.files_written,
         "attempts": run.attempts,
         "lease_epoch": run.attempt,
-        "predictor": predictor,
+        "predictor": predictor.as_record(),
         "wall_seconds": round(wall, 2),
         "rows_per_second": round(rows_out / wall, 2) if wall > 0 else None,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

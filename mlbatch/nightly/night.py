@@ -16,7 +16,7 @@ How a night goes:
   reported, so it cannot fail the others.
 * The bookkeeping stays per manifest: the job's units never straddle two manifests, so each
   output file, and each commit marker with its statistics, belongs to one manifest (the
-  ``file_index`` of the run's plan). The job's summary has every manifest's rows, ok, errors and
+  ``manifest_index`` of the run's plan). The job's summary has every manifest's rows, ok, errors and
   label statistics; each manifest gets its own record in the state.
 * Before a run starts, the state records it as *pending* with its manifests. A crashed night is
   simply run again: completed manifests are skipped; a pending run whose manifests are unchanged
@@ -39,12 +39,10 @@ See ``state`` for where things live and ``drift`` for the drift watch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,21 +52,15 @@ from ..core.lease import Fence
 from ..label import commit
 from ..label.config import JobError, LabelConfig, options_of
 from ..label.job import label
-from ..label.plan import check_footer, resolve_model
+from ..label.plan import resolve_model
 from .config import DriftError, NightlyConfig, NightlyError, check_config
-from .discover import Manifest, find_manifests
+from .discover import find_manifests
 from .drift import METRICS, drift, night_stats
 from .publish import journal, publish, settle
+from .runs import Failure, NightRun, Todo, group_runs, sort_manifests
 from .state import NIGHTLY_DIR, PARTITION_SUMMARY, RUNS_DIR, NightState, load_state, partition_uri, run_dir, write_json
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Todo:
-    manifest: Manifest
-    reason: str                      # new | changed | relabel
-    replaces: dict[str, Any] | None  # the same model version's previous record of this manifest
 
 
 def _abandon(before: NightState, output: str, day: str, run_id: str) -> NightState:
@@ -120,67 +112,23 @@ def nightly(config: NightlyConfig) -> dict[str, Any]:
 
 def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: dict[str, Any],
            started: float, fence: Fence) -> dict[str, Any]:
-    """The night itself, under the output's lease: find, group into runs, label, record, watch drift."""
+    """The night itself, under the output's lease: find, sort, group into runs, label, record, watch drift."""
     version = meta["version"]
-    storage.sweep_temporaries(storage.join(output, NIGHTLY_DIR))   # of a night killed mid-write
-    state = load_state(output, fence)
-    if config.table:
-        try:
-            settle(config, output, state)
-        except iceberg.TableError as exc:
-            raise JobError(str(exc)) from None
+    state = _open_state(config, output, fence)
     found = find_manifests(config.input, output, state)
     log.info("nightly %s: %d manifests under %s, model %s %s", day, len(found), config.input, meta["name"], version)
     if not found:
         log.warning("nightly %s: no *.parquet manifests under %s", day, config.input)
-
-    todo: list[_Todo] = []
-    unchanged: list[str] = []
-    older: list[str] = []
-    for m in found:
-        records = state["manifests"].get(m.uri, {})
-        mine = records.get(version)
-        same = [v for v, r in records.items() if r["size"] == m.size and r["etag"] == m.etag]
-        if mine is not None and version in same:
-            unchanged.append(m.uri)
-        elif mine is not None:
-            todo.append(_Todo(m, "changed", mine))
-        elif same and not config.relabel:
-            older.append(m.uri)
-        elif same:
-            todo.append(_Todo(m, "relabel", None))
-        else:  # never labeled, or its content changed since an older version labeled it
-            todo.append(_Todo(m, "new" if not records else "changed", None))
-    present = {m.uri for m in found}
-    missing = sorted(u for u in state["manifests"] if u not in present)
-    if older:
-        log.warning("%d manifests were labeled by an older model version and are left alone "
-                    "(pass --relabel to label them with %s)", len(older), version)
-
+    todo, unchanged, older = sort_manifests(found, state, version, config.relabel)
+    runs, failed = group_runs(config, output, day, version, todo, state)
     labeled: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    for run_id, run_day, jobs, resume, rows_per_file in _group_runs(config, output, day, version, todo, state, failed):
-        try:
-            labeled += _label_run(replace(config, model=model_uri, rows_per_file=rows_per_file), output, run_day,
-                                  meta, run_id, jobs, resume, state, failed)
-        except Exception as exc:   # recording the run failed (the state, S3): its manifests are retried next night
-            state = _abandon(state, output, run_day, run_id)
-            recorded = {f["manifest"] for f in failed}
-            for job in jobs:
-                if job.manifest.uri not in recorded:
-                    log.error("nightly %s: %s failed: %s", day, job.manifest.uri, _reason(exc))
-                    failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": _reason(exc)})
-
-    table = None
-    if config.table:   # the whole night in one snapshot; on failure its journal waits for the next night
-        try:
-            table = publish(config, day, output, state, version)
-        except Exception as exc:
-            log.error("nightly %s: the commit to table %s failed: %s", day, config.table, _reason(exc))
-            table = {"identifier": config.table, "catalog": config.catalog, "error": _reason(exc)}
+    for run in runs:
+        done, lost, state = _label_run_or_abandon(replace(config, model=model_uri, rows_per_unit=run.rows_per_unit),
+                                                  output, meta, run, state)
+        labeled += done
+        failed += lost
+    table = _publish(config, day, output, state, version)
     night = night_stats(state, day, version)
-    watch = drift(state, day, version, night, config.drift_window, config.drift_bound)
-    wall = time.time() - started
     summary = {
         "date": day,
         "status": "failed" if failed else "complete",
@@ -190,20 +138,64 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
         "model": {"uri": config.model, "resolved_uri": model_uri, "name": meta["name"], "version": version},
         "manifests_found": len(found),
         "labeled": labeled,
-        "failed": failed,
+        "failed": [asdict(f) for f in failed],
         "unchanged": len(unchanged),
         "older_version": {"count": len(older), "relabel": config.relabel, "manifests": older},
-        "missing": missing,
+        "missing": sorted(u for u in state["manifests"] if u not in {m.uri for m in found}),
         "table": table,
         "night": night,
-        "drift": watch,
-        "wall_seconds": round(wall, 2),
+        "drift": drift(state, day, version, night, config.drift_window, config.drift_bound),
+        "wall_seconds": round(time.time() - started, 2),
         "finished_at": _now(),
     }
     write_json(storage.join(output, NIGHTLY_DIR, RUNS_DIR, f"{day}.json"), summary)
     write_json(storage.join(partition_uri(output, day), PARTITION_SUMMARY), summary)
+    _raise_if_not_clean(config, summary, len(todo))
+    return summary
+
+
+def _open_state(config: NightlyConfig, output: str, fence: Fence) -> NightState:
+    """The output's nightly state, after a killed night's temporaries are swept and its table commit settled."""
+    storage.sweep_temporaries(storage.join(output, NIGHTLY_DIR))
+    state = load_state(output, fence)
+    if config.table:
+        try:
+            settle(config, output, state)
+        except iceberg.TableError as exc:
+            raise JobError(str(exc)) from None
+    return state
+
+
+def _label_run_or_abandon(config: NightlyConfig, output: str, meta: dict[str, Any], run: NightRun,
+                          state: NightState) -> tuple[list[dict[str, Any]], list[Failure], NightState]:
+    """One run labeled and recorded; if its recording fails (the state, S3), the run is abandoned and its
+    manifests are retried next night. Returns what was labeled, what failed, and the state to go on with."""
+    try:
+        done, failed = _label_run(config, output, meta, run, state)
+        return done, failed, state
+    except Exception as exc:
+        state = _abandon(state, output, run.day, run.run_id)
+        for job in run.jobs:
+            log.error("nightly %s: %s failed: %s", run.day, job.manifest.uri, _reason(exc))
+        return [], [Failure(job.manifest.uri, run.run_id, _reason(exc)) for job in run.jobs], state
+
+
+def _publish(config: NightlyConfig, day: str, output: str, state: NightState, version: str) -> dict[str, Any] | None:
+    """The whole night committed to the table in one snapshot; on failure its journal waits for the next night."""
+    if not config.table:
+        return None
+    try:
+        return publish(config, day, output, state, version)
+    except Exception as exc:
+        log.error("nightly %s: the commit to table %s failed: %s", day, config.table, _reason(exc))
+        return {"identifier": config.table, "catalog": config.catalog, "error": _reason(exc)}
+
+
+def _raise_if_not_clean(config: NightlyConfig, summary: dict[str, Any], todo: int) -> None:
+    """The night's errors, once everything is written: failed manifests, an uncommitted table, drift."""
+    day, failed, table, watch = summary["date"], summary["failed"], summary["table"], summary["drift"]
     if failed:
-        raise NightlyError(f"nightly {day}: {len(failed)} of {len(todo)} manifests could not be labeled: "
+        raise NightlyError(f"nightly {day}: {len(failed)} of {todo} manifests could not be labeled: "
                            + "; ".join(f"{f['manifest']}: {f['error']}" for f in failed[:3]), summary)
     if table is not None and "error" in table:
         raise NightlyError(f"nightly {day}: its runs are labeled and recorded, but not committed to table "
@@ -212,133 +204,104 @@ def _night(config: NightlyConfig, day: str, output: str, model_uri: str, meta: d
         raise DriftError(f"nightly {day}: drift beyond {config.drift_bound} in "
                          + ", ".join(f"{d['label']} {d['metric']} ({d['difference']:+.3f})" for d in watch["drifted"]),
                          summary)
-    return summary
 
 
-def _manifest_problem(m: Manifest, config: NightlyConfig) -> tuple[str | None, Any]:
-    """Why a manifest cannot be labeled, from its footer alone (None if it can), and its schema."""
-    try:
-        return None, check_footer(m.uri, manifest_mod.read_footer(m.uri), config.uri_column, config.id_column)
-    except manifest_mod.ManifestError as exc:
-        return str(exc), None
-
-
-def night_run_id(day: str, manifests: list[Manifest], model_version: str) -> str:
-    """``night-<date>-<digest>``: deterministic from the night's manifests (URIs, fingerprints) and the model version."""
-    text = json.dumps({"manifests": [[m.uri, m.size, m.etag] for m in manifests], "model": model_version},
-                      sort_keys=True)
-    return f"night-{day}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
-
-def _group_runs(config: NightlyConfig, output: str, day: str, version: str, todo: list[_Todo],
-                state: NightState, failed: list[dict[str, Any]]) -> list[tuple[str, str, list[_Todo], bool, int]]:
-    """The night's labeling runs: first any run a crash left unfinished (resumed with its own manifests, in
-    its own partition and with its own unit size), then one run for everything else (one per schema, if
-    the manifests differ).
-
-    A manifest that cannot be labeled at all (unreadable, no URI column, no rows) is reported failed here,
-    so it cannot fail the others' run.
-    """
-    runs = []
-    left = {job.manifest.uri: job for job in todo}
-    for run_id, pending in list(state.get("pending", {}).items()):
-        if pending["model_version"] != version:   # its model is no longer the one: its rows go, the manifests
-            state.remove_run(output, pending["dt"], run_id)  # are labeled by this version (new, or --relabel)
-            del state["pending"][run_id]
-            continue
-        same = [left[u] for u, fp in pending["manifests"].items()
-                if u in left and left[u].manifest.fingerprint() == fp]
-        if same and len(same) == len(pending["manifests"]):
-            runs.append((run_id, pending["dt"], same, True, pending["rows_per_file"]))
-            for job in same:
-                del left[job.manifest.uri]
-        else:  # its manifests changed or went since: its rows are not wanted
-            state.remove_run(output, pending["dt"], run_id)
-            del state["pending"][run_id]
-    by_schema: dict[str, list[_Todo]] = {}
-    for job in left.values():
-        problem, schema = _manifest_problem(job.manifest, config)
-        if problem is not None:
-            log.error("nightly %s: %s cannot be labeled: %s", day, job.manifest.uri, problem)
-            failed.append({"manifest": job.manifest.uri, "run_id": None, "error": problem})
-            continue
-        by_schema.setdefault(schema.to_string(), []).append(job)
-    for jobs in by_schema.values():
-        runs.append((night_run_id(day, [j.manifest for j in jobs], version), day, jobs, False, config.rows_per_file))
-    return runs
-
-
-def _label_run(config: NightlyConfig, output: str, day: str, meta: dict[str, Any], run_id: str, jobs: list[_Todo],
-               resume: bool, state: NightState, failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Label the night's manifests in one run (or resume it), then record each manifest; returns what was done."""
-    rdir = run_dir(output, run_id)
-    state.setdefault("pending", {})[run_id] = {
-        "dt": day, "model_version": meta["version"], "rows_per_file": config.rows_per_file, "started_at": _now(),
-        "manifests": {j.manifest.uri: j.manifest.fingerprint() for j in jobs}}
+def _label_run(config: NightlyConfig, output: str, meta: dict[str, Any], run: NightRun,
+               state: NightState) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """Label the night's manifests in one run (or resume it), then record each manifest; returns what was
+    labeled and what failed (all of them, when the run itself fails)."""
+    state.setdefault("pending", {})[run.run_id] = {
+        "dt": run.day, "model_version": meta["version"], "rows_per_unit": config.rows_per_unit, "started_at": _now(),
+        "manifests": {j.manifest.uri: j.manifest.fingerprint() for j in run.jobs}}
     state.save()      # a crash from here on is resumed by the next night
-    if resume:
-        log.info("nightly %s: resuming run %s of %d manifests (partition dt=%s)", day, run_id, len(jobs), day)
-    options = {**options_of(config), "thresholds": dict(config.thresholds),
-               "max_error_rate": 1.0}   # the error rate is judged per manifest, below
-    base = LabelConfig(
-        **options, manifests=[j.manifest.uri for j in jobs], model=config.model, output=partition_uri(output, day),
-        run_id=run_id, resume=resume, state_dir=rdir, mode="append",
-        extra_summary={"nightly": {"date": day, "manifests": [{"manifest": j.manifest.uri, **j.manifest.fingerprint(),
-                                                                "reason": j.reason} for j in jobs]}})
+    if run.resume:
+        log.info("nightly %s: resuming run %s of %d manifests (partition dt=%s)", run.day, run.run_id, len(run.jobs),
+                 run.day)
     try:
-        summary = label(base)
+        summary = label(_label_config(config, output, run))
     except Exception as exc:   # any error of this run is its manifests' (a Ray error, a failed S3 write): the night goes on
-        state.remove_run(output, day, run_id)   # no half output of a failed run; its manifests are tried afresh next night
-        del state["pending"][run_id]
+        state.remove_run(output, run.day, run.run_id)   # no half output of a failed run; tried afresh next night
+        del state["pending"][run.run_id]
         state.save()
-        for job in jobs:
-            log.error("nightly %s: %s failed: %s", day, job.manifest.uri, exc)
-            failed.append({"manifest": job.manifest.uri, "run_id": run_id, "error": _reason(exc)})
-        return []
-
-    per_manifest = {m["manifest"]: (i, m) for i, m in enumerate(summary["per_manifest"])}
-    done = []
-    for job in jobs:
-        m = job.manifest
-        index, stats = per_manifest[m.uri]
+        for job in run.jobs:
+            log.error("nightly %s: %s failed: %s", run.day, job.manifest.uri, exc)
+        return [], [Failure(job.manifest.uri, run.run_id, _reason(exc)) for job in run.jobs]
+    done, failed = [], []
+    indexes = {m["manifest"]: i for i, m in enumerate(summary["per_manifest"])}
+    for job in run.jobs:
+        index = indexes[job.manifest.uri]
+        stats = summary["per_manifest"][index]
         rate = stats["errors"] / stats["rows"] if stats["rows"] else 0.0
         if rate > config.max_error_rate:  # this manifest's rows go; the others' stay
-            state.remove_manifest(output, day, run_id, index)
+            state.remove_manifest(output, run.day, run.run_id, index)
             error = (f"{stats['errors']} of {stats['rows']} rows are errors ({rate:.1%}), above --max-error-rate "
                      f"{config.max_error_rate:.1%}")
-            log.error("nightly %s: %s failed: %s", day, m.uri, error)
-            failed.append({"manifest": m.uri, "run_id": run_id, "error": error})
-            continue
-        removed = 0
-        if job.replaces is not None and job.replaces["run_id"] != run_id and config.table:
-            journal(state)["removals"].append({k: job.replaces.get(k) for k in ("run_id", "dt", "file_index")})
-            log.info("nightly %s: %s changed; its previous run %s (dt=%s) leaves the table with tonight's commit",
-                     day, m.uri, job.replaces["run_id"], job.replaces["dt"])
-        elif job.replaces is not None and job.replaces["run_id"] != run_id:
-            removed = state.remove_manifest(output, job.replaces["dt"], job.replaces["run_id"], job.replaces.get("file_index"))
-            log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", day, m.uri, removed,
-                     job.replaces["run_id"], job.replaces["dt"])
-        labeled_at = summary.get("finished_at") or _now()
-        record = {"run_id": run_id, "manifest": m.uri, "file_index": index, "dt": day, "reason": job.reason,
-                  "model_name": meta["name"], "model_version": meta["version"], **m.fingerprint(),
-                  "rows": stats["rows"], "ok": stats["ok"], "errors": stats["errors"],
-                  "labels": {k: {x: v.get(x) for x in (*METRICS, "threshold")} for k, v in stats["labels"].items()},
-                  "attempts": summary.get("attempts", 1), "replaces": job.replaces["run_id"] if job.replaces else None,
-                  "finished_at": labeled_at}
-        for old in state["runs"]:
-            if (job.replaces is not None and old["run_id"] == job.replaces["run_id"] and old["manifest"] == m.uri
-                    and not old.get("superseded_by")):
-                old["superseded_by"] = run_id
-        state["runs"].append(record)
-        state["manifests"].setdefault(m.uri, {})[meta["version"]] = {
-            **m.fingerprint(), "mtime_ns": m.mtime_ns, "run_id": run_id, "file_index": index, "dt": day,
-            "rows": stats["rows"], "labeled_at": labeled_at}
-        done.append({"manifest": m.uri, "run_id": run_id, "dt": day, "reason": job.reason, "resumed": resume,
-                     "attempts": record["attempts"], "rows": record["rows"], "ok": record["ok"],
-                     "errors": record["errors"], "replaced_run": record["replaces"], "removed_files": removed})
+            log.error("nightly %s: %s failed: %s", run.day, job.manifest.uri, error)
+            failed.append(Failure(job.manifest.uri, run.run_id, error))
+        else:
+            removed = _drop_previous(config, output, run, job, state)
+            done.append(_labeled(run, _record(state, meta, run, job, index, summary), removed))
     if config.table and done:
-        journal(state)["runs"].append({"run_id": run_id, "dt": day})
-    del state["pending"][run_id]
+        journal(state)["runs"].append({"run_id": run.run_id, "dt": run.day})
+    del state["pending"][run.run_id]
     state["updated_at"] = _now()
     state.save()
-    return done
+    return done, failed
+
+
+def _label_config(config: NightlyConfig, output: str, run: NightRun) -> LabelConfig:
+    """The labeling run of a night's run: into its partition, its state in its run folder, rows appended."""
+    options = {**options_of(config), "thresholds": dict(config.thresholds),
+               "max_error_rate": 1.0}   # the error rate is judged per manifest, after the run
+    return LabelConfig(
+        **options, manifests=[j.manifest.uri for j in run.jobs], model=config.model,
+        output=partition_uri(output, run.day), run_id=run.run_id, resume=run.resume,
+        state_dir=run_dir(output, run.run_id), mode="append",
+        extra_summary={"nightly": {"date": run.day, "manifests": [
+            {"manifest": j.manifest.uri, **j.manifest.fingerprint(), "reason": j.reason} for j in run.jobs]}})
+
+
+def _drop_previous(config: NightlyConfig, output: str, run: NightRun, job: Todo, state: NightState) -> int:
+    """A changed manifest's files in its previous run: removed now (how many), or journaled to leave the table
+    with tonight's commit (0 now)."""
+    replaces = job.replaces
+    if replaces is None or replaces["run_id"] == run.run_id:
+        return 0
+    if config.table:
+        journal(state)["removals"].append({k: replaces.get(k) for k in ("run_id", "dt", "manifest_index")})
+        log.info("nightly %s: %s changed; its previous run %s (dt=%s) leaves the table with tonight's commit",
+                 run.day, job.manifest.uri, replaces["run_id"], replaces["dt"])
+        return 0
+    removed = state.remove_manifest(output, replaces["dt"], replaces["run_id"], replaces.get("manifest_index"))
+    log.info("nightly %s: %s changed; removed %d files of its previous run %s (dt=%s)", run.day, job.manifest.uri,
+             removed, replaces["run_id"], replaces["dt"])
+    return removed
+
+
+def _record(state: NightState, meta: dict[str, Any], run: NightRun, job: Todo, index: int,
+            summary: dict[str, Any]) -> dict[str, Any]:
+    """Record one labeled manifest in the state (the run's record, and its record by model version); the first."""
+    m, replaces, stats = job.manifest, job.replaces, summary["per_manifest"][index]
+    labeled_at = summary.get("finished_at") or _now()
+    record = {"run_id": run.run_id, "manifest": m.uri, "manifest_index": index, "dt": run.day, "reason": job.reason,
+              "model_name": meta["name"], "model_version": meta["version"], **m.fingerprint(),
+              "rows": stats["rows"], "ok": stats["ok"], "errors": stats["errors"],
+              "labels": {k: {x: v.get(x) for x in (*METRICS, "threshold")} for k, v in stats["labels"].items()},
+              "attempts": summary.get("attempts", 1), "replaces": replaces["run_id"] if replaces else None,
+              "finished_at": labeled_at}
+    for old in state["runs"]:
+        if (replaces is not None and old["run_id"] == replaces["run_id"] and old["manifest"] == m.uri
+                and not old.get("superseded_by")):
+            old["superseded_by"] = run.run_id
+    state["runs"].append(record)
+    state["manifests"].setdefault(m.uri, {})[meta["version"]] = {
+        **m.fingerprint(), "mtime_ns": m.mtime_ns, "run_id": run.run_id, "manifest_index": index, "dt": run.day,
+        "rows": stats["rows"], "labeled_at": labeled_at}
+    return record
+
+
+def _labeled(run: NightRun, record: dict[str, Any], removed: int) -> dict[str, Any]:
+    """What the night's summary says of one labeled manifest."""
+    return {"manifest": record["manifest"], "run_id": run.run_id, "dt": run.day, "reason": record["reason"],
+            "resumed": run.resume, "attempts": record["attempts"], "rows": record["rows"], "ok": record["ok"],
+            "errors": record["errors"], "replaced_run": record["replaces"], "removed_files": removed}

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def journal(state: NightState) -> dict[str, Any]:
-    """What the table has still to take: ``runs`` [{run_id, dt}], ``removals`` [{run_id, dt, file_index}], ``commit``."""
+    """What the table has still to take: ``runs`` [{run_id, dt}], ``removals`` [{run_id, dt, manifest_index}], ``commit``."""
     return state.setdefault("table", {"runs": [], "removals": [], "commit": None})
 
 
@@ -56,11 +56,11 @@ def settle(config: NightlyConfig, output: str, state: NightState) -> None:
 
 
 def _manifest_files(output: str, record: dict[str, Any]) -> list[str]:
-    """One manifest's files in a run (``file_index`` None: the run's, all of them)."""
+    """One manifest's files in a run (``manifest_index`` None: the run's, all of them)."""
     partition, run_id = partition_uri(output, record["dt"]), record["run_id"]
-    if record.get("file_index") is None:
+    if record.get("manifest_index") is None:
         return commit.run_files(partition, run_id)
-    return commit.unit_files(partition, run_dir(output, run_id), run_id, record["file_index"])
+    return commit.manifest_data_files(partition, run_dir(output, run_id), run_id, record["manifest_index"])
 
 
 def _files(output: str, todo: dict[str, Any], adopt: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -103,4 +103,4 @@ def publish(config: NightlyConfig, day: str, output: str, state: NightState,
 
 def _delete(state: NightState, output: str, removals: list[dict[str, Any]]) -> None:
     for r in removals:
-        state.remove_manifest(output, r["dt"], r["run_id"], r["file_index"])
+        state.remove_manifest(output, r["dt"], r["run_id"], r["manifest_index"])

@@ -84,13 +84,13 @@ class NightState(dict):
         storage.delete(run_dir(output, run_id))
         return removed
 
-    def remove_manifest(self, output: str, day: str, run_id: str, file_index: int | None) -> int:
+    def remove_manifest(self, output: str, day: str, run_id: str, manifest_index: int | None) -> int:
         """Delete one manifest's data files from a run (its units' files, found by their markers); the whole
-        run's folder when nothing of it is left. ``file_index`` None: a run of that manifest alone."""
-        if file_index is None:
+        run's folder when nothing of it is left. ``manifest_index`` None: a run of that manifest alone."""
+        if manifest_index is None:
             return self.remove_run(output, day, run_id)
         self._check()
-        removed = commit.remove_file_units(partition_uri(output, day), run_dir(output, run_id), run_id, file_index)
+        removed = commit.remove_manifest_units(partition_uri(output, day), run_dir(output, run_id), run_id, manifest_index)
         if not commit.read_markers(commit.markers_dir(run_dir(output, run_id), run_id)):
             self.remove_run(output, day, run_id)
         return removed
@@ -106,7 +106,26 @@ def load_state(output: str, fence: Fence | None = None) -> NightState:
     state = storage.json_object(raw)
     if state is None or state.get("format") != STATE_FORMAT or state.get("format_version") != STATE_VERSION:
         raise JobError(f"{uri} is not an mlbatch nightly state of format version {STATE_VERSION}")
+    _rename_old_keys(state)
     return NightState(uri, state, token, fence)
+
+
+_KEYS_BEFORE = {"file_index": "manifest_index", "rows_per_file": "rows_per_unit"}   # an older mlbatch's names
+
+
+def _rename_old_keys(state: dict[str, Any]) -> None:
+    """A state an older mlbatch wrote, in today's words: its records' manifest index and unit size."""
+    def values(group: Any) -> list[Any]:
+        return list(group.values()) if isinstance(group, dict) else group if isinstance(group, list) else []
+
+    table = state.get("table")
+    records = [r for by_version in values(state.get("manifests")) for r in values(by_version)]
+    records += values(state.get("runs")) + values(state.get("pending"))
+    records += values(table.get("removals")) if isinstance(table, dict) else []
+    for record in records:
+        for old, new in _KEYS_BEFORE.items():
+            if isinstance(record, dict) and old in record and new not in record:
+                record[new] = record.pop(old)
 
 
 def write_json(uri: str, data: Any) -> None:

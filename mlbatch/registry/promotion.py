@@ -18,28 +18,11 @@ from typing import Any
 
 from ..core import storage, versioned
 from ..core.names import check_segment
-from ..model.refs import ALIASES_DIR, CHAMPION, RegistryError, alias_uri, read_alias, resolve, version_uri
+from ..model.refs import ALIASES_DIR, RegistryError, alias_uri, read_alias, resolve, version_uri
 from ..train.evaluate import evaluate
+from .config import METRICS, PromoteConfig
 
 log = logging.getLogger(__name__)
-
-METRICS = ("macro_f1", "micro_f1", "mean_average_precision", "subset_accuracy")  # higher is better
-
-
-@dataclass
-class PromoteConfig:
-    """Promote ``candidate`` (``NAME@VERSION``) to champion of ``registry`` if it wins on ``manifests``."""
-
-    candidate: str
-    registry: str
-    manifests: list[str]
-    metric: str = "macro_f1"
-    min_gain: float = 0.0          # candidate - champion must be at least this (and above 0)
-    max_label_drop: float = 0.05   # no label's F1 may fall by more than this
-    attempts: int = 5              # compare-and-swap rounds before giving up
-    alias: str = CHAMPION
-    backoff: float = 0.05          # seconds: a retry waits a random part of backoff * 2**(retry - 1)
-
 
 class PromotionRaceError(RegistryError):
     """Other promotions moved the alias during every attempt of this one; this one changed nothing."""

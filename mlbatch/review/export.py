@@ -35,13 +35,14 @@ from xml.sax.saxutils import quoteattr
 
 import pyarrow as pa
 
-from ..core import iceberg, storage
+from ..core import iceberg, manifest, storage
 from ..core.table import IDENTITY, column_name, label_column, prob_column
 from .views import THRESHOLDS_VIEW, VIEW, output_of
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("labelstudio", "csv", "parquet")
+S3_IMAGES = ("presign", "s3")   # S3 pictures as presigned HTTPS URLs, or as s3:// URIs
 TASK_FILES = {"labelstudio": "tasks.json", "csv": "tasks.csv", "parquet": "tasks.parquet"}
 CONFIG_FILE = "config.xml"
 SUMMARY_FILE = "export.json"
@@ -65,7 +66,7 @@ class ExportConfig:
     labels: list[str] | None = None      # labels to review (default: all the output's labels)
     where: str | None = None             # SQL condition on the `labels` view, e.g. "dt = DATE '2026-11-24'"
     format: str = "labelstudio"
-    uri_column: str = "image_uri"
+    uri_column: str = manifest.URI_COLUMN
     id_column: str | None = None         # a manifest column carried into each task beside source_manifest/row
     s3_images: str = "presign"           # presign: HTTPS URLs valid `expires` seconds; s3: s3:// URIs as they are
     expires: int = 7 * 24 * 3600         # the longest a SigV4 presigned URL may live
@@ -120,7 +121,7 @@ def _check_export(config: ExportConfig) -> None:
         raise ReviewError(f"--most-uncertain {config.most_uncertain}: expected at least 1")
     if config.format not in FORMATS:
         raise ReviewError(f"--format {config.format!r}: use one of {', '.join(FORMATS)}")
-    if config.s3_images not in ("presign", "s3"):
+    if config.s3_images not in S3_IMAGES:
         raise ReviewError(f"--s3-images {config.s3_images!r}: use presign or s3")
     if not 1 <= config.expires <= 7 * 24 * 3600:
         raise ReviewError(f"--expires {config.expires}: presigned URLs live 1 s to 7 days (604800 s)")

@@ -3,12 +3,12 @@
 The recipe, read top to bottom in ``train``:
 
 1. Decode the training and validation pictures once into uint8 tensors (the fine-tuning-sized
-   sets this is for fit in memory), exactly as the labeling job decodes them.
+   sets this is for fit in memory), exactly as the labeling job decodes them (``data.py``).
 2. Build the network: a backbone from scratch, from a weights file or package, or from its
    library's hub; its input normalisation comes with the weights.
 3. Fine-tune everything, or, with ``freeze_backbone``, compute the backbone's features once
    and train only the shared hidden layer and the heads on them (seconds, not minutes).
-4. Epochs under a learning-rate ``schedule`` (``schedule.py``): the default cosine runs
+4. Epochs under a learning-rate ``schedule`` (``schedule.py``), augmented (``augment.py``): the default cosine runs
    ``epochs``, a plan that does not depend on the machine's load, and keeps the latest epoch
    within ``MIN_DELTA`` of the best validation mAP; ``plateau`` stops by ``patience`` and keeps
    the best epoch. A ``time_budget``, when given, only shortens the plan, with a warning and a
@@ -22,21 +22,23 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import images, manifest
+from ..core import manifest
 from ..model import calibration
 from ..model.net import MultiLabelNet, save_package
 from ..model.package import check_backbone
 from ..model.spec import DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 from ..model.weights import InitialWeights, load_backbone_weights, read_initial_weights
+from .augment import augment
 from .config import TrainConfig
-from .metrics import choose_thresholds, compute_metrics, parse_policy
+from .data import TrainingData, read_data
+from .metrics import Report, choose_thresholds, compute_metrics, parse_policy
 from .schedule import MIN_DELTA, Schedule
 
 log = logging.getLogger(__name__)
@@ -75,118 +77,10 @@ def budget_ends(time_budget: float | None, elapsed: float, epochs_done: int) -> 
     return time_budget is not None and elapsed * (epochs_done + 1) / epochs_done > time_budget
 
 
-def load_tensor(data: manifest.LabeledData, size: int, progress: bool = False, chunk: int = 512) -> torch.Tensor:
-    """All images of ``data`` resized to ``size``: uint8 (n, 3, size, size)."""
-    out = torch.empty((len(data), 3, size, size), dtype=torch.uint8)
-    bar = tqdm(total=len(data), desc="loading images", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(data), chunk):
-        end = min(start + chunk, len(data))
-        # decoded and resized as the labeling job does, so training sees the pixels inference will see
-        pictures = manifest.fetch_decoded(data.image_uris[start:end], data.sources[start:end], draft_size=size)
-        for k, pic in enumerate(pictures):
-            out[start + k] = torch.from_numpy(images.resize(pic, size).transpose(2, 0, 1).copy())
-        bar.update(end - start)
-    bar.close()
-    return out
-
-
 def _normalise(x: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (x.float() / 255.0 - mean) / std
-
-
-def _zoom_out(x: torch.Tensor, scales: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
-    """Each picture shrunk by its scale and put at its place (0-1 of the free room) on its mean colour."""
-    n, c, h, w = x.shape
-    out = x.mean(dim=(2, 3), keepdim=True).expand(n, c, h, w).clone()
-    for i in range(n):
-        if float(scales[i]) >= 1.0:
-            out[i] = x[i]
-            continue
-        sh, sw = max(1, round(h * float(scales[i]))), max(1, round(w * float(scales[i])))
-        small = torch.nn.functional.interpolate(x[i:i + 1], size=(sh, sw), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        dy, dx = int(float(places[i, 0]) * (h - sh + 1) * 0.999), int(float(places[i, 1]) * (w - sw + 1) * 0.999)
-        out[i, :, dy:dy + sh, dx:dx + sw] = small[0]
-    return out
-
-
-def _blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Each picture through a separable Gaussian of its own sigma (0: unchanged), edges replicated."""
-    n, c, h, w = x.shape
-    taps = torch.arange(-2, 3, dtype=x.dtype)
-    kernels = torch.exp(-taps.square() / (2 * sigmas.clamp(min=1e-3).square().view(n, 1)))
-    kernels = torch.where(sigmas.view(n, 1) > 0, kernels, (taps == 0).to(x.dtype))
-    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)   # (n*c, 5)
-    flat = torch.nn.functional.pad(x.reshape(1, n * c, h, w), (2, 2, 2, 2), mode="replicate")
-    flat = torch.nn.functional.conv2d(flat, kernels.view(n * c, 1, 1, 5), groups=n * c)
-    flat = torch.nn.functional.conv2d(flat, kernels.view(n * c, 1, 5, 1), groups=n * c)
-    return flat.view(n, c, h, w)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, names: tuple[str, ...]) -> torch.Tensor:
-    """The augmentations ``names`` (see ``config.AUGMENTATIONS``) on a uint8 batch -> float batch, 0-255."""
-    n, _, h, w = x.shape
-    x = x.float()
-    if "hflip" in names:
-        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
-    if "vflip" in names:
-        x = torch.where((torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1), x.flip(2), x)
-    if "shift" in names:
-        pad = max(1, h // 16)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).tolist()
-        x = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-    if "zoom" in names:
-        scales = torch.rand(n, generator=gen) * 0.3 + 0.7
-        scales = torch.where(torch.rand(n, generator=gen) < 0.5, scales, torch.ones(n))   # half the pictures
-        x = _zoom_out(x, scales, torch.rand(n, 2, generator=gen))
-    if "blur" in names:
-        sigmas = torch.rand(n, generator=gen) * 0.7 + 0.3
-        x = _blur(x, torch.where(torch.rand(n, generator=gen) < 0.5, sigmas, torch.zeros(n)))
-    if "balance" in names:
-        warm = (torch.rand(n, 1, 1, generator=gen) - 0.5) * 0.4
-        x = x * torch.cat([1 + warm, torch.ones_like(warm), 1 - warm], dim=1).unsqueeze(-1)
-    if "color" in names:
-        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
-        x = ((x - mean) * contrast + mean) * gain
-    return x.clamp(0, 255)
-
-
-def _split(data: manifest.LabeledData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(len(data))
-    n_val = max(1, int(round(len(data) * fraction)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def group_split(groups: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, validation) holding out about ``fraction`` of the rows, whole groups only.
-
-    The groups are visited in an order shuffled by ``seed``; each joins validation when that
-    brings the validation row count closer to ``fraction`` of all rows. Guaranteed: no group on
-    both sides; at least one group on each side; the same split for the same groups and seed;
-    validation rows within half the largest group's rows of the target, unless keeping a group
-    on each side forces more. (scikit-learn's GroupShuffleSplit counts groups, not rows.)
-    """
-    if not 0 < fraction < 1:
-        raise ValueError(f"the validation fraction must be between 0 and 1, not {fraction}")
-    names, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
-    if len(names) < 2:
-        raise ValueError(f"a group split needs at least 2 groups, found {len(names)}")
-    target = fraction * len(groups)
-    taken = np.zeros(len(names), bool)
-    n_val = 0
-    for g in np.random.default_rng(seed).permutation(len(names)):
-        if n_val + sizes[g] / 2 < target:  # |n_val + size - target| < |n_val - target|
-            taken[g] = True
-            n_val += sizes[g]
-    if not taken.any() or taken.all():  # keep a group on each side: move the smallest one across
-        taken[np.argmin(sizes)] = not taken.any()
-    in_val = taken[inverse.ravel()]
-    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
 def _map(y: np.ndarray, s: np.ndarray) -> float:
@@ -197,43 +91,6 @@ def _map(y: np.ndarray, s: np.ndarray) -> float:
         if y[k, j].any():
             aps.append(average_precision_score(y[k, j], s[k, j]))
     return float(np.mean(aps)) if aps else 0.0
-
-
-@dataclass
-class _Data:
-    """Training and validation inputs: uint8 pictures, or backbone features when it is frozen."""
-
-    x_train: torch.Tensor
-    y_train: np.ndarray
-    x_val: torch.Tensor
-    y_val: np.ndarray
-    split: dict | None = None  # how a held-out validation set was drawn, for the package
-
-
-def _read_data(config: TrainConfig, labels: list[str], size: int) -> _Data:
-    column = config.val_group_column
-    data = manifest.read_labeled(config.manifests, labels, group_column=column)
-    if config.val_manifests:
-        val_data = manifest.read_labeled(config.val_manifests, labels)
-        return _Data(load_tensor(data, size, config.progress), data.targets,
-                     load_tensor(val_data, size, config.progress), val_data.targets)
-    split = None
-    if column is None:
-        tr, va = _split(data, config.val_fraction, config.seed)
-    else:
-        assert data.groups is not None
-        found = sorted(set(data.groups))
-        if len(found) < 2:
-            raise manifest.ManifestError(
-                f"group column {column!r} of {', '.join(config.manifests)} holds {len(found)} group"
-                f"{'' if len(found) == 1 else 's'} ({', '.join(map(repr, found[:3]))}); a group split needs at least 2")
-        tr, va = group_split(data.groups, config.val_fraction, config.seed)
-        split = {"val_group_column": column, "train_groups": len({data.groups[i] for i in tr}),
-                 "val_groups": len({data.groups[i] for i in va})}
-        log.info("validation: %d of %d groups of %r (%d of %d rows)", split["val_groups"], len(found), column,
-                 len(va), len(data))
-    x_all = load_tensor(data, size, config.progress)  # after the split, so a bad group column fails fast
-    return _Data(x_all[tr], data.targets[tr], x_all[va], data.targets[va], split)
 
 
 def _build(config: TrainConfig, labels: list[str]) -> tuple[MultiLabelNet, dict]:
@@ -272,6 +129,53 @@ def _features(net: MultiLabelNet, x: torch.Tensor, batch: int = 256, progress: b
     return torch.cat(out)
 
 
+@dataclass
+class _Fit:
+    """What training computes and updates: the whole network on pictures, or (backbone frozen) the hidden
+    layer and heads on features computed once."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    prepare: Callable[[torch.Tensor], torch.Tensor]   # a batch of inputs -> what ``forward`` takes
+    groups: list[dict]                                # the optimiser's parameter groups
+
+
+@dataclass
+class _Steps:
+    """The optimiser and what each step draws on: the schedule, the seeded generator, the targets."""
+
+    opt: torch.optim.Optimizer
+    schedule: Schedule
+    gen: torch.Generator                    # the batch order and the augmentations
+    y_train: torch.Tensor
+    pos_weight: torch.Tensor | None         # per label: negatives / positives (``pos_weight``)
+
+    @classmethod
+    def start(cls, config: TrainConfig, fit: _Fit, data: TrainingData) -> "_Steps":
+        pos_weight = None
+        if config.pos_weight:
+            pos = np.nansum(data.y_train, axis=0)
+            neg = np.sum(~np.isnan(data.y_train), axis=0) - pos
+            pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
+        opt = torch.optim.AdamW(fit.groups, weight_decay=config.weight_decay)
+        schedule = Schedule(opt, config.lr_schedule, -(-len(data.x_train) // config.batch_size), config.epochs,
+                            config.time_budget)
+        return cls(opt, schedule, torch.Generator().manual_seed(config.seed), torch.from_numpy(data.y_train),
+                   pos_weight)
+
+
+@dataclass
+class _Epochs:
+    """What the epochs did: their history, the kept epoch (its mAP, number, weights), why they stopped."""
+
+    history: list[dict] = field(default_factory=list)
+    best_map: float = -1.0          # the best validation mAP seen, kept or not
+    kept_map: float = -1.0
+    kept_epoch: int = 0
+    kept_weights: dict | None = None
+    stopped: str | None = None
+    budget_cut: str | None = None   # None: the plan ran as configured, whatever the machine's load
+
+
 def train(config: TrainConfig) -> dict:
     """Train a model and write its package to ``config.output``; returns the package metadata."""
     parse_policy(config.threshold_policy)  # refuse a bad policy before any work
@@ -281,117 +185,125 @@ def train(config: TrainConfig) -> dict:
     labels = config.labels or manifest.infer_labels(config.manifests)
     log.info("labels: %s", labels)
     net, source = _build(config, labels)
-    spec = net.spec
-    data = _read_data(config, labels, spec.image_size)
+    data = read_data(config, labels, net.spec.image_size)
     log.info("training on %d images, validating on %d (%s backbone %s)", len(data.x_train), len(data.x_val),
-             "frozen" if config.freeze_backbone else "fine-tuned", spec.backbone)
+             "frozen" if config.freeze_backbone else "fine-tuned", net.spec.backbone)
+    fit = _fit(config, net, data)
+    epochs = _run_epochs(config, net, data, fit)
+    log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(epochs.history), epochs.stopped,
+             epochs.kept_epoch, epochs.kept_map)
+    net.load_state_dict(epochs.kept_weights)
+    raw = _scores(net, fit, data.x_val)
+    fitted = calibration.fit(labels, data.y_val, raw, config.calibration)
+    val_scores = calibration.apply(fitted, labels, raw)   # what the package will give
+    thresholds = choose_thresholds(labels, data.y_val, val_scores, config.threshold_policy)
+    summary = _training_record(config, data, source, epochs, compute_metrics(labels, data.y_val, val_scores, thresholds),
+                               seconds=round(time.monotonic() - started, 1))
+    return save_package(net, config.output, thresholds, name=config.name, training=summary, calibration=fitted)
 
+
+def _fit(config: TrainConfig, net: MultiLabelNet, data: TrainingData) -> _Fit:
+    """Fine-tune everything (the backbone at a lower rate from pretrained weights), or freeze the backbone
+    and replace the pictures in ``data`` by its features."""
+    heads = [*net.hidden.parameters(), *net.heads.parameters()]
     if config.freeze_backbone:
         for p in net.backbone.parameters():
             p.requires_grad_(False)
         data.x_train = _features(net, data.x_train, progress=config.progress)
         data.x_val = _features(net, data.x_val, progress=config.progress)
-        forward: Callable[[torch.Tensor], torch.Tensor] = net.classify
-        prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
-        groups = [{"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
-    else:
-        forward = net
-        prepare = lambda x: _normalise(x, spec)  # noqa: E731
-        scale = config.backbone_lr_scale
-        scale = scale if scale is not None else (0.1 if config.backbone_weights or config.pretrained else 1.0)
-        groups = [{"params": list(net.backbone.parameters()), "lr": config.lr * scale},
-                  {"params": [*net.hidden.parameters(), *net.heads.parameters()], "lr": config.lr}]
+        return _Fit(net.classify, lambda x: x, [{"params": heads, "lr": config.lr}])
+    scale = config.backbone_lr_scale
+    scale = scale if scale is not None else (0.1 if config.backbone_weights or config.pretrained else 1.0)
+    return _Fit(net, lambda x: _normalise(x, net.spec), [{"params": list(net.backbone.parameters()),
+                                                          "lr": config.lr * scale}, {"params": heads, "lr": config.lr}])
 
-    def scores(x: torch.Tensor, batch: int = 256) -> np.ndarray:
-        net.eval()
-        with torch.inference_mode():
-            return torch.cat([torch.sigmoid(forward(prepare(x[i:i + batch]))) for i in range(0, len(x), batch)]).numpy()
 
-    def train_step(idx: torch.Tensor) -> torch.Tensor:
-        x = data.x_train[idx]
-        if not config.freeze_backbone:
-            x = augment(x, gen, config.augment)
-        return masked_bce(forward(prepare(x)), y_train[idx], pos_weight)
+def _scores(net: MultiLabelNet, fit: _Fit, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """The network's probabilities for inputs ``x``, in evaluation mode."""
+    net.eval()
+    with torch.inference_mode():
+        return torch.cat([torch.sigmoid(fit.forward(fit.prepare(x[i:i + batch]))) for i in range(0, len(x), batch)]).numpy()
 
-    pos_weight = None
-    if config.pos_weight:
-        pos = np.nansum(data.y_train, axis=0)
-        neg = np.sum(~np.isnan(data.y_train), axis=0) - pos
-        pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
-    schedule = Schedule(opt, config.lr_schedule, steps_per_epoch, config.epochs, config.time_budget)
-    gen = torch.Generator().manual_seed(config.seed)
-    y_train = torch.from_numpy(data.y_train)
-    best, best_map = (-1.0, 0, None), -1.0   # the kept epoch (its mAP, number, weights); the best mAP seen
-    history: list[dict] = []
-    stopped = budget_cut = None
+
+def _run_epochs(config: TrainConfig, net: MultiLabelNet, data: TrainingData, fit: _Fit) -> _Epochs:
+    """Epochs under the schedule until it, patience or the time budget ends them; the kept epoch's weights."""
+    steps = _Steps.start(config, fit, data)
+    opt, schedule = steps.opt, steps.schedule
+    out = _Epochs()
     loop_started = time.monotonic()
     for epoch in range(1, config.epochs + 1):
-        net.train()
-        if config.freeze_backbone:
-            net.backbone.eval()
-        order = torch.randperm(len(data.x_train), generator=gen)
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", unit="batch",
-                   disable=not config.progress, leave=False)
-        total = 0.0
-        for start in bar:
-            idx = order[start:start + config.batch_size]
-            loss = train_step(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        val_map = _map(data.y_val, scores(data.x_val))
+        loss = _one_epoch(config, net, fit, data, steps, epoch)
+        val_map = _map(data.y_val, _scores(net, fit, data.x_val))
         epoch_end = time.monotonic() - loop_started   # the pace the schedule plans by, as the history records it
-        history.append({"epoch": epoch, "train_loss": round(total / len(data.x_train), 5), "val_map": round(val_map, 5),
-                        "lr": opt.param_groups[-1]["lr"], "seconds": round(epoch_end, 1)})
+        out.history.append({"epoch": epoch, "train_loss": round(loss, 5), "val_map": round(val_map, 5),
+                            "lr": opt.param_groups[-1]["lr"], "seconds": round(epoch_end, 1)})
         schedule.epoch_done(val_map, epoch_end)
-        log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, total / len(data.x_train), val_map)
-        if best[2] is None or schedule.keep(val_map, best_map):
-            best = (val_map, epoch, copy.deepcopy(net.state_dict()))
-        best_map = max(best_map, val_map)
-        elapsed = time.monotonic() - loop_started
-        stopped = schedule.finished() or stop_reason([h["val_map"] for h in history], config.epochs,
-                                                     config.patience if schedule.patience_ends_runs else None)
-        if stopped is None and budget_ends(config.time_budget, elapsed, epoch):
-            stopped = f"time budget of {config.time_budget:g}s"
-            budget_cut = f"the {stopped} ended training after {epoch} of {config.epochs} epochs"
-        if stopped:
+        log.info("epoch %d: train loss %.4f, validation mAP %.4f", epoch, loss, val_map)
+        if out.kept_weights is None or schedule.keep(val_map, out.best_map):
+            out.kept_map, out.kept_epoch, out.kept_weights = val_map, epoch, copy.deepcopy(net.state_dict())
+        out.best_map = max(out.best_map, val_map)
+        out.stopped = schedule.finished() or stop_reason([h["val_map"] for h in out.history], config.epochs,
+                                                         config.patience if schedule.patience_ends_runs else None)
+        if out.stopped is None and budget_ends(config.time_budget, time.monotonic() - loop_started, epoch):
+            out.stopped = f"time budget of {config.time_budget:g}s"
+            out.budget_cut = f"the {out.stopped} ended training after {epoch} of {config.epochs} epochs"
+        if out.stopped:
             break
-    budget_cut = budget_cut or schedule.cut
-    if budget_cut:
+    out.budget_cut = out.budget_cut or schedule.cut
+    if out.budget_cut:
         log.warning("%s: this model depends on the machine's speed; without --time-budget (or with --epochs %d) "
-                    "the same data, flags and seed give the same model anywhere", budget_cut, len(history))
-    log.info("stopped after epoch %d: %s; best epoch %d (validation mAP %.4f)", len(history), stopped, best[1], best[0])
-    net.load_state_dict(best[2])
-    raw = scores(data.x_val)
-    fitted = calibration.fit(labels, data.y_val, raw, config.calibration)
-    val_scores = calibration.apply(fitted, labels, raw)   # what the package will give
-    thresholds = choose_thresholds(labels, data.y_val, val_scores, config.threshold_policy)
-    val_report = compute_metrics(labels, data.y_val, val_scores, thresholds)
-    summary = {
-        "data": {"train": manifest.expand(config.manifests), "val": manifest.expand(config.val_manifests)
-                 if config.val_manifests else f"held out {config.val_fraction:.0%} of train"
-                 + (f", whole groups of {config.val_group_column!r}" if config.val_group_column else ""),
+                    "the same data, flags and seed give the same model anywhere", out.budget_cut, len(out.history))
+    return out
+
+
+def _one_epoch(config: TrainConfig, net: MultiLabelNet, fit: _Fit, data: TrainingData, steps: _Steps,
+               epoch: int) -> float:
+    """One pass over the training set in a seeded order; its mean training loss."""
+    net.train()
+    if config.freeze_backbone:
+        net.backbone.eval()
+    order = torch.randperm(len(data.x_train), generator=steps.gen)
+    bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}", unit="batch",
+               disable=not config.progress, leave=False)
+    total = 0.0
+    for start in bar:
+        idx = order[start:start + config.batch_size]
+        x = data.x_train[idx]
+        if not config.freeze_backbone:
+            x = augment(x, steps.gen, config.augment)
+        loss = masked_bce(fit.forward(fit.prepare(x)), steps.y_train[idx], steps.pos_weight)
+        steps.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        steps.opt.step()
+        steps.schedule.step()
+        total += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / len(data.x_train)
+
+
+def _training_record(config: TrainConfig, data: TrainingData, source: dict, epochs: _Epochs,
+                     val_report: Report, seconds: float) -> dict:
+    """What the package records of its training: data, configuration, epochs, validation figures."""
+    held_out = (f"held out {config.val_fraction:.0%} of train"
+                + (f", whole groups of {config.val_group_column!r}" if config.val_group_column else ""))
+    return {
+        "data": {"train": manifest.expand(config.manifests),
+                 "val": manifest.expand(config.val_manifests) if config.val_manifests else held_out,
                  "train_rows": int(len(data.x_train)), "val_rows": int(len(data.x_val)), **(data.split or {})},
         "config": {k: v for k, v in asdict(config).items() if k not in ("manifests", "val_manifests", "output")},
         "mode": "frozen backbone" if config.freeze_backbone else "fine-tuned",
         "initial_weights": source,
         "augment": list(config.augment),
-        "epochs": len(history),
+        "epochs": len(epochs.history),
         "planned_epochs": config.epochs,
-        "time_budget_cut": budget_cut,   # None: the plan ran as configured, whatever the machine's load
-        "best_epoch": best[1],
-        "stopped": stopped,
-        "seconds": round(time.monotonic() - started, 1),
+        "time_budget_cut": epochs.budget_cut,   # None: the plan ran as configured, whatever the machine's load
+        "best_epoch": epochs.kept_epoch,
+        "stopped": epochs.stopped,
+        "seconds": seconds,
         "threshold_policy": config.threshold_policy,
-        "history": history,
+        "history": epochs.history,
         "validation": {"macro_f1": val_report.macro_f1, "micro_f1": val_report.micro_f1,
                        "map": val_report.mean_average_precision,
                        "per_label": {m.label: {"f1": m.f1, "precision": m.precision, "recall": m.recall,
                                                "average_precision": m.average_precision} for m in val_report.per_label}},
     }
-    return save_package(net, config.output, thresholds, name=config.name, training=summary, calibration=fitted)
