@@ -306,6 +306,20 @@ def test_a_completed_resume_sweeps_a_file_no_marker_names(tmp_path, small_datase
     assert again == done and not storage.exists(stray) and sum(n for *_, n in _count(out)) == 16
 
 
+def test_a_resume_relabels_a_unit_whose_marker_outlived_its_data_file(tmp_path, small_dataset, small_model):
+    """A marker vouches for a data file; with the file gone (deleted by hand, a removal cut between its two
+    deletes) the unit is not committed: the resume labels it again rather than call 16 missing rows done."""
+    out = str(tmp_path / "out")
+    common = dict(manifests=[small_dataset["test"]], model=small_model, output=out, run_id="r", rows_per_unit=16,
+                  engine="local", progress=False)
+    label(LabelConfig(**common))
+    storage.delete(sorted(commit.run_files(out, "r"))[1])
+    storage.delete(storage.join(out, "_SUCCESS"))
+    again = label(LabelConfig(**common, resume=True))
+    assert again["rows_out"] == sum(n for *_, n in _count(out)) == 60
+    assert len(commit.run_files(out, "r")) == 4
+
+
 def test_a_marker_read_short_is_read_again_and_a_cut_or_foreign_one_is_refused_by_name(tmp_path, small_dataset,
                                                                                         small_model, monkeypatch):
     manifest = _rows(small_dataset["test"], 32, str(tmp_path / "m.parquet"))

@@ -70,15 +70,16 @@ def _committed(markers: str) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _whole_units(plan: Plan, committed: dict[str, list[dict[str, Any]]]) -> dict[str, Stats]:
-    """The units whose commits hold exactly their rows, with what is committed of them."""
+def _whole_units(plan: Plan, committed: dict[str, list[dict[str, Any]]], present: set[str]) -> dict[str, Stats]:
+    """The units whose commits hold exactly their rows, in data files still ``present`` (by name), with what
+    is committed of them. A marker whose data file is gone vouches for nothing: its unit is labeled again."""
     bounds = {unit_id(f, a): (a, b) for f, a, b in plan.units}
     done = {}
     for unit, ms in committed.items():
         stats = Stats()
         for m in ms:
             stats.add(Stats.from_dict(m), keep=TOP_ERRORS_KEPT)
-        if unit in bounds and whole(stats, *bounds[unit]):
+        if unit in bounds and whole(stats, *bounds[unit]) and all(m["data_file"] in present for m in ms):
             done[unit] = stats
     return done
 
@@ -101,15 +102,13 @@ def completed(config: LabelConfig, plan: Plan) -> dict[str, Any] | None:
     if done.get("run_id") != plan.run_id:
         return None
     markers = markers_dir(state, plan.run_id)
-    committed = _committed(markers)
-    whole_units = _whole_units(plan, committed)
-    files = {u.rsplit("/", 1)[-1] for u in run_files(output, plan.run_id)}
+    present = {u.rsplit("/", 1)[-1] for u in run_files(output, plan.run_id)}
+    whole_units = _whole_units(plan, _committed(markers), present)
     missing = [unit_id(f, a) for f, a, _ in plan.units if unit_id(f, a) not in whole_units]
-    gone = [m["data_file"] for u in whole_units for m in committed[u] if m["data_file"] not in files]
-    if missing or gone or not storage.exists(storage.join(markers, PLAN_FILE)):
-        log.warning("run %s has its _SUCCESS but not all it vouches for (plan record, %d units without a whole "
-                    "commit, %d committed files gone): a removal was cut part way; resuming it", plan.run_id,
-                    len(missing), len(gone))
+    if missing or not storage.exists(storage.join(markers, PLAN_FILE)):
+        log.warning("run %s has its _SUCCESS but not all it vouches for (its plan record, or %d units without a "
+                    "whole commit in data files still there): a removal was cut part way; resuming it",
+                    plan.run_id, len(missing))
         return None
     return done
 
@@ -174,7 +173,7 @@ def _resume(run: Run, files: list[str], record: dict[str, Any]) -> int:
                        "version, thresholds, --max-pixels, --max-bytes or --uri-column changed; run again without "
                        "--resume")
     committed = _committed(run.markers)
-    run.done = _whole_units(plan, committed)
+    run.done = _whole_units(plan, committed, {u.rsplit("/", 1)[-1] for u in files})
     for unit, stats in run.done.items():
         run.manifest_stats[committed[unit][0]["manifest_index"]].add(stats)
         run.total.add(stats)
