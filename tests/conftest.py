@@ -27,6 +27,7 @@ import boto3  # noqa: E402
 import pytest  # noqa: E402
 
 from mlbatch.synth import SynthConfig, make_dataset  # noqa: E402
+from procs import RAY  # noqa: E402
 
 _bucket_ids = itertools.count()
 
@@ -123,7 +124,7 @@ def ray_cluster(s3_endpoint, tmp_path_factory):
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(base / "head.log", "w")
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+        [*RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}",
          "--include-dashboard=true", "--disable-usage-stats",
          # ports of its own, not Ray's fixed defaults: another Ray on the machine (a developer's, or a run

@@ -1,12 +1,18 @@
-"""Killing a command at a chosen moment: what the kill-and-resume tests share."""
+"""Processes the tests start: Ray's command line, and killing a command at a chosen moment."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from typing import Callable
+
+# Ray's command line through this interpreter, not whatever ``ray`` is first on PATH: in a virtual
+# environment made with --system-site-packages, Ray itself may come from the system, whose ``ray`` script
+# would start nodes (and their workers) on the system's Python, without this checkout's mlbatch.
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def kill_when(args: list[str], env: dict, ready: Callable[[], bool], poll: float = 0.1, timeout: float = 240) -> None:

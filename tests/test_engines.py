@@ -30,7 +30,7 @@ from mlbatch.label import engine as engines
 from mlbatch.synth import SynthConfig, make_dataset
 
 from badrows import MAX_BYTES, bad_input_manifest
-from procs import kill_when
+from procs import RAY, kill_when
 
 SAME_EXACTLY = ["id", "image_uri", "source_manifest", "source_row", "status", "error", "labels", "label_car",
                 "label_bus", "label_pedestrian", "model_name", "model_version"]
@@ -158,7 +158,7 @@ def test_auto_uses_the_ray_instance_running_on_this_machine_and_says_so(tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _env(RAY_ADDRESS=None, RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+    head = subprocess.Popen([*RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
                              "--include-dashboard=false", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     args = [sys.executable, "-m", "mlbatch.cli", "label", "--manifest", small_dataset["test"], "--model", small_model]

@@ -22,7 +22,7 @@ from mlbatch.core import storage
 from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.core.manifest import ManifestError
 from mlbatch.synth import SynthConfig, make_dataset
-from procs import kill_when
+from procs import RAY, kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["car", "bus", "pedestrian"]
@@ -219,7 +219,7 @@ def _cli_env(ray_cluster) -> dict:
 
 def test_ray_job_submit_runs_the_entrypoint(ray_cluster, tmp_path, small_dataset, small_model):
     out = tmp_path / "submitted"
-    cmd = ["ray", "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+    cmd = [*RAY, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"excludes": [".git", "*.egg-info"]}), "--",
            "python", "jobs/label_images.py", "--manifest", small_dataset["test"], "--model", small_model,
            "--output", str(out), "--id-column", "id"]
@@ -234,7 +234,7 @@ def test_ray_job_submit_runs_the_entrypoint(ray_cluster, tmp_path, small_dataset
 def test_ray_job_submit_needs_the_token(ray_cluster, tmp_path):
     env = {k: v for k, v in _cli_env(ray_cluster).items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
-    result = subprocess.run(["ray", "job", "list", "--address", ray_cluster.dashboard_url], env=env,
+    result = subprocess.run([*RAY, "job", "list", "--address", ray_cluster.dashboard_url], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "token authentication is enabled" in (result.stdout + result.stderr).lower()

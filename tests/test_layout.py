@@ -83,3 +83,17 @@ def test_every_module_of_the_labeling_room_has_its_layer_in_the_import_contract(
     placed = {name.strip() for layer in layers for name in layer.split("|")}
     label = {f"mlbatch.label.{p.stem}" for p in _modules() if p.parent.name == "label"}
     assert label - placed == set()
+
+
+def test_ci_runs_the_readmes_test_command_and_both_commands_work_in_a_virtual_environment():
+    """A newcomer's first two commands: each makes (or reuses) .venv and installs there, as Debian's and
+    Ubuntu's own Python demand (PEP 668); .ci/run runs the test command exactly."""
+    import re
+
+    demo, tests = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)[:2]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [tests]
+    venv = "python3 -m venv --system-site-packages .venv && . .venv/bin/activate && pip install "
+    assert demo.startswith(venv) and demo.endswith("&& mlbatch demo")
+    assert tests.startswith(venv) and tests.endswith("python -m pytest")

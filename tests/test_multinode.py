@@ -24,6 +24,7 @@ from ray.exceptions import RayError
 from mlbatch.core import storage
 from mlbatch.label import JobError, LabelConfig, label
 from mlbatch.synth import SynthConfig, make_dataset
+from procs import RAY
 
 ROWS = 480
 
@@ -98,7 +99,7 @@ def three_nodes(s3_endpoint, tmp_path_factory):
     def start(name: str, args: list[str]) -> Node:
         log = open(base / f"{name}.log", "w")
         logs.append(log)
-        proc = subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *args], env=env, stdout=log,
+        proc = subprocess.Popen([*RAY, "start", "--block", "--disable-usage-stats", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         nodes[name] = Node(proc)
         return nodes[name]
