@@ -162,13 +162,11 @@ def test_write_if_is_a_compare_and_swap(where, tmp_path, request):
     assert versioned.read_versioned(uri)[0] == b"next"
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_two_promotions_at_once_leave_one_champion(where, versions, small_dataset, tmp_path, request, monkeypatch):
-    reg = storage.join(request.getfixturevalue("bucket"), "reg") if where == "s3" else str(tmp_path / "reg")
-    v = _register(reg, versions, "broken", "good", "nudged")
-    registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
-    # Both promotions read the alias (champion: broken) before either writes: a real race for the swap.
-    barrier = threading.Barrier(2)
+def _race(monkeypatch, reg: str, versions: dict[str, str], racers: tuple[str, ...],
+          manifests: list[str]) -> dict[str, registry.Decision]:
+    """Promote ``racers`` at once, each reading the alias before any of them writes (they meet at a barrier
+    after their first read): a real race for the swap. A promotion that raised fails the test here."""
+    barrier = threading.Barrier(len(racers))
     first_read = threading.local()
     read_alias = registry.read_alias
 
@@ -179,13 +177,24 @@ def test_two_promotions_at_once_leave_one_champion(where, versions, small_datase
             barrier.wait(timeout=60)
         return result
 
-    monkeypatch.setattr(promotion, "read_alias", racing_read)
     def run(which: str) -> registry.Decision:
-        return registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
+        return registry.promote(registry.PromoteConfig(f"{NAME}@{versions[which]}", reg, manifests))
 
-    with ThreadPoolExecutor(2) as pool:   # a promotion that raised fails the test here
-        decisions = dict(zip(("good", "nudged"), pool.map(run, ("good", "nudged"))))
-    monkeypatch.undo()
+    monkeypatch.setattr(promotion, "read_alias", racing_read)
+    try:
+        with ThreadPoolExecutor(len(racers)) as pool:
+            return dict(zip(racers, pool.map(run, racers)))
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_promotions_at_once_leave_one_champion(where, versions, small_dataset, tmp_path, request, monkeypatch):
+    reg = storage.join(request.getfixturevalue("bucket"), "reg") if where == "s3" else str(tmp_path / "reg")
+    v = _register(reg, versions, "broken", "good", "nudged")
+    registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
+    # Both promotions read the alias (champion: broken) before either writes: a real race for the swap.
+    decisions = _race(monkeypatch, reg, v, ("good", "nudged"), [small_dataset["test"]])
     alias = _alias(reg)
     # Exactly one promotion won the swap against the broken champion. The other lost it, compared itself with
     # that one, and was promoted over it only if it beat it (then the alias is two generations on, and holds it).
@@ -266,24 +275,7 @@ def test_a_race_of_promoters_leaves_one_decision_per_generation(where, versions,
     v = _register(reg, versions, "broken", "good", "nudged")
     # No champion yet: all three read the absent alias before any writes, so all three decide to promote; one
     # creates the alias, the other two lose the swap and compare themselves again with the new champion.
-    barrier = threading.Barrier(3)
-    first_read = threading.local()
-    read_alias = registry.read_alias
-
-    def racing_read(*args, **kwargs):
-        result = read_alias(*args, **kwargs)
-        if not getattr(first_read, "done", False):
-            first_read.done = True
-            barrier.wait(timeout=60)
-        return result
-
-    monkeypatch.setattr(promotion, "read_alias", racing_read)
-    def run(which: str) -> registry.Decision:
-        return registry.promote(registry.PromoteConfig(f"{NAME}@{v[which]}", reg, [small_dataset["test"]]))
-
-    with ThreadPoolExecutor(3) as pool:   # a promotion that raised fails the test here
-        results = dict(zip(v, pool.map(run, v)))
-    monkeypatch.undo()
+    results = _race(monkeypatch, reg, v, tuple(v), [small_dataset["test"]])
     alias = _alias(reg)
     decisions = _decisions(reg)
     in_effect = _in_effect(decisions)
