@@ -71,7 +71,8 @@ def test_predict_evaluate_and_the_job_give_the_same_calibrated_probabilities(ray
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(rows, manifest)
     out = str(tmp_path / "out")
-    label(LabelConfig(manifests=[manifest], model=calibrated, output=out, batch_size=8, concurrency=1, progress=False))
+    label(LabelConfig(manifests=[manifest], model=calibrated, output=out, batch_size=8, concurrency=1, engine="ray",
+                      progress=False))
     cols = ", ".join(f"prob_{x}" for x in model.labels)
     by_job = np.array([list(r.values()) for r in query(out, f"SELECT {cols} FROM labels ORDER BY source_row")
                        .to_pylist()])

@@ -85,7 +85,7 @@ def test_hostile_rows_end_as_error_rows_in_seconds_through_the_cli(ray_cluster, 
     out = str(tmp_path / "out")
     started = time.monotonic()
     code = main(["label", "--manifest", manifest, "--model", small_model, "--output", out, "--max-bytes", str(MAX_BYTES),
-                 "--max-error-rate", "1", "--batch-size", "8", "--concurrency", "1"])
+                 "--max-error-rate", "1", "--batch-size", "8", "--concurrency", "1", "--engine", "ray"])
     wall = time.monotonic() - started
     assert code == 0 and wall < 300, wall            # ended by itself, far from the 900 s stall limit
     table = query(out, "SELECT * FROM labels")
@@ -133,5 +133,5 @@ def test_temporaries_of_a_writer_killed_mid_write_are_removed_by_the_next_run(ra
     manifest = str(tmp_path / "m.parquet")
     pq.write_table(pq.read_table(small_dataset["test"]).slice(0, 8), manifest)
     label(LabelConfig(manifests=[manifest], model=small_model, output=str(out), batch_size=8, concurrency=1,
-                      progress=False))
+                      engine="ray", progress=False))
     assert not any(p.exists() for p in left) and keep.exists()

@@ -121,7 +121,7 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     long = [dict(r, id=f"{r['id']}-{k}") for k in range(20) for r in rows[46:66]]   # 400 rows, each image 20 times
     d = put("2025-03-03/cam-d", long)
     cmd = [sys.executable, "jobs/nightly.py", "--input", incoming, "--model", v1, "--output", out, "--date", D3,
-           "--batch-size", "4", "--rows-per-unit", "4", "--concurrency", "1"]
+           "--batch-size", "4", "--rows-per-unit", "4", "--concurrency", "1", "--engine", "ray"]
     env = {**os.environ, **ray_cluster.env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -236,7 +236,7 @@ def test_nights_on_s3(ray_cluster, bucket, small_model, tmp_path, capsys):
     assert all(r["status"] == "ok" for r in got)
 
 
-def test_local_input_changes_and_failures(ray_cluster, tmp_path, small_dataset, small_model):
+def test_local_input_changes_and_failures(tmp_path, small_dataset, small_model):
     rows = storage.read_parquet(small_dataset["test"]).slice(0, 20)
     inp, out = tmp_path / "in", str(tmp_path / "out")
     inp.mkdir()
@@ -287,8 +287,7 @@ def test_good_dates_and_other_arguments(tmp_path):
             nightly(NightlyConfig(input=str(tmp_path), model="m", output=str(tmp_path / "o"), **kw))
 
 
-def test_a_night_of_many_manifests_is_one_run_with_exact_bookkeeping(ray_cluster, tmp_path, small_dataset,
-                                                                   small_model):
+def test_a_night_of_many_manifests_is_one_run_with_exact_bookkeeping(tmp_path, small_dataset, small_model):
     """Twelve manifests, one run; the next night one changed, one broken, one mostly missing images and three
     new: one run again, each manifest recorded (or failed) on its own, every row once."""
     rows = storage.read_parquet(small_dataset["test"])

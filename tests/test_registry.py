@@ -216,7 +216,7 @@ def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_data
     registry.promote(registry.PromoteConfig(f"{NAME}@{v['broken']}", reg, [small_dataset["test"]]))
     out = str(tmp_path / "labels")
     summary = label(LabelConfig(manifests=[small_dataset["test"]], model=ref, output=out, batch_size=16,
-                                concurrency=1, progress=False))
+                                concurrency=1, engine="ray", progress=False))
     recorded = json.loads(storage.read_text(storage.join(out, "_run.json")))["model"]
     assert recorded == summary["model"] == {"uri": ref, "resolved_uri": registry.version_uri(reg, NAME, v["broken"]),
                                             "name": NAME, "version": v["broken"]}
@@ -229,7 +229,7 @@ def test_label_and_nightly_run_on_the_champion(ray_cluster, versions, small_data
     incoming.mkdir()
     storage.write_bytes(str(incoming / "m.parquet"), storage.read_bytes(small_dataset["test"]))
     night = nightly(NightlyConfig(input=str(incoming), model=ref, output=str(tmp_path / "night"),
-                                  date="2026-11-24", batch_size=16, concurrency=1, progress=False))
+                                  date="2026-11-24", batch_size=16, concurrency=1, engine="ray", progress=False))
     assert night["model"]["version"] == v["good"] and night["model"]["uri"] == ref
     run = json.loads(storage.read_text(storage.join(str(tmp_path / "night"), "_nightly", "runs",
                                                     night["labeled"][0]["run_id"], "_run.json")))
