@@ -181,11 +181,15 @@ def _same(got: pa.Table, want: pa.Table) -> None:
             assert got.column(name).equals(want.column(name)), name
 
 
-def _wait_for_a_commit(markers: str, limit: float = 120) -> None:
-    """Until a run has committed a unit: a commit marker in its folder (not the plan record, ``_plan.json``)."""
+def _wait_for_commits(markers: str, count: int = 2, limit: float = 120) -> None:
+    """Until a run has committed ``count`` units: whole commit markers in its folder (not the plan record,
+    ``_plan.json``, nor a marker still being written, ``.<name>.tmp-...``). Two, not one: a node lost just
+    after a unit's marker was written can lose the write task's answer on its way to the driver, which then
+    counts that unit only when a resume reads its marker."""
     deadline = time.monotonic() + limit
-    while not (os.path.isdir(markers) and [f for f in os.listdir(markers) if not f.startswith("_")]):
-        assert time.monotonic() < deadline, f"no unit committed in {limit} s"
+    while not (os.path.isdir(markers) and len([f for f in os.listdir(markers)
+                                               if f.endswith(".json") and not f.startswith(("_", "."))]) >= count):
+        assert time.monotonic() < deadline, f"fewer than {count} units committed in {limit} s"
         time.sleep(0.1)
 
 
@@ -215,7 +219,7 @@ def test_decoding_and_prediction_spread_over_the_nodes_and_a_lost_node_costs_at_
 
     def lose_worker() -> None:
         # mid-run, the worker node that runs a predictor actor (worker-2 if neither does) goes, all its processes
-        _wait_for_a_commit(os.path.join(out, "_units", "nodes"))
+        _wait_for_commits(os.path.join(out, "_units", "nodes"))
         pids = {a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
                 if "UnitLabeler" in a.class_name}
         name = next((n for n in ("worker-1", "worker-2")
@@ -263,7 +267,7 @@ def test_losing_the_node_the_run_needs_ends_in_a_clear_stall_and_one_resume_fini
     markers = os.path.join(out, "_units", "needed")
 
     def lose_worker_after_first_commit() -> None:
-        _wait_for_a_commit(markers)
+        _wait_for_commits(markers)
         _kill_node(three_nodes.nodes[worker])
 
     threading.Thread(target=lose_worker_after_first_commit, daemon=True).start()
