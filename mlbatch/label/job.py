@@ -30,6 +30,7 @@ from .summary import EngineReport, finish
 
 log = logging.getLogger(__name__)
 
+
 def label(config: LabelConfig) -> dict[str, Any]:
     """Run one labeling job and return its summary (also written to ``STATE/_run.json``)."""
     started = time.time()

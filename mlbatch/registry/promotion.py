@@ -24,6 +24,7 @@ from .config import METRICS, PromoteConfig
 
 log = logging.getLogger(__name__)
 
+
 class PromotionRaceError(RegistryError):
     """Other promotions moved the alias during every attempt of this one; this one changed nothing."""
 
